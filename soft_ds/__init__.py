@@ -1,0 +1,1 @@
+"""soft-ds: Sorted Fine-Tuning (SoFT) of LLaMA models on DeepSpeed pipelines."""
