@@ -1,0 +1,402 @@
+"""Alpaca instruction data through `datasets`: prompt template, loss targets, fixed-shape batches.
+
+The pipeline, from file to micro-batch:
+
+    load_records(path)                    validated Alpaca records, a `datasets.Dataset`
+    tokenize_record(record, tokenizer)    [bos] + prompt + response + [eos] and shifted targets
+    build_datasets(...)                   the two above plus a seeded train/validation split
+    global_batch_indices(step, ...)       which examples every rank reads at an optimizer step
+    batch_iterator(...)                   this rank's micro-batches, step after step, resumable
+
+Targets are already shifted for next-token prediction: `targets[t]` is the id the model must
+predict at position t, so the loss is a plain cross-entropy of logits[:, t] against targets[:, t]
+with IGNORE_INDEX skipped. Only response tokens and the closing eos are predicted; the prompt is
+context. Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses
+its inter-stage receive buffers, which fixes the activation shape after the first micro-batch.
+"""
+
+import functools
+import json
+import logging
+import shutil
+import tempfile
+from itertools import count
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Target value that cross-entropy skips (PyTorch's default ignore_index).
+IGNORE_INDEX = -100
+
+# The Stanford Alpaca templates, with one difference: they end in "### Response:\n" where Stanford's
+# train.py stops at "### Response:". The newline is encoded as a byte token that no merge crosses,
+# so the prompt's tokens are exactly a prefix of the prompt+response tokens (tokenize_record
+# relies on it) and a generation prompt tokenizes as it did in training.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+RECORD_FIELDS = ("instruction", "input", "output")
+
+
+class DataError(ValueError):
+    """A data file or tokenizer that cannot be used; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(path):
+    """Load a tokenizer from a Hugging Face tokenizer directory or a SentencePiece .model file.
+
+    The result always has bos and eos ids. Without a pad token, pad is set to eos: padding sits
+    to the right of every real token and carries IGNORE_INDEX targets (see collate), so its id
+    never reaches the loss or the attention of a real token.
+    """
+    path = Path(path)
+    if not path.exists():
+        # Checked here because from_pretrained would take a missing path for a Hub model id.
+        raise DataError(f"tokenizer {path}: no such file or directory")
+    try:
+        if path.is_file():
+            tokenizer = _load_sentencepiece(path)
+        elif (path / "tokenizer.model").is_file() and not (
+            (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+        ):
+            # A directory holding only tokenizer.model: without a config, AutoTokenizer picks a
+            # generic conversion that drops SentencePiece's dummy-prefix "▁".
+            tokenizer = _load_sentencepiece(path / "tokenizer.model")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # any failure means the same thing to the user: unusable file
+        raise DataError(f"tokenizer {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise DataError(
+            f"tokenizer {path}: needs both a bos and an eos token "
+            f"(bos_token_id={tokenizer.bos_token_id}, eos_token_id={tokenizer.eos_token_id})"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_sentencepiece(model_path):
+    """A LLaMA SentencePiece model file as a Hugging Face LlamaTokenizer."""
+    # transformers loads vocabularies from directories only, and in 5.x
+    # LlamaTokenizer(vocab_file=...) silently builds a 3-token tokenizer; so load from a scratch
+    # directory. add_bos_token matches LLaMA's published tokenizers, which prepend <s>.
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copyfile(model_path, Path(scratch) / "tokenizer.model")
+        return LlamaTokenizer.from_pretrained(scratch, add_bos_token=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+def load_records(path):
+    """Read and validate an Alpaca file: `.json` (a list of objects) or `.jsonl` (one per line).
+
+    Returns a `datasets.Dataset` with string columns instruction, input, output (a missing or
+    null input becomes ""); other fields are dropped. Writes nothing to disk. Raises DataError
+    naming the file, and for a bad record its 0-based index and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path}: no such file")
+    if path.suffix not in (".json", ".jsonl"):
+        suffix = path.suffix or "no extension"
+        raise DataError(f"data file {path}: expected a .json or .jsonl file, not {suffix!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"data file {path}: not UTF-8 text ({error})") from error
+    if not text.strip():
+        raise DataError(f"data file {path}: file is empty")
+
+    if path.suffix == ".json":
+        raw_records = _parse_json_list(path, text)
+        lines = [None] * len(raw_records)
+    else:
+        raw_records, lines = _parse_json_lines(path, text)
+    if not raw_records:
+        raise DataError(f"data file {path}: holds no records")
+
+    records = [
+        _validate_record(path, index, line, raw)
+        for index, (line, raw) in enumerate(zip(lines, raw_records))
+    ]
+    return datasets.Dataset.from_list(records)
+
+
+def _parse_json_list(path, text):
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = " (one object per line? name the file .jsonl)" if error.msg == "Extra data" else ""
+        raise DataError(
+            f"data file {path}: malformed JSON at line {error.lineno}, column {error.colno}: "
+            f"{error.msg}{hint}"
+        ) from error
+    if not isinstance(parsed, list):
+        raise DataError(f"data file {path}: expected a JSON list of records, found a {type(parsed).__name__}")
+    return parsed
+
+
+def _parse_json_lines(path, text):
+    records, line_numbers = [], []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"data file {path}: malformed JSON at line {line_number}, column {error.colno}: {error.msg}"
+            ) from error
+        line_numbers.append(line_number)
+    return records, line_numbers
+
+
+def _validate_record(path, index, line_number, raw):
+    where = f"data file {path}: record {index}" + (f" (line {line_number})" if line_number else "")
+    if not isinstance(raw, dict):
+        raise DataError(f"{where} is a {type(raw).__name__}, expected an object with instruction and output")
+    record = {}
+    for field in RECORD_FIELDS:
+        if field == "input":
+            value = raw.get("input") or ""  # optional: many Alpaca records have none
+        elif field in raw:
+            value = raw[field]
+        else:
+            raise DataError(f"{where} has no {field!r} field")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {field!r} must be a string, not {type(value).__name__}")
+        record[field] = value
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens and targets
+
+
+def format_prompt(record):
+    """The Alpaca prompt for a record: everything the model reads before its response."""
+    if record.get("input"):
+        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+def encode_prompt(record, tokenizer):
+    """[bos] + prompt tokens: the exact context a trained model answers, for generation too."""
+    return [tokenizer.bos_token_id] + tokenizer.encode(format_prompt(record), add_special_tokens=False)
+
+
+def tokenize_record(record, tokenizer, max_length):
+    """Tokenize one record into input_ids and next-token targets, at most max_length tokens.
+
+    input_ids = [bos] + prompt + response + [eos]. targets[t] = input_ids[t + 1] where token t+1
+    is a response token or the eos, else IGNORE_INDEX; the last position has no next token.
+    A sequence longer than max_length loses its end: the eos first (a cut response must not teach
+    the model to stop there), then the response, then the prompt, leaving no target at all.
+
+    Also returns untruncated_length, so callers can count truncated records.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (bos and one more token), got {max_length}")
+    prompt_ids = encode_prompt(record, tokenizer)
+    sequence = (
+        [tokenizer.bos_token_id]
+        + tokenizer.encode(format_prompt(record) + record["output"], add_special_tokens=False)
+        + [tokenizer.eos_token_id]
+    )
+    if sequence[: len(prompt_ids)] != prompt_ids:
+        # Otherwise a token straddles prompt and response and no mask is right.
+        raise DataError(
+            "the tokenizer merges the end of the prompt with the response, so the response start is "
+            f"ambiguous (instruction starts {record['instruction'][:60]!r})"
+        )
+    first_target = len(prompt_ids)  # index of the first response token, or of the eos
+    input_ids = sequence[:max_length]
+    targets = [
+        input_ids[position + 1] if position + 1 >= first_target else IGNORE_INDEX
+        for position in range(len(input_ids) - 1)
+    ] + [IGNORE_INDEX]
+    return {"input_ids": input_ids, "targets": targets, "untruncated_length": len(sequence)}
+
+
+def tokenized_stats(dataset):
+    """Counts a log line needs: records, truncated ones, ones with no target, target tokens."""
+    lengths = dataset["untruncated_length"]
+    stored = [len(ids) for ids in dataset["input_ids"]]
+    counted = [sum(target != IGNORE_INDEX for target in targets) for targets in dataset["targets"]]
+    return {
+        "records": len(dataset),
+        "truncated": sum(full > kept for full, kept in zip(lengths, stored)),
+        "without_targets": sum(n == 0 for n in counted),
+        "target_tokens": sum(counted),
+        "longest_untruncated": max(lengths, default=0),
+    }
+
+
+def build_datasets(data_path, tokenizer, max_length, val_size, seed):
+    """Load, split and tokenize an Alpaca file into (train, validation) `datasets.Dataset`s.
+
+    The validation set is val_size records drawn with torch.Generator().manual_seed(seed); both
+    splits keep file order. Records whose prompt fills max_length have nothing to learn from and
+    are dropped (a micro-batch made only of them would divide the loss by zero); truncated and
+    dropped records are counted in the log. Rows keep the raw fields next to input_ids, targets
+    and untruncated_length. Nothing is written to disk.
+    """
+    records = load_records(data_path)
+    if not 0 <= val_size < len(records):
+        raise DataError(
+            f"data file {data_path}: val_size={val_size} must be at least 0 and below the "
+            f"{len(records)} records it holds"
+        )
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_indices, train_indices = sorted(order[:val_size]), sorted(order[val_size:])
+
+    # keep_in_memory and a fixed fingerprint: no cache files anywhere, and no attempt to hash
+    # the tokenizer captured by the function.
+    tokenized = records.map(
+        tokenize_record,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        new_fingerprint=f"tokenized-{max_length}",
+        desc="tokenizing",
+    )
+    splits = []
+    for name, indices in (("train", train_indices), ("validation", val_indices)):
+        split = tokenized.select(indices, keep_in_memory=True)
+        stats = tokenized_stats(split)
+        logger.info("%s split of %s: %s (max_length=%d)", name, data_path, stats, max_length)
+        if stats["truncated"]:
+            logger.warning(
+                "%s: %d of %d %s records are longer than max_length=%d and were truncated",
+                data_path, stats["truncated"], stats["records"], name, max_length,
+            )
+        if stats["without_targets"]:
+            logger.warning(
+                "%s: dropping %d %s records whose prompt alone fills max_length=%d",
+                data_path, stats["without_targets"], name, max_length,
+            )
+            split = split.filter(
+                lambda targets: any(target != IGNORE_INDEX for target in targets),
+                input_columns="targets",
+                keep_in_memory=True,
+                load_from_cache_file=False,
+            )
+        splits.append(split)
+    train, validation = splits
+    if len(train) == 0:
+        raise DataError(
+            f"data file {data_path}: no training record has a response within max_length={max_length}"
+        )
+    return train, validation
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate(examples, seq_len, pad_id):
+    """Right-pad examples to exactly seq_len: (input_ids, targets), LongTensors of shape (B, seq_len).
+
+    Padding gets pad_id as input and IGNORE_INDEX as target. Under causal attention a real token
+    attends only to earlier positions, all real, so right padding changes no real logit and no
+    loss term: no attention mask is needed.
+    """
+    input_ids = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((len(examples), seq_len), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for row, example in enumerate(examples):
+        ids, example_targets = example["input_ids"], example["targets"]
+        if len(ids) != len(example_targets):
+            raise ValueError(f"example {row}: {len(ids)} input_ids but {len(example_targets)} targets")
+        if len(ids) > seq_len:
+            raise ValueError(
+                f"example {row} has {len(ids)} tokens, more than seq_len={seq_len}; "
+                "tokenize with max_length <= seq_len"
+            )
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        targets[row, : len(ids)] = torch.tensor(example_targets, dtype=torch.long)
+    return input_ids, targets
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples, seed, epoch):
+    # Cached: every step of an epoch reads the same permutation.
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return tuple(torch.randperm(num_examples, generator=generator).tolist())
+
+
+def global_batch_indices(num_examples, step, micro_batch_size, grad_accum, dp_size, seed):
+    """Dataset indices of every micro-batch of optimizer step `step`, rank-major.
+
+    Entry r * grad_accum + m is micro-batch m of data-parallel rank r. A step takes the next
+    micro_batch_size * grad_accum * dp_size examples of a permutation drawn afresh each epoch with
+    seed + epoch; an epoch ends when less than a full global batch is left (the rest is skipped).
+    Pure index arithmetic, so a resumed run jumps to any step for free.
+    """
+    sizes = {"micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "dp_size": dp_size}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if step < 0:
+        raise ValueError(f"step must be at least 0, got {step}")
+    global_size = micro_batch_size * grad_accum * dp_size
+    steps_per_epoch = num_examples // global_size
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"{num_examples} training examples cannot fill one global batch of {global_size} "
+            f"(micro_batch_size={micro_batch_size} x grad_accum={grad_accum} x dp_size={dp_size})"
+        )
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    order = _epoch_order(num_examples, seed, epoch)
+    start = step_in_epoch * global_size
+    return [
+        list(order[start + slot * micro_batch_size : start + (slot + 1) * micro_batch_size])
+        for slot in range(grad_accum * dp_size)
+    ]
+
+
+def global_batch(dataset, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, pad_id):
+    """All micro-batches of step `step` across ranks, rank-major, as (input_ids, targets) pairs.
+
+    What the data-parallel ranks together consume at that step: the reference for a
+    single-process computation of the same loss.
+    """
+    slots = global_batch_indices(len(dataset), step, micro_batch_size, grad_accum, dp_size, seed)
+    return [_micro_batch(dataset, indices, seq_len, pad_id) for indices in slots]
+
+
+def batch_iterator(
+    dataset, micro_batch_size, grad_accum, dp_rank, dp_size, seed, seq_len, pad_id, start_step=0
+):
+    """Endless (input_ids, targets) micro-batches of rank dp_rank, grad_accum per optimizer step.
+
+    Starting at start_step yields exactly what an uninterrupted run yields from that step on.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is outside 0..{dp_size - 1}")
+    for step in count(start_step):
+        slots = global_batch_indices(len(dataset), step, micro_batch_size, grad_accum, dp_size, seed)
+        for micro_step in range(grad_accum):
+            yield _micro_batch(dataset, slots[dp_rank * grad_accum + micro_step], seq_len, pad_id)
+
+
+def _micro_batch(dataset, indices, seq_len, pad_id):
+    return collate([dataset[index] for index in indices], seq_len, pad_id)

@@ -1,0 +1,387 @@
+"""soft_ds.data against hand-computed references, on the bundled tokenizer and Alpaca subset."""
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from soft_ds.data import (
+    IGNORE_INDEX,
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    DataError,
+    batch_iterator,
+    build_datasets,
+    collate,
+    encode_prompt,
+    format_prompt,
+    global_batch,
+    global_batch_indices,
+    load_records,
+    load_tokenizer,
+    tokenize_record,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "data" / "tokenizer"
+ALPACA = REPO / "data" / "alpaca_5000.json"
+VOCAB_SIZE = 4096
+
+RECORD = {"instruction": "Name a primary colour.", "input": "", "output": "Red is one."}
+RECORD_WITH_INPUT = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+def write_records(path, records):
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_loads_from_directory_and_bare_model_file_alike(tmp_path):
+    from_dir = load_tokenizer(TOKENIZER_DIR)
+    from_model = load_tokenizer(TOKENIZER_DIR / "tokenizer.model")
+    # A directory holding nothing but tokenizer.model is the same SentencePiece model.
+    (tmp_path / "tokenizer.model").write_bytes((TOKENIZER_DIR / "tokenizer.model").read_bytes())
+    from_model_dir = load_tokenizer(tmp_path)
+    sentencepiece = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
+    text = "### Response:\nTabs\tand  two spaces, 12345 digits, café 🦙"
+    for tokenizer in (from_dir, from_model, from_model_dir):
+        assert type(tokenizer).__name__ == "LlamaTokenizer"
+        assert len(tokenizer) == VOCAB_SIZE
+        assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id  # no pad piece: pad with eos
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert ids == sentencepiece.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.encode(text) == [1] + ids  # prepends <s> like LLaMA's tokenizers
+
+
+def test_tokenizer_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match="nowhere: no such file"):
+        load_tokenizer(missing)
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(DataError, match="garbage.model: cannot be loaded"):
+        load_tokenizer(garbage)
+
+
+def test_train_tokenizer_tool_writes_a_loadable_tokenizer(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "tools" / "train_tokenizer.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    small = write_records(tmp_path / "small.json", json.loads(ALPACA.read_text())[:300])
+    tool.main(["--data", str(small), "--vocab-size", "600", "--out", str(tmp_path / "tok")])
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    assert len(tokenizer) == 600
+    written = {path.name for path in (tmp_path / "tok").iterdir()}
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= written
+    # Deterministic: a second run writes the same model.
+    tool.main(["--data", str(small), "--vocab-size", "600", "--out", str(tmp_path / "again")])
+    first, second = (tmp_path / name / "tokenizer.model" for name in ("tok", "again"))
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_bundled_tokenizer_is_small():
+    assert sum(p.stat().st_size for p in TOKENIZER_DIR.iterdir()) < 1_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and targets
+
+
+def test_templates_are_the_alpaca_templates():
+    assert PROMPT_WITH_INPUT == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    )
+    assert PROMPT_NO_INPUT == (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n"
+    )
+    assert format_prompt(RECORD_WITH_INPUT).endswith(
+        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n"
+    )
+    assert format_prompt(RECORD) == PROMPT_NO_INPUT.format(instruction="Name a primary colour.")
+    assert format_prompt({"instruction": "x", "output": "y"}) == PROMPT_NO_INPUT.format(instruction="x")
+
+
+@pytest.mark.parametrize("record", [RECORD, RECORD_WITH_INPUT])
+def test_targets_are_next_tokens_of_the_response_and_eos(tokenizer, record):
+    prompt = format_prompt(record)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    text_ids = tokenizer.encode(prompt + record["output"], add_special_tokens=False)
+    response_ids = text_ids[len(prompt_ids):]
+    assert text_ids[: len(prompt_ids)] == prompt_ids
+    assert tokenizer.decode(response_ids) == record["output"]
+
+    example = tokenize_record(record, tokenizer, max_length=512)
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert example["input_ids"] == [bos] + prompt_ids + response_ids + [eos]
+    # Position t predicts token t+1: the last prompt token predicts the first response token,
+    # the last response token predicts eos, eos predicts nothing.
+    assert example["targets"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [eos] + [IGNORE_INDEX]
+    assert example["untruncated_length"] == len(example["input_ids"])
+    assert encode_prompt(record, tokenizer) == [bos] + prompt_ids
+
+
+def test_truncation_drops_eos_then_response_then_prompt(tokenizer):
+    full = tokenize_record(RECORD, tokenizer, max_length=512)
+    length = len(full["input_ids"])
+    prompt_length = len(encode_prompt(RECORD, tokenizer))  # bos + prompt
+
+    # One token short: the eos goes, the response keeps every target it has a next token for.
+    cut = tokenize_record(RECORD, tokenizer, max_length=length - 1)
+    assert cut["input_ids"] == full["input_ids"][:-1]
+    assert cut["targets"] == full["targets"][:-2] + [IGNORE_INDEX]
+    assert tokenizer.eos_token_id not in cut["targets"]
+    assert cut["untruncated_length"] == length
+
+    # Prompt plus one response token: exactly one counted target, the first response token.
+    one = tokenize_record(RECORD, tokenizer, max_length=prompt_length + 1)
+    assert [t for t in one["targets"] if t != IGNORE_INDEX] == [full["input_ids"][prompt_length]]
+
+    # Prompt cut: nothing to learn.
+    short = tokenize_record(RECORD, tokenizer, max_length=prompt_length - 3)
+    assert short["input_ids"] == full["input_ids"][: prompt_length - 3]
+    assert set(short["targets"]) == {IGNORE_INDEX}
+
+
+def test_tokenizer_that_merges_across_the_prompt_boundary_is_rejected():
+    class MergingTokenizer:
+        """Characters as ids, except that "\\n" and the character after it become one token."""
+
+        bos_token_id, eos_token_id = 1, 2
+
+        def encode(self, text, add_special_tokens=False):
+            ids, position = [], 0
+            while position < len(text):
+                if text[position] == "\n" and position + 1 < len(text):
+                    ids.append(100_000 + ord(text[position + 1]))
+                    position += 2
+                else:
+                    ids.append(ord(text[position]))
+                    position += 1
+            return ids
+
+    with pytest.raises(DataError, match="merges the end of the prompt"):
+        tokenize_record(RECORD, MergingTokenizer(), max_length=512)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding
+
+
+def test_collate_right_pads_to_a_fixed_shape_with_ignored_targets():
+    examples = [
+        {"input_ids": [1, 5, 6, 2], "targets": [-100, 6, 2, -100]},
+        {"input_ids": [1, 7], "targets": [7, -100]},
+    ]
+    input_ids, targets = collate(examples, seq_len=6, pad_id=9)
+    assert input_ids.dtype == targets.dtype == torch.long
+    assert input_ids.tolist() == [[1, 5, 6, 2, 9, 9], [1, 7, 9, 9, 9, 9]]
+    assert targets.tolist() == [[-100, 6, 2, -100, -100, -100], [7, -100, -100, -100, -100, -100]]
+    # Every padded position is ignored and every real position is as tokenized: right padding
+    # leaves real tokens' causal context and loss terms untouched.
+    real = torch.tensor([[True] * 4 + [False] * 2, [True] * 2 + [False] * 4])
+    assert (input_ids[~real] == 9).all() and (targets[~real] == IGNORE_INDEX).all()
+    assert (targets != IGNORE_INDEX).sum() == 3
+
+
+def test_collate_rejects_examples_longer_than_seq_len():
+    with pytest.raises(ValueError, match="example 0 has 3 tokens, more than seq_len=2"):
+        collate([{"input_ids": [1, 2, 3], "targets": [2, 3, -100]}], seq_len=2, pad_id=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: loading and validation
+
+
+def test_json_and_jsonl_load_alike_and_input_is_optional(tmp_path):
+    records = [
+        {"instruction": "a", "input": "b", "output": "c", "extra": 1},
+        {"instruction": "d", "output": "e"},
+        {"instruction": "f", "input": None, "output": "g"},
+    ]
+    as_json = load_records(write_records(tmp_path / "r.json", records))
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    as_jsonl = load_records(tmp_path / "r.jsonl")
+    expected = [
+        {"instruction": "a", "input": "b", "output": "c"},
+        {"instruction": "d", "input": "", "output": "e"},
+        {"instruction": "f", "input": "", "output": "g"},
+    ]
+    assert as_json.to_list() == as_jsonl.to_list() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.jsonl"]  # nothing written
+
+
+BAD_FILES = [
+    # (file name, content, fragment the message must contain)
+    ("empty.json", "", "empty.json: file is empty"),
+    ("blank.jsonl", "\n  \n", "blank.jsonl: file is empty"),
+    ("list.json", "[]", "list.json: holds no records"),
+    ("broken.json", '[{"instruction": "a",\n "output": }]',
+     "broken.json: malformed JSON at line 2, column 12"),
+    ("lines.json", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}',
+     "name the file .jsonl"),
+    ("broken.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c"\n',
+     "broken.jsonl: malformed JSON at line 2"),
+    ("object.json", '{"instruction": "a", "output": "b"}', "expected a JSON list of records, found a dict"),
+    ("no_instruction.json", '[{"instruction": "a", "output": "b"}, {"output": "c"}]',
+     "record 1 has no 'instruction' field"),
+    ("no_output.json", '[{"instruction": "a", "output": "b"}, {"input": "a", "instruction": "b"}]',
+     "record 1 has no 'output' field"),
+    ("no_output.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n',
+     "record 1 (line 3) has no 'output' field"),
+    ("number.json", '[{"instruction": "a", "output": 5}]',
+     "record 0: field 'output' must be a string, not int"),
+    ("input.json", '[{"instruction": "a", "input": ["x"], "output": "b"}]',
+     "record 0: field 'input' must be a string, not list"),
+    ("string.json", '["just text"]', "record 0 is a str, expected an object"),
+    ("data.csv", "instruction,output\na,b\n", "expected a .json or .jsonl file"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[case[0] for case in BAD_FILES])
+def test_bad_data_files_raise_a_data_error_naming_the_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        load_records(path)
+    assert message in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(DataError, match="absent.json: no such file"):
+        load_records(tmp_path / "absent.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_split_is_deterministic_disjoint_and_complete(tmp_path, tokenizer):
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(40)]
+    path = write_records(tmp_path / "r.json", records)
+    train, val = build_datasets(path, tokenizer, max_length=128, val_size=7, seed=3)
+    train_again, val_again = build_datasets(path, tokenizer, max_length=128, val_size=7, seed=3)
+    _, val_other_seed = build_datasets(path, tokenizer, max_length=128, val_size=7, seed=4)
+
+    assert len(train) == 33 and len(val) == 7
+    assert train.to_list() == train_again.to_list() and val.to_list() == val_again.to_list()
+    assert set(val["output"]) != set(val_other_seed["output"])
+    assert set(train["output"]).isdisjoint(val["output"])
+    assert set(train["output"]) | set(val["output"]) == {str(i) for i in range(40)}
+    assert train[0]["input_ids"] == tokenize_record(train[0], tokenizer, 128)["input_ids"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # nothing written beside the data
+
+    train_all, val_none = build_datasets(path, tokenizer, max_length=128, val_size=0, seed=3)
+    assert len(train_all) == 40 and len(val_none) == 0
+    with pytest.raises(DataError, match="val_size=40 must be at least 0 and below the 40 records"):
+        build_datasets(path, tokenizer, max_length=128, val_size=40, seed=3)
+
+
+def test_records_without_targets_are_counted_and_dropped(tmp_path, tokenizer, caplog):
+    long_prompt = {"instruction": "word " * 200, "input": "", "output": "x"}
+    long_answer = {"instruction": "Talk.", "input": "", "output": "word " * 200}
+    path = write_records(tmp_path / "r.json", [RECORD, long_prompt, long_answer])
+    with caplog.at_level(logging.INFO, logger="soft_ds.data"):
+        train, _ = build_datasets(path, tokenizer, max_length=128, val_size=0, seed=0)
+    assert train["output"] == [RECORD["output"], long_answer["output"]]
+    assert "2 of 3 train records are longer than max_length=128 and were truncated" in caplog.text
+    assert "dropping 1 train records whose prompt alone fills max_length=128" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch order
+
+
+def toy_dataset(size):
+    # Example i is the one-token sequence [i], so a batch names its examples.
+    return [{"input_ids": [i], "targets": [i]} for i in range(size)]
+
+
+def example_ids(micro_batch):
+    input_ids, _ = micro_batch
+    return input_ids[:, 0].tolist()
+
+
+def test_ranks_split_the_global_batch_disjointly():
+    dataset, mbs, accum, dp = toy_dataset(50), 2, 3, 2  # global batch 12: 4 steps an epoch
+    for step in range(4):
+        micro_batches = global_batch(dataset, step, mbs, accum, dp, seed=0, seq_len=2, pad_id=0)
+        assert len(micro_batches) == accum * dp
+        assert all(batch[0].shape == (mbs, 2) for batch in micro_batches)
+        per_rank = [
+            [index for batch in micro_batches[r * accum:(r + 1) * accum] for index in example_ids(batch)]
+            for r in range(dp)
+        ]
+        assert set(per_rank[0]).isdisjoint(per_rank[1])
+        union = set(per_rank[0]) | set(per_rank[1])
+        assert len(union) == mbs * accum * dp
+        # The step reads the next 12 examples of the epoch's permutation, in order.
+        permutation = torch.randperm(50, generator=torch.Generator().manual_seed(0)).tolist()
+        assert per_rank[0] + per_rank[1] == permutation[step * 12:(step + 1) * 12]
+
+
+def test_iterator_yields_this_ranks_slice_of_the_global_batch():
+    dataset, mbs, accum, dp, seed = toy_dataset(30), 2, 2, 3, 7
+    for rank in range(dp):
+        iterator = batch_iterator(dataset, mbs, accum, rank, dp, seed, seq_len=1, pad_id=0)
+        for step in range(8):  # past the 2-step epoch, so several reshuffles
+            reference = global_batch(dataset, step, mbs, accum, dp, seed, seq_len=1, pad_id=0)
+            for micro_step in range(accum):
+                input_ids, targets = next(iterator)
+                expected_ids, expected_targets = reference[rank * accum + micro_step]
+                assert torch.equal(input_ids, expected_ids) and torch.equal(targets, expected_targets)
+
+
+def test_start_step_resumes_the_uninterrupted_order():
+    dataset, mbs, accum, dp, seed = toy_dataset(23), 3, 2, 2, 1
+    uninterrupted = batch_iterator(dataset, mbs, accum, 1, dp, seed, seq_len=1, pad_id=0)
+    order = [example_ids(next(uninterrupted)) for _ in range(10 * accum)]
+    resumed = batch_iterator(dataset, mbs, accum, 1, dp, seed, seq_len=1, pad_id=0, start_step=4)
+    assert [example_ids(next(resumed)) for _ in range(6 * accum)] == order[4 * accum:]
+
+
+def test_epochs_reshuffle_and_drop_the_remainder():
+    size, mbs, accum, dp, seed = 26, 2, 2, 2, 5  # global batch 8: 3 steps an epoch, 2 left over
+    steps = [global_batch_indices(size, step, mbs, accum, dp, seed) for step in range(6)]
+    epochs = [
+        [index for step in steps[3 * e:3 * e + 3] for micro in step for index in micro] for e in range(2)
+    ]
+    for epoch, taken in enumerate(epochs):
+        permutation = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        assert taken == permutation[:24]  # the last 2 examples of the permutation are skipped
+    assert epochs[0] != epochs[1]
+    with pytest.raises(DataError, match="26 training examples cannot fill one global batch of 32"):
+        global_batch_indices(size, 0, 4, 4, 2, seed)
+
+
+def test_bundled_data_end_to_end(tokenizer):
+    train, val = build_datasets(ALPACA, tokenizer, max_length=256, val_size=100, seed=0)
+    assert len(val) == 100 and 4800 < len(train) <= 4900
+    # Every target is either ignored or the next input token, on every example.
+    for example in train.select(range(0, len(train), 7)):
+        ids, targets = example["input_ids"], example["targets"]
+        assert len(ids) == len(targets) <= 256 and ids[0] == tokenizer.bos_token_id
+        assert all(t in (IGNORE_INDEX, ids[i + 1]) for i, t in enumerate(targets[:-1]))
+        assert targets[-1] == IGNORE_INDEX and any(t != IGNORE_INDEX for t in targets)
+    input_ids, targets = next(batch_iterator(train, 4, 2, 0, 2, 0, 256, tokenizer.pad_token_id))
+    assert input_ids.shape == targets.shape == (4, 256)
