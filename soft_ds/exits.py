@@ -1,0 +1,89 @@
+"""Exit records and the exit loss.
+
+SoFT's loss is L = sum_n w_n * L_n / sum_n w_n over the exits n in B, where L_n is the token-mean
+cross-entropy of `head(hidden after layer n)` on the response tokens (paper: uniform w_n = 1).
+SFT is the same with B = {last layer}.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+# The paper's exit set for LLaMA 2 13B (40 layers); for other depths the default is every 4th layer
+# from 30% depth, always ending at the last layer.
+PAPER_EXITS_40 = (12, 16, 20, 24, 28, 32, 36, 40)
+
+
+@dataclass(frozen=True)
+class Exit:
+    layer: int  # number of decoder layers before this exit (1-based depth)
+    weight: float = 1.0
+
+
+def default_exit_layers(num_layers: int) -> tuple[int, ...]:
+    if num_layers == 40:
+        return PAPER_EXITS_40
+    if num_layers <= 8:
+        return tuple(range(2, num_layers + 1, 2)) if num_layers % 2 == 0 else tuple(range(1, num_layers + 1))
+    step = max(1, num_layers // 10)
+    first = max(1, round(0.3 * num_layers))
+    return tuple(sorted(set(range(num_layers, first - 1, -step))))
+
+
+def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tuple[Exit, ...]:
+    """Validated, sorted exit records. mode="sft" keeps only the last layer."""
+    if mode not in ("soft", "sft"):
+        raise ValueError(f"mode must be 'soft' or 'sft', got {mode!r}")
+    if mode == "sft":
+        return (Exit(num_layers, 1.0),)
+    layers = list(layers) if layers else list(default_exit_layers(num_layers))
+    bad = [n for n in layers if not 1 <= n <= num_layers]
+    if bad:
+        raise ValueError(f"exit layer(s) {bad} outside the model's depth: exits must be in 1..{num_layers}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"exit layers {layers} contain duplicates")
+    if num_layers not in layers:
+        raise ValueError(f"the last layer ({num_layers}) must be an exit (exits given: {sorted(layers)}); "
+                         "otherwise the layers after the deepest exit would never be trained")
+    if weights is None:
+        weights = [1.0] * len(layers)
+    if len(weights) != len(layers):
+        raise ValueError(f"{len(weights)} exit weights given for {len(layers)} exits {layers}")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"exit weights must be positive, got {weights}")
+    return tuple(sorted((Exit(int(n), float(w)) for n, w in zip(layers, weights)), key=lambda e: e.layer))
+
+
+def _token_ce_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # (N, V)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+    """Token-mean cross-entropy of head(hidden) against next-token `targets` (-100 = not counted).
+
+    hidden (B, T, H), targets (B, T). With chunk_tokens > 0 the logits are computed chunk by chunk
+    under activation checkpointing, so at most one chunk's (chunk, V) logits are alive at a time
+    instead of every exit's (B*T, V) logits until backward; the price is one extra head forward.
+    A micro-batch with no counted token contributes 0.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    targets = targets.reshape(-1)  # (N,)
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if chunk_tokens <= 0 or not torch.is_grad_enabled():
+        total = sum(_token_ce_sum(head, h, t) for h, t in
+                    zip(hidden.split(chunk_tokens or len(targets)), targets.split(chunk_tokens or len(targets))))
+    else:
+        total = sum(checkpoint(_token_ce_sum, head, h, t, use_reentrant=False)
+                    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
+    return total / count
+
+
+def soft_loss(exit_losses: dict[int, torch.Tensor], exits) -> torch.Tensor:
+    """Weighted mean of the per-exit losses (uniform weights: the paper's plain mean)."""
+    total_weight = sum(e.weight for e in exits)
+    return sum(exit_losses[e.layer] * (e.weight / total_weight) for e in exits)

@@ -1,0 +1,242 @@
+"""Plain-PyTorch LLaMA pieces and the one shared exit head.
+
+No DeepSpeed here: the pipeline wrappers live in `pipe.py`. Parameter names follow Hugging Face's
+`LlamaForCausalLM` (`model.layers.{i}.self_attn.q_proj.weight`, ...) so checkpoints load and export
+without renaming. The configuration object is a Hugging Face `LlamaConfig`.
+
+A SoFT model is an ordinary LLaMA: exit n is `layers[:n] -> norm -> lm_head`, with the same final
+norm and lm_head that the full model uses (`SharedHead`).
+"""
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+
+# Named tiny models for demos and tests. "debug" is the workhorse of every CPU test.
+PRESETS = {
+    "debug": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=4096, max_position_embeddings=1024),
+}
+
+
+def preset_config(name: str, **overrides) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return LlamaConfig(**{**PRESETS[name], **overrides})
+
+
+def head_dim(config: LlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_parameters(config: LlamaConfig) -> dict:
+    # transformers >= 5 keeps rope settings in `rope_parameters`; older configs use rope_theta/rope_scaling.
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    params = dict(getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    return params
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """(head_dim/2,) inverse frequencies and the attention scaling, as Hugging Face computes them."""
+    params = rope_parameters(config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        dim = head_dim(config)
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq, 1.0
+    if rope_type in ("llama3", "linear"):
+        # Static scalings (LLaMA 3.x): reuse transformers' reference formulas.
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, llama3, linear)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as LLaMA does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding; cos/sin are computed per call from the positions (cheap)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        inv_freq, self.scaling = rope_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq.float()[None, :]  # (T, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.head_dim = head_dim(config)
+        bias = getattr(config, "attention_bias", False)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # Causal attention with no mask tensor: sequences are right-padded, so a real token never
+        # sees a pad, and pads never reach the loss.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.rotary = Rotary(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H), positions 0..T-1."""
+        cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device), x.dtype)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The model's final RMSNorm + lm_head: the one head every exit uses."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))  # (..., V)
+
+
+def check_supported(config: LlamaConfig) -> None:
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError("tie_word_embeddings=True is not supported yet: the exits would share the input "
+                         "embedding across pipeline stages (LLaMA 2/3 8B+ and TinyLlama are untied)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={config.hidden_act!r}: LLaMA uses silu")
+    rope_inverse_frequencies(config)  # raises on unsupported rope types
+
+
+def hf_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
+    """{HF parameter name: shape} for the whole model, without allocating it."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in Llama(config).named_parameters()}
+
+
+def random_weights(config: LlamaConfig, seed: int):
+    """A weight source `names -> {name: tensor}` for a randomly initialised model.
+
+    Every tensor is drawn from its own generator, seeded by (seed, name), so a pipeline stage can
+    create exactly its own tensors and any stage layout gets the same model (as HF initialises:
+    normal(0, initializer_range), norms at 1, biases at 0).
+    """
+    shapes = hf_shapes(config)
+    std = getattr(config, "initializer_range", 0.02)
+
+    def source(names) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            if name.endswith("norm.weight"):
+                out[name] = torch.ones(shapes[name])
+            elif name.endswith(".bias"):
+                out[name] = torch.zeros(shapes[name])
+            else:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                out[name] = torch.empty(shapes[name]).normal_(0.0, std, generator=generator)
+        return out
+
+    return source
+
+
+class Llama(nn.Module):
+    """A whole LLaMA in one process, with HF parameter names: the numerical reference for the
+    pipeline, and the model inference uses. `forward(ids, exit_layer=n)` is exit n's logits."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        check_supported(config)
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        # The shared head under its Hugging Face names: `model.norm` and `lm_head`.
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @classmethod
+    def from_weights(cls, config: LlamaConfig, weight_source) -> "Llama":
+        model = cls(config)
+        names = [name for name, _ in model.named_parameters()]
+        model.load_state_dict(weight_source(names), strict=True)
+        return model
+
+    def hidden_states(self, input_ids: torch.Tensor, exit_layers) -> dict[int, torch.Tensor]:
+        """{n: hidden state after layer n} for every n in exit_layers, one pass."""
+        wanted = set(exit_layers)
+        x = self.model.embed_tokens(input_ids)
+        out = {}
+        for i, layer in enumerate(self.model.layers[:max(wanted)], start=1):
+            x = layer(x)
+            if i in wanted:
+                out[i] = x
+        return out
+
+    def forward(self, input_ids: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
+        n = exit_layer or self.config.num_hidden_layers
+        return self.head(self.hidden_states(input_ids, [n])[n])  # (B, T, V)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared exit head, as SharedHead.forward: final norm then lm_head."""
+        return self.lm_head(self.model.norm(hidden))
