@@ -1,0 +1,196 @@
+"""The run configuration: one typed, strict object built from a `ds_configs/*.json` file plus
+command-line overrides, and the DeepSpeed config dict derived from it.
+
+A config file is a DeepSpeed config with one extra block, "soft", for what DeepSpeed does not
+know (pipeline degree, exits, steps, sequence length). Each number has one home:
+
+* micro-batch and gradient accumulation: DeepSpeed's `train_micro_batch_size_per_gpu` and
+  `gradient_accumulation_steps`; `train_batch_size` is derived (= micro x accumulation x data
+  parallel) and, if a file states it, must agree;
+* learning rate: `optimizer.params.lr`; the schedule (linear warm-up, then cosine) is derived from
+  `soft.train_steps`, `soft.warmup_steps` and `soft.min_lr_ratio`: a file may not carry a
+  "scheduler" block of its own;
+* steps: `soft.train_steps`.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+# DeepSpeed keys a config file may carry (passed through after validation).
+DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
+    "gradient_clipping", "bf16", "zero_optimization", "pipeline", "steps_per_print",
+    "wall_clock_breakdown", "communication_data_type", "checkpoint", "comms_logger", "flops_profiler",
+}
+OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SoftOptions:
+    """The "soft" block. Every field can be overridden on the command line."""
+    pipeline_stages: int = 1  # pipeline degree; data-parallel degree = world size / this
+    mode: str = "soft"  # "soft": loss at every exit; "sft": the last layer only (the baseline)
+    exits: list | None = None  # exit layers (1-based depth); default: paper's B for 40 layers
+    exit_weights: list | None = None  # per-exit loss weights; default uniform (the paper)
+    seq_len: int = 512  # every sequence is padded/truncated to this (fixed pipeline buffer shapes)
+    train_steps: int = 100  # optimizer steps
+    warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    exit_chunk_tokens: int = 1024  # exit loss in token chunks under recompute (0: whole batch)
+    val_size: int = 200  # held-out records for validation
+    eval_interval: int = 50  # validation every N steps (0: only at the end)
+    eval_batches: int = 4  # validation micro-batches per data-parallel rank
+    save_interval: int = 0  # checkpoint every N steps (0: only at the end)
+    log_interval: int = 1  # console/TensorBoard every N steps
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    ds: dict  # the DeepSpeed keys from the file (without "soft")
+    soft: SoftOptions = field(default_factory=SoftOptions)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.ds.get("train_micro_batch_size_per_gpu", 1))
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.ds.get("gradient_accumulation_steps", 1))
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds["optimizer"]["params"]["lr"])
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.ds.get("bf16", {}).get("enabled", False))
+
+    def data_parallel_size(self, world_size: int) -> int:
+        pp = self.soft.pipeline_stages
+        if world_size % pp:
+            raise ConfigError(f"world size {world_size} is not divisible by pipeline_stages={pp}: "
+                              f"launch a multiple of {pp} processes")
+        return world_size // pp
+
+    def train_batch_size(self, world_size: int) -> int:
+        return self.micro_batch_size * self.grad_accum * self.data_parallel_size(world_size)
+
+    def deepspeed_config(self, world_size: int, cpu: bool) -> dict:
+        """DeepSpeed's config dict, with batch size and schedule derived from this config."""
+        dp = self.data_parallel_size(world_size)
+        derived = self.train_batch_size(world_size)
+        stated = self.ds.get("train_batch_size")
+        if stated is not None and stated != derived:
+            raise ConfigError(
+                f"train_batch_size={stated} does not multiply out: micro batch {self.micro_batch_size} x "
+                f"gradient accumulation {self.grad_accum} x data parallel {dp} (= {world_size} processes / "
+                f"{self.soft.pipeline_stages} stages) = {derived}")
+        ds = json.loads(json.dumps(self.ds))
+        ds["train_batch_size"] = derived
+        ds["optimizer"]["params"].setdefault("weight_decay", 0.0)
+        # DeepSpeed's fused Adam needs a compiled op; torch's AdamW is exact and fine on CPU.
+        ds["optimizer"]["params"]["torch_adam"] = cpu
+        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": self.soft.train_steps, "warmup_num_steps": self.soft.warmup_steps,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": self.soft.min_lr_ratio, "warmup_type": "linear"}}
+        pipeline = ds.setdefault("pipeline", {})
+        # Reentrant checkpointing breaks on the embedding and on tuple backward; non-reentrant is exact.
+        pipeline["use_reentrant"] = False
+        pipeline["activation_checkpoint_interval"] = 1 if self.soft.activation_checkpointing else 0
+        ds.setdefault("steps_per_print", 10**9)  # our own progress line replaces DeepSpeed's
+        return ds
+
+
+def _check_keys(given: dict, allowed, where: str):
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _soft_options(block: dict, where: str) -> SoftOptions:
+    names = {f.name for f in dataclasses.fields(SoftOptions)}
+    _check_keys(block, names, f"{where} \"soft\"")
+    return SoftOptions(**block)
+
+
+def load_config(path: str) -> RunConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config {path!r} not found")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    soft = raw.pop("soft", {})
+    if "scheduler" in raw:
+        raise ConfigError(f"{path}: remove the \"scheduler\" block: the warm-up + cosine schedule is derived "
+                          f"from soft.train_steps, soft.warmup_steps and soft.min_lr_ratio")
+    _check_keys(raw, DEEPSPEED_KEYS, path)
+    optimizer = raw.get("optimizer")
+    if not optimizer or optimizer.get("type", "").lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{path}: needs an \"optimizer\" block of type AdamW with params.lr")
+    _check_keys(optimizer.get("params", {}), OPTIMIZER_PARAMS, f"{path} optimizer.params")
+    if "lr" not in optimizer.get("params", {}):
+        raise ConfigError(f"{path}: optimizer.params.lr is required")
+    if raw.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: fp16 is not supported; use bf16")
+    if raw.get("zero_optimization", {}).get("stage", 0) > 1:
+        raise ConfigError(f"{path}: ZeRO stage {raw['zero_optimization']['stage']} is incompatible with "
+                          "pipeline parallelism; use stage 0 or 1")
+    config = RunConfig(ds=raw, soft=_soft_options(soft, path))
+    validate(config)
+    return config
+
+
+def override(config: RunConfig, **values) -> RunConfig:
+    """Apply command-line overrides (None = not given). DeepSpeed-owned numbers have aliases."""
+    ds_aliases = {"micro_batch_size": "train_micro_batch_size_per_gpu",
+                  "grad_accum": "gradient_accumulation_steps", "gradient_clipping": "gradient_clipping"}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in ds_aliases:
+            config.ds[ds_aliases[name]] = value
+        elif name == "lr":
+            config.ds["optimizer"]["params"]["lr"] = value
+        elif name == "bf16":
+            config.ds["bf16"] = {"enabled": bool(value)}
+        elif name == "zero_stage":
+            config.ds["zero_optimization"] = {**config.ds.get("zero_optimization", {}), "stage": value}
+        else:
+            if not hasattr(config.soft, name):
+                raise ConfigError(f"unknown option {name!r}")
+            setattr(config.soft, name, value)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig):
+    s = config.soft
+    if s.mode not in ("soft", "sft"):
+        raise ConfigError(f"mode must be 'soft' or 'sft', got {s.mode!r}")
+    for name in ("pipeline_stages", "seq_len", "train_steps", "log_interval", "eval_batches"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
+    for name in ("warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
+    if s.warmup_steps > s.train_steps:
+        raise ConfigError(f"warmup_steps={s.warmup_steps} exceeds train_steps={s.train_steps}")
+    if config.micro_batch_size < 1 or config.grad_accum < 1:
+        raise ConfigError(f"micro batch ({config.micro_batch_size}) and gradient accumulation "
+                          f"({config.grad_accum}) must be >= 1")
+    if config.lr <= 0:
+        raise ConfigError(f"learning rate must be > 0, got {config.lr}")
+    if config.ds.get("zero_optimization", {}).get("stage", 0) > 1:
+        raise ConfigError("ZeRO stages 2 and 3 are incompatible with pipeline parallelism; use 0 or 1")

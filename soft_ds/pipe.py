@@ -1,0 +1,300 @@
+"""The LLaMA model cut into DeepSpeed pipeline stages, with SoFT exits computed where they live.
+
+Layer list (global indices):  embed, layer 1, [exit 1], layer 2, [exit 2], ..., layer L, exit L
+An exit follows its decoder layer. Every exit runs the *one* shared head (final norm + lm_head):
+a `TiedLayerSpec` under the key "head", built once per stage that holds an exit, its gradients
+all-reduced across those stages by DeepSpeed.
+
+The inter-stage tuple, declared once and asserted by every layer:
+
+    (hidden, running_loss, targets)
+    hidden        (B, T, H) float (bf16 under bf16 training)
+    running_loss  ()        fp32: sum over the exits passed so far of w_n / sum(w) * L_n
+    targets       (B, T)    int64 next-token targets, -100 where not counted
+
+Floats come first on purpose: DeepSpeed reuses its receive buffers by tuple position and sends
+gradients for float tensors only, so a float after the int64 targets would receive its gradient
+into the targets' buffer (wrong gradients at >= 3 stages). The last stage's loss is the running
+loss: each exit's loss is added on its own stage, so only hidden states cross stage boundaries.
+"""
+
+from functools import partial
+
+import torch
+import torch.distributed as torch_dist
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from torch import nn
+
+from soft_ds.exits import exit_loss
+from soft_ds.model import DecoderLayer, SharedHead, check_supported
+from soft_ds.partition import Stage, decoder_layer_flops, head_flops, partition
+
+HEAD_KEY = "head"
+HEAD_FILE = "shared_head-model_states.pt"
+
+
+def unpack(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    assert isinstance(inputs, tuple) and len(inputs) == 3, \
+        f"inter-stage tuple must be (hidden, running_loss, targets), got {type(inputs)} of {len(inputs)}"
+    hidden, running_loss, targets = inputs
+    assert hidden.is_floating_point() and hidden.dim() == 3, f"hidden: {hidden.dtype} {tuple(hidden.shape)}"
+    assert running_loss.dtype == torch.float32 and running_loss.dim() == 0, "running_loss: fp32 scalar"
+    assert targets.dtype == torch.int64 and targets.shape == hidden.shape[:2], "targets: int64 (B, T)"
+    return hidden, running_loss, targets
+
+
+class EmbeddingPipe(nn.Module):
+    """(input_ids, targets) -> (hidden, running_loss = 0, targets)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(self, inputs):
+        input_ids, targets = inputs
+        hidden = self.embed_tokens(input_ids)
+        return hidden, torch.zeros((), dtype=torch.float32, device=hidden.device), targets
+
+    def hf_names(self, layer_number=None):
+        return {"embed_tokens.weight": "model.embed_tokens.weight"}
+
+
+class DecoderLayerPipe(DecoderLayer):
+    def forward(self, inputs):
+        hidden, running_loss, targets = unpack(inputs)
+        return super().forward(hidden), running_loss, targets
+
+    def hf_names(self, layer_number):
+        return {name: f"model.layers.{layer_number - 1}.{name}" for name, _ in self.named_parameters()}
+
+
+def shared_head_hf_names(head: SharedHead) -> dict[str, str]:
+    return {"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+
+
+class ExitLossMeter:
+    """Per-exit losses seen by this stage since the last `reset` (detached, for logging only)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, layer: int, loss: torch.Tensor):
+        self.sums[layer] = self.sums.get(layer, 0.0) + loss.detach().float()
+        self.counts[layer] = self.counts.get(layer, 0) + 1
+
+
+def exit_forward(head: SharedHead, inputs, *, layer: int, share: float, chunk_tokens: int,
+                 meter: ExitLossMeter):
+    """Exit after `layer`: add share * L_layer to the running loss, pass the hidden state on."""
+    hidden, running_loss, targets = unpack(inputs)
+    loss = exit_loss(head, hidden, targets, chunk_tokens)
+    meter.add(layer, loss)
+    return hidden, running_loss + share * loss, targets
+
+
+def running_loss_of(outputs, _labels=None) -> torch.Tensor:
+    """The pipeline's loss_fn: the last stage's running loss is the whole SoFT loss."""
+    return unpack(outputs)[1]
+
+
+def layer_layout(num_layers: int, exit_layers) -> list[tuple[str, int]]:
+    """Global pipeline layer list as (kind, layer number): ("embed", 0), ("decoder", i), ("exit", n)."""
+    exits = set(exit_layers)
+    layout = [("embed", 0)]
+    for i in range(1, num_layers + 1):
+        layout.append(("decoder", i))
+        if i in exits:
+            layout.append(("exit", i))
+    return layout
+
+
+def plan_stages(config, exits, num_stages: int, seq_len: int) -> list[Stage]:
+    """Stage boundaries for training; the same call the planner makes."""
+    return partition(config.num_hidden_layers, [e.layer for e in exits], num_stages,
+                     layer_cost=1.0, head_cost=head_flops(config) / decoder_layer_flops(config, seq_len))
+
+
+class SoftPipelineModule(PipelineModule):
+    """LLaMA as a DeepSpeed PipelineModule with SoFT exits on exit-aligned stages."""
+
+    def __init__(self, config, exits, topology, seq_len: int, exit_chunk_tokens: int = 0,
+                 activation_checkpoint_interval: int = 0):
+        check_supported(config)
+        self.config = config
+        self.exits = tuple(exits)
+        self.layout = layer_layout(config.num_hidden_layers, [e.layer for e in self.exits])
+        self.stages = plan_stages(config, self.exits, topology.get_dim("pipe"), seq_len)
+        self.meter = ExitLossMeter()
+        total_weight = sum(e.weight for e in self.exits)
+        specs = []
+        for kind, number in self.layout:
+            if kind == "embed":
+                specs.append(LayerSpec(EmbeddingPipe, config))
+            elif kind == "decoder":
+                specs.append(LayerSpec(DecoderLayerPipe, config))
+            else:
+                exit_ = next(e for e in self.exits if e.layer == number)
+                # forward_fn keeps DeepSpeed from saving the head once per exit (8 copies at 13B):
+                # save_state_dict below writes it once.
+                specs.append(TiedLayerSpec(
+                    HEAD_KEY, SharedHead, config, tied_weight_attr=["norm.weight", "lm_head.weight"],
+                    forward_fn=partial(exit_forward, layer=number, share=exit_.weight / total_weight,
+                                       chunk_tokens=exit_chunk_tokens, meter=self.meter)))
+        super().__init__(layers=specs, topology=topology, loss_fn=running_loss_of,
+                         partition_method="exit_aligned",
+                         activation_checkpoint_interval=activation_checkpoint_interval)
+
+    # -- partitioning --------------------------------------------------------------------------
+    def _partition_layers(self, method="exit_aligned"):
+        # Stage s holds the layer-list entries from its first decoder layer (stage 0: from the
+        # embedding) up to and including its last decoder layer's exit, if any.
+        parts = [0]
+        for stage in self.stages[:-1]:
+            end = self.layout.index(("decoder", stage.last_layer)) + 1
+            if end < len(self.layout) and self.layout[end] == ("exit", stage.last_layer):
+                end += 1
+            parts.append(end)
+        parts.append(len(self.layout))
+        self.parts = parts
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=parts[stage_id], stop=parts[stage_id + 1])
+
+    def local_layout(self) -> list[tuple[str, int]]:
+        return self.layout[self._local_start:self._local_stop]
+
+    # -- weights under Hugging Face names ------------------------------------------------------
+    def local_hf_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """{HF name: parameter} for every parameter this stage holds (the shared head once)."""
+        out = {}
+        for (kind, number), func in zip(self.local_layout(), self.forward_funcs):
+            if kind == "exit":
+                head = self.tied_modules[HEAD_KEY]
+                names = shared_head_hf_names(head)
+            else:
+                head, names = func, func.hf_names(number)
+            params = dict(head.named_parameters())
+            out.update({hf: params[local] for local, hf in names.items()})
+        return out
+
+    @torch.no_grad()
+    def load_hf_weights(self, weight_source):
+        """Copy weights in from `weight_source(names) -> {name: tensor}`, reading only this stage's."""
+        params = self.local_hf_parameters()
+        tensors = weight_source(sorted(params))
+        for name, param in params.items():
+            tensor = tensors[name]
+            if tensor.shape != param.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+            param.copy_(tensor)
+
+    # -- checkpoints: the tied head is written once --------------------------------------------
+    def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
+        super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params)
+        comm = self.tied_comms.get(HEAD_KEY)
+        if comm is not None and self.global_rank == min(comm["ranks"]):
+            head = self.tied_modules[HEAD_KEY].state_dict()
+            checkpoint_engine.save({k: v.clone() for k, v in head.items()}, f"{save_dir}/{HEAD_FILE}")
+        elif comm is None and HEAD_KEY in self.tied_modules and self._grid.data_parallel_id == 0:
+            # Single stage: no tied group, this rank owns the head.
+            head = self.tied_modules[HEAD_KEY].state_dict()
+            checkpoint_engine.save({k: v.clone() for k, v in head.items()}, f"{save_dir}/{HEAD_FILE}")
+
+    def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
+        if HEAD_KEY in self.tied_modules:
+            self.tied_modules[HEAD_KEY].load_state_dict(
+                checkpoint_engine.load(f"{load_dir}/{HEAD_FILE}", map_location="cpu"), strict=strict)
+        super().load_state_dir(load_dir, checkpoint_engine, strict)
+
+    # -- per-exit losses, reduced over the whole job -------------------------------------------
+    def reduce_exit_losses(self) -> dict[int, float]:
+        """Mean loss per exit since the last meter reset, averaged over data-parallel ranks and
+        gathered from every stage (a collective: every rank calls it)."""
+        layers = [e.layer for e in self.exits]
+        values = torch.zeros(len(layers), dtype=torch.float64)
+        for i, layer in enumerate(layers):
+            if layer in self.meter.sums:
+                values[i] = float(self.meter.sums[layer]) / self.meter.counts[layer]
+        values = values.to(next(self.parameters()).device)
+        torch_dist.all_reduce(values, group=self.world_group)  # each exit lives on one stage
+        values /= self._grid.data_parallel_size
+        self.meter.reset()
+        return dict(zip(layers, values.tolist()))
+
+
+class SoftPipelineEngine(PipelineEngine):
+    """PipelineEngine with two fixes SoFT needs.
+
+    * Non-last stages run one `torch.autograd.backward` over all float outputs that require grad.
+      The stock engine backpropagates each output separately with retain_graph (the stage's work
+      done twice), and fails on a running_loss that does not require grad (a stage before any
+      exit, as in SFT on several stages).
+    * fp32 gradient clipping without ZeRO: the stock path reduces the norm over the wrong group
+      (it measured the first stage only); here the norm is summed over the pipeline, counting the
+      tied head once.
+    """
+
+    def _exec_backward_pass(self, buffer_id):
+        if self.is_last_stage():
+            return PipelineEngine._exec_backward_pass(self, buffer_id)
+        assert not self.is_pipe_partitioned, "tensor-parallel partitioning is not supported"
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        floats = [t for t in outputs if t.is_floating_point()]
+        assert len(floats) == len(self.grad_layer)
+        pairs = [(out, grad) for out, grad in zip(floats, self.grad_layer) if out.requires_grad]
+        if self.using_bf16_optimizer:
+            self.optimizer.clear_lp_grads()
+        self._running_engine_backward = True
+        try:
+            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        finally:
+            self._running_engine_backward = False
+        if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
+            self.optimizer.update_hp_grads(clear_lp_grads=False)
+        self.pipe_buffers["output_tensors"][buffer_id] = None
+        self.pipe_buffers["outputs"][buffer_id] = None
+
+    def clip_fp32_gradients(self):
+        max_norm = self.gradient_clipping()
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        # Replicated tied parameters (the head on all but its first stage) count once.
+        owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in owned:
+            squares += p.grad.detach().double().pow(2).sum()
+        if self.is_pipe_parallel:
+            torch_dist.all_reduce(squares, group=self.grid.get_pipe_parallel_group())
+        total_norm = squares.sqrt().float()
+        self._global_grad_norm = total_norm.item()
+        clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.detach().mul_(clip.to(p.grad.dtype))
+
+    _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.BackwardPass: _exec_backward_pass}
+
+
+def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_source,
+                   exit_chunk_tokens: int = 0, activation_checkpointing: bool = False) -> SoftPipelineModule:
+    """The stage of the model this rank holds, with its weights loaded (distributed must be up)."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+    world = torch_dist.get_world_size()
+    topology = PipeDataParallelTopology(num_pp=pipeline_stages, num_dp=world // pipeline_stages)
+    module = SoftPipelineModule(config, exits, topology, seq_len, exit_chunk_tokens=exit_chunk_tokens,
+                                activation_checkpoint_interval=1 if activation_checkpointing else 0)
+    module.load_hf_weights(weight_source)
+    return module
+
+
+def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None) -> SoftPipelineEngine:
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=ds_config,
+        model_parameters=[p for p in module.parameters() if p.requires_grad])
+    # deepspeed.initialize always builds a plain PipelineEngine; ours only overrides methods.
+    engine.__class__ = SoftPipelineEngine
+    return engine

@@ -1,0 +1,116 @@
+"""Runs a few SoFT training steps on the DeepSpeed pipeline (launched by the `deepspeed` launcher
+from tests/test_pipeline_exact.py) and saves, per rank, its parameters after every step and the
+losses. Also the single-process reference the test compares against (`reference_run`)."""
+
+import argparse
+import os
+
+import torch
+
+from soft_ds.exits import IGNORE_INDEX, exit_loss, make_exits, soft_loss
+from soft_ds.model import Llama, preset_config, random_weights
+
+SEQ_LEN, MICRO_BATCH, SEED = 16, 2, 0
+
+
+def tiny_config():
+    return preset_config("debug")
+
+
+def make_batches(step: int, count: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` micro-batches (input_ids, targets) for one step; targets masked like real data:
+    a prompt part and right padding at -100, and one micro-batch with nothing counted at step 1."""
+    g = torch.Generator().manual_seed(1000 + step)
+    batches = []
+    for m in range(count):
+        ids = torch.randint(0, vocab, (MICRO_BATCH, SEQ_LEN), generator=g)
+        targets = torch.randint(0, vocab, (MICRO_BATCH, SEQ_LEN), generator=g)
+        for b in range(MICRO_BATCH):
+            prompt = int(torch.randint(1, SEQ_LEN // 2, (1,), generator=g))
+            pad = int(torch.randint(0, SEQ_LEN // 3, (1,), generator=g))
+            targets[b, :prompt] = IGNORE_INDEX
+            if pad:
+                targets[b, -pad:] = IGNORE_INDEX
+        if step == 1 and m == count - 1:
+            targets[:] = IGNORE_INDEX
+        batches.append((ids, targets))
+    return batches
+
+
+def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0):
+    """Plain PyTorch: the same SoFT loss (mean over all micro-batches of the step), SGD(lr),
+    optional clipping. Returns per-step losses, per-step exit losses, per-step parameters."""
+    config = tiny_config()
+    model = Llama.from_weights(config, random_weights(config, SEED))
+    exits = make_exits(None, config.num_hidden_layers, mode=mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses, exit_history, params = [], [], []
+    for step in range(steps):
+        batches = make_batches(step, gas * dp, config.vocab_size)
+        optimizer.zero_grad()
+        total, per_exit = 0.0, {e.layer: 0.0 for e in exits}
+        for ids, targets in batches:
+            hidden = model.hidden_states(ids, [e.layer for e in exits])
+            exit_losses = {n: exit_loss(model.head, h, targets, chunk_tokens) for n, h in hidden.items()}
+            loss = soft_loss(exit_losses, exits) / len(batches)
+            loss.backward()
+            total += loss.item()
+            for n, value in exit_losses.items():
+                per_exit[n] += value.item() / len(batches)
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            assert norm > clip, f"gradient norm {norm} below {clip}: this case would not test clipping"
+        optimizer.step()
+        losses.append(total)
+        exit_history.append(per_exit)
+        params.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    return losses, exit_history, params
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--pp", type=int, required=True)
+    parser.add_argument("--gas", type=int, default=2)
+    parser.add_argument("--zero", type=int, default=1)
+    parser.add_argument("--clip", type=float, default=0.0)
+    parser.add_argument("--mode", default="soft")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--act-ckpt", action="store_true")
+    parser.add_argument("--chunk-tokens", type=int, default=0)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+
+    import deepspeed
+    from soft_ds.pipe import build_engine, build_pipeline
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    dp = world // args.pp
+    config = tiny_config()
+    exits = make_exits(None, config.num_hidden_layers, mode=args.mode)
+    module = build_pipeline(config, exits, args.pp, SEQ_LEN, random_weights(config, SEED),
+                            exit_chunk_tokens=args.chunk_tokens, activation_checkpointing=args.act_ckpt)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": args.gas,
+        "train_batch_size": MICRO_BATCH * args.gas * dp, "gradient_clipping": args.clip,
+        "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True,
+        "pipeline": {"use_reentrant": False, "activation_checkpoint_interval": int(args.act_ckpt)},
+        "steps_per_print": 10**9,
+    }
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+    engine = build_engine(module, ds_config, optimizer)
+    dp_rank = engine.grid.get_data_parallel_rank()
+    result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": []}
+    for step in range(args.steps):
+        batches = make_batches(step, args.gas * dp, config.vocab_size)
+        mine = batches[dp_rank * args.gas:(dp_rank + 1) * args.gas]
+        loss = engine.train_batch(iter([((ids, t), t) for ids, t in mine]))
+        result["losses"].append(float(loss))
+        result["exit_losses"].append(module.reduce_exit_losses())
+        result["params"].append({k: v.detach().clone() for k, v in module.local_hf_parameters().items()})
+    torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
