@@ -7,14 +7,16 @@ know (pipeline degree, exits, steps, sequence length). Each number has one home:
 * micro-batch and gradient accumulation: DeepSpeed's `train_micro_batch_size_per_gpu` and
   `gradient_accumulation_steps`; `train_batch_size` is derived (= micro x accumulation x data
   parallel) and, if a file states it, must agree;
-* learning rate: `optimizer.params.lr`; the schedule (linear warm-up, then cosine) is derived from
-  `soft.train_steps`, `soft.warmup_steps` and `soft.min_lr_ratio`: a file may not carry a
-  "scheduler" block of its own;
+* learning rate: `optimizer.params.lr`; the schedule (linear warm-up, then cosine,
+  `RunConfig.lr_multiplier`) is derived from `soft.train_steps`, `soft.warmup_steps` and
+  `soft.min_lr_ratio`: a file may not carry a "scheduler" block of its own;
 * steps: `soft.train_steps`.
 """
 
+import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
     "gradient_clipping", "bf16", "zero_optimization", "pipeline", "steps_per_print",
     "wall_clock_breakdown", "communication_data_type", "checkpoint", "comms_logger", "flops_profiler",
+    "fp16",  # accepted only to be refused with a clear message
 }
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
 
@@ -98,15 +101,22 @@ class RunConfig:
         ds["optimizer"]["params"].setdefault("weight_decay", 0.0)
         # DeepSpeed's fused Adam needs a compiled op; torch's AdamW is exact and fine on CPU.
         ds["optimizer"]["params"]["torch_adam"] = cpu
-        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": self.soft.train_steps, "warmup_num_steps": self.soft.warmup_steps,
-            "warmup_min_ratio": 0.0, "cos_min_ratio": self.soft.min_lr_ratio, "warmup_type": "linear"}}
         pipeline = ds.setdefault("pipeline", {})
         # Reentrant checkpointing breaks on the embedding and on tuple backward; non-reentrant is exact.
         pipeline["use_reentrant"] = False
         pipeline["activation_checkpoint_interval"] = 1 if self.soft.activation_checkpointing else 0
         ds.setdefault("steps_per_print", 10**9)  # our own progress line replaces DeepSpeed's
+        ds.pop("fp16", None)
         return ds
+
+    def lr_multiplier(self, step: int) -> float:
+        """LR / peak LR for optimizer step `step` (0-based): linear warm-up that reaches the peak at
+        the last warm-up step (no step at lr 0), then cosine decay to min_lr_ratio at the end."""
+        s = self.soft
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        progress = min(1.0, (step - s.warmup_steps) / max(1, s.train_steps - 1 - s.warmup_steps))
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _check_keys(given: dict, allowed, where: str):
@@ -116,9 +126,29 @@ def _check_keys(given: dict, allowed, where: str):
 
 
 def _soft_options(block: dict, where: str) -> SoftOptions:
+    defaults = SoftOptions()
     names = {f.name for f in dataclasses.fields(SoftOptions)}
     _check_keys(block, names, f"{where} \"soft\"")
+    for name, value in block.items():
+        _check_type(name, value, getattr(defaults, name), where)
     return SoftOptions(**block)
+
+
+def _check_type(name, value, default, where="option"):
+    if default is None:  # exits / exit_weights: a list of numbers
+        ok = value is None or (isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        expected = "a list of numbers"
+    elif isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, expected = isinstance(value, type(default)), f"a {type(default).__name__}"
+    if not ok:
+        raise ConfigError(f"{where}: soft.{name} must be {expected}, got {value!r}")
 
 
 def load_config(path: str) -> RunConfig:
@@ -153,7 +183,9 @@ def load_config(path: str) -> RunConfig:
 
 
 def override(config: RunConfig, **values) -> RunConfig:
-    """Apply command-line overrides (None = not given). DeepSpeed-owned numbers have aliases."""
+    """A copy of `config` with command-line overrides applied (None = not given), validated.
+    DeepSpeed-owned numbers have aliases."""
+    config = copy.deepcopy(config)
     ds_aliases = {"micro_batch_size": "train_micro_batch_size_per_gpu",
                   "grad_accum": "gradient_accumulation_steps", "gradient_clipping": "gradient_clipping"}
     for name, value in values.items():
@@ -170,6 +202,7 @@ def override(config: RunConfig, **values) -> RunConfig:
         else:
             if not hasattr(config.soft, name):
                 raise ConfigError(f"unknown option {name!r}")
+            _check_type(name, value, getattr(SoftOptions(), name), "command line")
             setattr(config.soft, name, value)
     validate(config)
     return config
@@ -185,6 +218,8 @@ def validate(config: RunConfig):
     for name in ("warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise ConfigError(f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     if s.warmup_steps > s.train_steps:
         raise ConfigError(f"warmup_steps={s.warmup_steps} exceeds train_steps={s.train_steps}")
     if config.micro_batch_size < 1 or config.grad_accum < 1:

@@ -14,6 +14,7 @@ exits share that one head, so nothing else is needed).
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import shutil
@@ -383,3 +384,49 @@ def _replace_directory(new: Path, target: Path) -> None:
         backup.rename(target)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+# --- soft-ds training checkpoints (DeepSpeed pipeline layout) -> Hugging Face names ---------------
+
+HEAD_FILE = "shared_head-model_states.pt"  # the shared exit head, written once per checkpoint
+
+
+def hf_name(kind: str, number: int, local_name: str) -> str:
+    """Hugging Face name of a pipeline layer's parameter (kinds as in `pipe.layer_layout`; the
+    shared head is kind "exit"). Training loads and export writes through this one map."""
+    if kind == "embed":
+        return f"model.{local_name}"
+    if kind == "decoder":
+        return f"model.layers.{number - 1}.{local_name}"
+    return {"norm.weight": "model.norm.weight"}.get(local_name, local_name)
+
+
+def read_training_checkpoint(run_dir: str, step: int | None = None):
+    """(HF state dict, LlamaConfig, meta, step) of a run's checkpoint (latest unless step given)."""
+    ckpt = os.path.join(run_dir, "checkpoints")
+    meta_path = os.path.join(ckpt, "soft_meta.json")
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{run_dir}: no soft-ds checkpoint ({meta_path} missing)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if step is None:
+        with open(os.path.join(ckpt, "latest")) as f:
+            tag = f.read().strip()
+    else:
+        tag = f"step{step}"
+    folder = os.path.join(ckpt, tag)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{run_dir}: checkpoint {tag} not found (have: "
+                              f"{sorted(os.path.basename(p) for p in glob.glob(os.path.join(ckpt, 'step*')))})")
+    state = {}
+    for index, (kind, number) in enumerate(meta["layout"]):
+        if kind == "exit":
+            continue  # the shared head is saved once, in HEAD_FILE
+        files = glob.glob(os.path.join(folder, f"layer_{index:02d}-*model_states.pt"))
+        if len(files) != 1:
+            raise CheckpointError(f"{folder}: expected one file for layer {index} ({kind} {number}), found {files}")
+        for local, tensor in torch.load(files[0], map_location="cpu", weights_only=True).items():
+            state[hf_name(kind, number, local)] = tensor
+    for local, tensor in torch.load(os.path.join(folder, HEAD_FILE), map_location="cpu", weights_only=True).items():
+        state[hf_name("exit", 0, local)] = tensor
+    return state, transformers.LlamaConfig.from_dict(meta["model_config"]), meta, int(tag.removeprefix("step"))

@@ -234,7 +234,9 @@ class Llama(nn.Module):
         return out
 
     def forward(self, input_ids: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
-        n = exit_layer or self.config.num_hidden_layers
+        n = self.config.num_hidden_layers if exit_layer is None else exit_layer
+        if not 1 <= n <= self.config.num_hidden_layers:
+            raise ValueError(f"exit layer {n} outside 1..{self.config.num_hidden_layers}")
         return self.head(self.hidden_states(input_ids, [n])[n])  # (B, T, V)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,11 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import nn
 
 from soft_ds.exits import exit_loss
+from soft_ds.hf_io import HEAD_FILE, hf_name
 from soft_ds.model import DecoderLayer, SharedHead, check_supported
 from soft_ds.partition import Stage, decoder_layer_flops, head_flops, partition
 
 HEAD_KEY = "head"
-HEAD_FILE = "shared_head-model_states.pt"
 
 
 def unpack(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,21 +57,12 @@ class EmbeddingPipe(nn.Module):
         hidden = self.embed_tokens(input_ids)
         return hidden, torch.zeros((), dtype=torch.float32, device=hidden.device), targets
 
-    def hf_names(self, layer_number=None):
-        return {"embed_tokens.weight": "model.embed_tokens.weight"}
 
 
 class DecoderLayerPipe(DecoderLayer):
     def forward(self, inputs):
         hidden, running_loss, targets = unpack(inputs)
         return super().forward(hidden), running_loss, targets
-
-    def hf_names(self, layer_number):
-        return {name: f"model.layers.{layer_number - 1}.{name}" for name, _ in self.named_parameters()}
-
-
-def shared_head_hf_names(head: SharedHead) -> dict[str, str]:
-    return {"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
 
 
 class ExitLossMeter:
@@ -165,6 +156,12 @@ class SoftPipelineModule(PipelineModule):
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=parts[stage_id], stop=parts[stage_id + 1])
 
+    def _synchronize_tied_weights(self):
+        # DeepSpeed broadcasts the tied parameters in place with autograd on, which records a node
+        # without a backward kernel on them (deprecated by torch); copying weights needs no graph.
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
     def local_layout(self) -> list[tuple[str, int]]:
         return self.layout[self._local_start:self._local_stop]
 
@@ -173,13 +170,8 @@ class SoftPipelineModule(PipelineModule):
         """{HF name: parameter} for every parameter this stage holds (the shared head once)."""
         out = {}
         for (kind, number), func in zip(self.local_layout(), self.forward_funcs):
-            if kind == "exit":
-                head = self.tied_modules[HEAD_KEY]
-                names = shared_head_hf_names(head)
-            else:
-                head, names = func, func.hf_names(number)
-            params = dict(head.named_parameters())
-            out.update({hf: params[local] for local, hf in names.items()})
+            module = self.tied_modules[HEAD_KEY] if kind == "exit" else func
+            out.update({hf_name(kind, number, local): p for local, p in module.named_parameters()})
         return out
 
     @torch.no_grad()
@@ -290,10 +282,15 @@ def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_sou
     return module
 
 
-def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None) -> SoftPipelineEngine:
+def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None,
+                 lr_multiplier=None) -> SoftPipelineEngine:
+    """The DeepSpeed engine; lr_multiplier(step) -> LR / peak LR gives the schedule."""
     import deepspeed
+    scheduler = None
+    if lr_multiplier is not None:
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier)  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=ds_config,
+        model=module, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler,
         model_parameters=[p for p in module.parameters() if p.requires_grad])
     # deepspeed.initialize always builds a plain PipelineEngine; ours only overrides methods.
     engine.__class__ = SoftPipelineEngine

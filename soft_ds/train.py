@@ -1,0 +1,298 @@
+"""Sorted Fine-Tuning of a LLaMA model on a DeepSpeed pipeline.
+
+    deepspeed --num_gpus N soft_ds/train.py --ds_config ds_configs/tiny_pp2.json [options]
+
+Reads top to bottom: parse -> validate everything (before any distributed work) -> tokenizer and
+data -> pipeline model -> engine -> loop (step, log, validate, save) -> per-exit summary.
+Runs unchanged on GPUs (NCCL) and on CPU (DeepSpeed's CPU accelerator, gloo).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from soft_ds import config as run_config
+from soft_ds import data as soft_data
+from soft_ds import hf_io
+from soft_ds.exits import make_exits
+from soft_ds.model import PRESETS, check_supported, preset_config, random_weights
+from soft_ds.monitor import Monitor, error, rank_from_env
+from soft_ds.partition import balance_ratio
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(REPO, "data", "alpaca_5000.json")
+DEFAULT_TOKENIZER = os.path.join(REPO, "data", "tokenizer")
+CHECKPOINT_FORMAT = 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Sorted Fine-Tuning (SoFT) of a LLaMA model on a DeepSpeed pipeline. Options given "
+                    "here override the same-named values of the --ds_config file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ds_config", required=True, help="DeepSpeed JSON config with a 'soft' block (ds_configs/)")
+    p.add_argument("--model", default="tiny",
+                   help=f"Hugging Face LLaMA checkpoint directory, or a random-init preset: {sorted(PRESETS)}")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory or tokenizer.model (default: the checkpoint's, or data/tokenizer "
+                        "for a preset)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="Alpaca-format .json/.jsonl training data")
+    p.add_argument("--output_dir", default=os.path.join("runs", "soft"),
+                   help="checkpoints, TensorBoard events (tb/) and summary.json go here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --output_dir (starts fresh if there is none)")
+    p.add_argument("--stop_at_step", type=int, default=None,
+                   help="save and stop after this step (split a run across job allocations)")
+    o = p.add_argument_group("overrides of the config's 'soft' block")
+    o.add_argument("--mode", choices=["soft", "sft"], default=None, help="soft: loss at every exit; sft: last layer")
+    o.add_argument("--exits", default=None, help="comma-separated exit layers, e.g. 12,16,20,24,28,32,36,40")
+    o.add_argument("--exit_weights", default=None, help="comma-separated per-exit loss weights (default uniform)")
+    o.add_argument("--pipeline_stages", type=int, default=None, help="pipeline degree")
+    o.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (padded/truncated)")
+    o.add_argument("--train_steps", type=int, default=None, help="optimizer steps")
+    o.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up steps before cosine decay")
+    o.add_argument("--val_size", type=int, default=None, help="held-out validation records")
+    o.add_argument("--eval_interval", type=int, default=None, help="validate every N steps (0: at the end)")
+    o.add_argument("--save_interval", type=int, default=None, help="checkpoint every N steps (0: at the end)")
+    o.add_argument("--log_interval", type=int, default=None, help="progress line every N steps")
+    o.add_argument("--seed", type=int, default=None, help="data order and random initialisation")
+    o.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute decoder layers in backward")
+    d = p.add_argument_group("overrides of DeepSpeed's numbers")
+    d.add_argument("--micro_batch_size", type=int, default=None, help="train_micro_batch_size_per_gpu")
+    d.add_argument("--grad_accum", type=int, default=None, help="gradient_accumulation_steps")
+    d.add_argument("--lr", type=float, default=None, help="peak learning rate (optimizer.params.lr)")
+    d.add_argument("--gradient_clipping", type=float, default=None, help="max gradient norm (0: off)")
+    d.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 training")
+    d.add_argument("--zero_stage", type=int, choices=[0, 1], default=None, help="ZeRO stage")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def int_list(text, name):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise run_config.ConfigError(f"--{name} must be comma-separated integers, got {text!r}") from None
+
+
+def build_run_config(args) -> run_config.RunConfig:
+    config = run_config.load_config(args.ds_config)
+    weights = None
+    if args.exit_weights is not None:
+        try:
+            weights = [float(x) for x in args.exit_weights.split(",")]
+        except ValueError:
+            raise run_config.ConfigError(f"--exit_weights must be comma-separated numbers, got "
+                                         f"{args.exit_weights!r}") from None
+    return run_config.override(
+        config, mode=args.mode, exits=int_list(args.exits, "exits"), exit_weights=weights,
+        pipeline_stages=args.pipeline_stages, seq_len=args.seq_len, train_steps=args.train_steps,
+        warmup_steps=args.warmup_steps, val_size=args.val_size, eval_interval=args.eval_interval,
+        save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed,
+        activation_checkpointing=args.activation_checkpointing, micro_batch_size=args.micro_batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, gradient_clipping=args.gradient_clipping, bf16=args.bf16,
+        zero_stage=args.zero_stage)
+
+
+def build_model_source(args, tokenizer_vocab: int, seed: int):
+    """(LlamaConfig, weight source) for a checkpoint directory or a random-init preset."""
+    if args.model in PRESETS:
+        # A preset is a shape; its vocabulary follows the tokenizer.
+        model_config = preset_config(args.model, vocab_size=tokenizer_vocab)
+        return model_config, random_weights(model_config, seed)
+    model_config = hf_io.load_llama_config(args.model)
+    return model_config, (lambda names: hf_io.load_tensors(args.model, names))
+
+
+def checkpoint_dir(output_dir):
+    return os.path.join(output_dir, "checkpoints")
+
+
+def validate_and_prepare(args, world_size: int):
+    """Everything that can be wrong with the input, checked before any distributed work."""
+    config = build_run_config(args)
+    soft = config.soft
+    dp = config.data_parallel_size(world_size)
+    config.train_batch_size(world_size)
+    if args.stop_at_step is not None and not 1 <= args.stop_at_step <= soft.train_steps:
+        raise run_config.ConfigError(f"--stop_at_step {args.stop_at_step} outside 1..{soft.train_steps}")
+    tokenizer_path = args.tokenizer or (DEFAULT_TOKENIZER if args.model in PRESETS else args.model)
+    if args.model not in PRESETS and not os.path.isdir(args.model):
+        raise hf_io.CheckpointError(f"--model {args.model!r} is neither a checkpoint directory nor a preset "
+                                    f"({', '.join(sorted(PRESETS))})")
+    tokenizer = soft_data.load_tokenizer(tokenizer_path)
+    model_config, weight_source = build_model_source(args, len(tokenizer), soft.seed)
+    check_supported(model_config)
+    if args.model not in PRESETS:
+        names = hf_io.checkpoint_tensor_names(args.model)
+        missing = sorted(hf_io.expected_tensor_names(model_config, head=True) - names)
+        if missing and not (missing == ["lm_head.weight"] and model_config.tie_word_embeddings):
+            raise hf_io.CheckpointError(f"{args.model}: not a complete LLaMA checkpoint, missing {missing[:5]}")
+    if len(tokenizer) > model_config.vocab_size:
+        raise soft_data.DataError(
+            f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary is "
+            f"{model_config.vocab_size}: token ids would index past the embedding; use the model's tokenizer")
+    exits = make_exits(soft.exits, model_config.num_hidden_layers, soft.exit_weights, soft.mode)
+    from soft_ds.pipe import plan_stages
+    stages = plan_stages(model_config, exits, soft.pipeline_stages, soft.seq_len)
+    if soft.seq_len > model_config.max_position_embeddings:
+        raise run_config.ConfigError(f"seq_len {soft.seq_len} exceeds the model's max_position_embeddings "
+                                     f"{model_config.max_position_embeddings}")
+    train_set, val_set = soft_data.build_datasets(args.data, tokenizer, soft.seq_len, soft.val_size, soft.seed)
+    soft_data.global_batch_indices(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed)
+    if soft.val_size and len(val_set) < config.micro_batch_size * soft.eval_batches * dp:
+        raise run_config.ConfigError(
+            f"val_size {soft.val_size} is smaller than one validation pass (micro batch {config.micro_batch_size} "
+            f"x eval_batches {soft.eval_batches} x data parallel {dp}); raise val_size or set it to 0")
+    ckpt = checkpoint_dir(args.output_dir)
+    has_checkpoint = os.path.isfile(os.path.join(ckpt, "latest"))
+    if has_checkpoint and not args.resume:
+        raise run_config.ConfigError(f"{args.output_dir} already holds checkpoints: pass --resume to continue "
+                                     f"that run, or choose another --output_dir (nothing was overwritten)")
+    if has_checkpoint:
+        with open(os.path.join(ckpt, "soft_meta.json")) as f:
+            meta = json.load(f)
+        now = {"exits": [[e.layer, e.weight] for e in exits], "pipeline_stages": soft.pipeline_stages,
+               "data_parallel": dp}
+        for key, value in now.items():
+            if meta[key] != value:
+                raise run_config.ConfigError(f"--resume: checkpoint in {ckpt} has {key}={meta[key]}, "
+                                             f"this run has {value}")
+    return config, tokenizer, tokenizer_path, model_config, weight_source, exits, stages, train_set, val_set
+
+
+def save(engine, module, args, config, model_config, exits, tokenizer, step, monitor):
+    ckpt = checkpoint_dir(args.output_dir)
+    engine.save_checkpoint(ckpt, tag=f"step{step}", client_state={"step": step})
+    if engine.global_rank == 0:
+        # Checkpoints describe themselves; export_hf.py reads this file.
+        meta = {"format_version": CHECKPOINT_FORMAT, "step": step, "exits": [[e.layer, e.weight] for e in exits],
+                "pipeline_stages": config.soft.pipeline_stages,
+                "data_parallel": config.data_parallel_size(torch.distributed.get_world_size()),
+                "layout": module.layout, "model_config": model_config.to_dict(), "soft": vars(config.soft)}
+        with open(os.path.join(ckpt, "soft_meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        tokenizer_out = os.path.join(args.output_dir, "tokenizer")
+        if not os.path.isdir(tokenizer_out):
+            tokenizer.save_pretrained(tokenizer_out)
+    monitor.info(f"saved checkpoint step {step} to {ckpt}")
+
+
+def data_iterator(dataset, config, engine, pad_id, start_step, eval_batches=None):
+    """Micro-batches in the engine's format ((input_ids, targets), targets) for this DP rank."""
+    soft = config.soft
+    batches = soft_data.batch_iterator(
+        dataset, config.micro_batch_size, eval_batches or config.grad_accum,
+        engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size(), soft.seed,
+        soft.seq_len, pad_id, start_step=start_step)
+    return (((ids, targets), targets) for ids, targets in batches)
+
+
+def validate(engine, module, val_set, config, pad_id):
+    """Per-exit validation loss over a fixed set of held-out micro-batches."""
+    module.meter.reset()
+    engine.eval_batch(data_iterator(val_set, config, engine, pad_id, 0, config.soft.eval_batches),
+                      num_micro_batches=config.soft.eval_batches)
+    return module.reduce_exit_losses()
+
+
+def quiet_off_rank_zero(rank: int):
+    """Data statistics and progress bars once, from rank 0."""
+    import logging
+
+    import datasets
+    if rank != 0:
+        datasets.disable_progress_bars()
+        logging.getLogger("soft_ds").setLevel(logging.ERROR)
+    else:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("soft_ds").setLevel(logging.WARNING)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size = rank_from_env(), int(os.environ.get("WORLD_SIZE", "1"))
+    quiet_off_rank_zero(rank)
+    try:
+        (config, tokenizer, tokenizer_path, model_config, weight_source, exits, stages, train_set,
+         val_set) = validate_and_prepare(args, world_size)
+    except (run_config.ConfigError, soft_data.DataError, hf_io.CheckpointError, ValueError) as e:
+        raise error(str(e), rank) from None
+    soft = config.soft
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from soft_ds.pipe import build_engine, build_pipeline
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    torch.manual_seed(soft.seed)
+    cpu = get_accelerator().device_name() == "cpu"
+    monitor_enabled = torch.distributed.get_rank() == 0
+    resume = args.resume and os.path.isfile(os.path.join(checkpoint_dir(args.output_dir), "latest"))
+    monitor = Monitor(None, monitor_enabled, soft.train_steps)
+    monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {soft.pipeline_stages} stages x "
+                 f"{config.data_parallel_size(world_size)} data parallel | train batch "
+                 f"{config.train_batch_size(world_size)} | {len(train_set)} train / {len(val_set)} val records")
+    for i, stage in enumerate(stages):
+        monitor.info(f"  stage {i}: layers {stage.first_layer}-{stage.last_layer}, exits {list(stage.exits)}")
+    monitor.info(f"  stage balance (slowest / mean cost): {balance_ratio(stages):.3f}")
+
+    module = build_pipeline(model_config, exits, soft.pipeline_stages, soft.seq_len, weight_source,
+                            exit_chunk_tokens=soft.exit_chunk_tokens,
+                            activation_checkpointing=soft.activation_checkpointing)
+    engine = build_engine(module, config.deepspeed_config(world_size, cpu), lr_multiplier=config.lr_multiplier)
+
+    step = 0
+    if resume:
+        _, client_state = engine.load_checkpoint(checkpoint_dir(args.output_dir))
+        step = client_state["step"]
+        monitor.info(f"resumed from step {step}")
+    elif args.resume:
+        monitor.info(f"--resume: no checkpoint in {checkpoint_dir(args.output_dir)}, starting fresh")
+    monitor.close()
+    monitor = Monitor(os.path.join(args.output_dir, "tb"), monitor_enabled, soft.train_steps,
+                      purge_step=step + 1 if step else None)
+
+    train_iter = data_iterator(train_set, config, engine, tokenizer.pad_token_id, start_step=step)
+    tokens_per_step = config.train_batch_size(world_size) * soft.seq_len
+    last_step = args.stop_at_step or soft.train_steps
+    train_exits, val_exits = {}, {}
+    while step < last_step:
+        started = time.time()
+        loss = engine.train_batch(train_iter).item()
+        step += 1
+        train_exits = module.reduce_exit_losses()
+        if step % soft.log_interval == 0 or step == last_step:
+            elapsed = time.time() - started
+            lr = engine.get_lr()[0]
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            monitor.scalars("train", step, loss, train_exits, lr=lr, grad_norm=grad_norm,
+                            tokens_per_s=tokens_per_step / elapsed)
+            monitor.progress(step, loss, train_exits, lr, grad_norm, tokens_per_step / elapsed)
+        final = step == soft.train_steps
+        if soft.val_size and ((soft.eval_interval and step % soft.eval_interval == 0) or final):
+            val_exits = validate(engine, module, val_set, config, tokenizer.pad_token_id)
+            val_loss = sum(val_exits[e.layer] * e.weight for e in exits) / sum(e.weight for e in exits)
+            monitor.scalars("val", step, val_loss, val_exits)
+            monitor.info(f"validation at step {step}: " +
+                         " ".join(f"exit {n}: {v:.4f}" for n, v in val_exits.items()))
+        if (soft.save_interval and step % soft.save_interval == 0) or step == last_step:
+            save(engine, module, args, config, model_config, exits, tokenizer, step, monitor)
+
+    if step == soft.train_steps:
+        monitor.summary(exits, train_exits, val_exits, os.path.join(args.output_dir, "summary.json"))
+    else:
+        monitor.info(f"stopped at step {step} of {soft.train_steps}; continue with --resume")
+    monitor.close()
+
+
+if __name__ == "__main__":
+    main()

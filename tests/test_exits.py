@@ -1,0 +1,171 @@
+"""soft_ds.exits: the exit loss against F.cross_entropy, chunking, SoFT weighting, exit records."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from soft_ds.exits import IGNORE_INDEX, PAPER_EXITS_40, Exit, default_exit_layers, exit_loss, make_exits, soft_loss
+from soft_ds.model import SharedHead, preset_config
+
+B, T = 2, 7  # 14 tokens: not a multiple of 3 or 5, so chunking leaves a ragged last chunk
+
+
+def make_head(seed: int = 0) -> SharedHead:
+    config = preset_config("debug")
+    torch.manual_seed(seed)
+    head = SharedHead(config)
+    with torch.no_grad():
+        head.norm.weight.add_(0.2 * torch.randn_like(head.norm.weight))
+        head.lm_head.weight.normal_(0.0, 0.2)
+    return head
+
+
+def make_batch(head: SharedHead, seed: int = 1, masked=((0, 0), (0, 1), (1, 4))):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, head.norm.weight.numel(), generator=generator)
+    targets = torch.randint(0, head.lm_head.out_features, (B, T), generator=generator)
+    for b, t in masked:
+        targets[b, t] = IGNORE_INDEX
+    return hidden, targets
+
+
+def reference_loss(head, hidden, targets):
+    vocab = head.lm_head.out_features
+    return F.cross_entropy(head(hidden).view(-1, vocab), targets.view(-1), ignore_index=IGNORE_INDEX)
+
+
+def loss_and_grads(head, hidden, targets, chunk_tokens=None):
+    hidden = hidden.clone().requires_grad_(True)
+    head.zero_grad(set_to_none=True)
+    if chunk_tokens is None:
+        loss = reference_loss(head, hidden, targets)
+    else:
+        loss = exit_loss(head, hidden, targets, chunk_tokens=chunk_tokens)
+    loss.backward()
+    grads = {"hidden": hidden.grad.clone()}
+    grads.update({name: p.grad.clone() for name, p in head.named_parameters()})
+    return loss.detach(), grads
+
+
+def test_exit_loss_is_token_mean_cross_entropy():
+    head = make_head()
+    hidden, targets = make_batch(head)
+    with torch.no_grad():
+        loss = exit_loss(head, hidden, targets)
+        expected = reference_loss(head, hidden, targets)
+        # Independent hand computation: mean of -log softmax at the target over the 11 counted tokens.
+        log_probs = torch.log_softmax(head(hidden), dim=-1)
+        keep = targets != IGNORE_INDEX
+        by_hand = -log_probs[keep].gather(-1, targets[keep][:, None]).sum() / keep.sum()
+    assert keep.sum() == B * T - 3
+    assert abs(loss.item() - expected.item()) <= 1e-6
+    assert abs(loss.item() - by_hand.item()) <= 1e-5
+    assert loss.item() > 0
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 5, 1000])
+def test_chunked_loss_and_gradients_equal_unchunked(chunk_tokens):
+    head = make_head()
+    hidden, targets = make_batch(head)
+    reference, reference_grads = loss_and_grads(head, hidden, targets)
+    whole, whole_grads = loss_and_grads(head, hidden, targets, chunk_tokens=0)
+    chunked, chunked_grads = loss_and_grads(head, hidden, targets, chunk_tokens=chunk_tokens)
+    assert abs(whole.item() - reference.item()) <= 1e-6
+    assert abs(chunked.item() - reference.item()) <= 1e-6
+    assert sorted(chunked_grads) == ["hidden", "lm_head.weight", "norm.weight"]
+    for name, expected in reference_grads.items():
+        assert expected.abs().max() > 0, name  # gradients are non-trivial, so equality means something
+        assert (whole_grads[name] - expected).abs().max().item() <= 1e-6, name
+        assert (chunked_grads[name] - expected).abs().max().item() <= 1e-6, name
+    # Masked positions get no gradient.
+    assert chunked_grads["hidden"][0, 0].abs().max() == 0
+    assert chunked_grads["hidden"][1, 4].abs().max() == 0
+
+
+def test_chunked_loss_without_grad():
+    head = make_head()
+    hidden, targets = make_batch(head)
+    with torch.no_grad():
+        assert abs(exit_loss(head, hidden, targets, chunk_tokens=4).item()
+                   - reference_loss(head, hidden, targets).item()) <= 1e-6
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 3])
+def test_all_ignored_gives_zero_loss_and_zero_grads(chunk_tokens):
+    head = make_head()
+    hidden, targets = make_batch(head)
+    targets.fill_(IGNORE_INDEX)
+    loss, grads = loss_and_grads(head, hidden, targets, chunk_tokens=chunk_tokens)
+    assert loss.item() == 0.0
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().max().item() == 0.0, name
+
+
+def test_soft_loss_weighted_mean():
+    losses = {4: torch.tensor(2.0), 8: torch.tensor(5.0), 6: torch.tensor(3.0)}
+    exits = (Exit(4, 1.0), Exit(6, 2.0), Exit(8, 3.0))
+    assert soft_loss(losses, exits).item() == pytest.approx((2.0 * 1 + 3.0 * 2 + 5.0 * 3) / 6)
+    uniform = make_exits([4, 6, 8], 8)
+    assert soft_loss(losses, uniform).item() == pytest.approx((2.0 + 3.0 + 5.0) / 3)
+    # Only the exits given count: extra entries in the dict are ignored.
+    assert soft_loss(losses, (Exit(8),)).item() == pytest.approx(5.0)
+
+
+def test_soft_loss_gradient_is_weighted():
+    a = torch.tensor(1.0, requires_grad=True)
+    b = torch.tensor(1.0, requires_grad=True)
+    soft_loss({2: a * 3, 4: b * 3}, (Exit(2, 1.0), Exit(4, 3.0))).backward()
+    assert a.grad.item() == pytest.approx(3 * 0.25)
+    assert b.grad.item() == pytest.approx(3 * 0.75)
+
+
+def test_default_exits_for_40_layers_are_the_papers():
+    assert PAPER_EXITS_40 == (12, 16, 20, 24, 28, 32, 36, 40)
+    assert default_exit_layers(40) == PAPER_EXITS_40
+    exits = make_exits(None, 40)
+    assert exits == tuple(Exit(n, 1.0) for n in (12, 16, 20, 24, 28, 32, 36, 40))
+
+
+def test_default_exits_small_models():
+    assert default_exit_layers(8) == (2, 4, 6, 8)
+    assert default_exit_layers(5) == (1, 2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 9, 12, 22, 24, 32, 60, 80])
+def test_default_exits_always_valid(num_layers):
+    layers = default_exit_layers(num_layers)
+    assert list(layers) == sorted(set(layers))
+    assert layers[-1] == num_layers
+    assert all(1 <= n <= num_layers for n in layers)
+    make_exits(layers, num_layers)  # the defaults pass validation
+
+
+def test_sft_mode_keeps_only_the_last_layer():
+    assert make_exits(None, 40, mode="sft") == (Exit(40, 1.0),)
+    assert make_exits([12, 40], 40, weights=[1, 2], mode="sft") == (Exit(40, 1.0),)
+
+
+def test_exits_are_sorted_with_their_weights():
+    exits = make_exits([8, 2, 5], 8, weights=[3, 1, 2])
+    assert exits == (Exit(2, 1.0), Exit(5, 2.0), Exit(8, 3.0))
+    assert all(isinstance(e.layer, int) and isinstance(e.weight, float) for e in exits)
+
+
+@pytest.mark.parametrize("layers, weights, message", [
+    ([4, 41, 40], None, r"\[41\].*1\.\.40"),  # beyond the depth
+    ([0, 40], None, r"\[0\].*1\.\.40"),  # exit 0 (the embedding) is not an exit
+    ([12, 12, 40], None, r"\[12, 12, 40\].*duplicates"),
+    ([12, 16], None, r"last layer \(40\).*\[12, 16\]"),
+    ([12, 40], [1.0, 1.0, 1.0], r"3 exit weights given for 2 exits"),
+    ([12, 40], [1.0, 0.0], r"positive.*\[1\.0, 0\.0\]"),
+    ([12, 40], [-1.0, 2.0], r"positive.*\[-1\.0, 2\.0\]"),
+])
+def test_make_exits_errors_name_the_offending_values(layers, weights, message):
+    with pytest.raises(ValueError, match=message):
+        make_exits(layers, 40, weights=weights)
+
+
+def test_make_exits_bad_mode():
+    with pytest.raises(ValueError, match="'sfft'"):
+        make_exits(None, 40, mode="sfft")

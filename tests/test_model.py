@@ -1,0 +1,227 @@
+"""soft_ds.model against Hugging Face's LlamaForCausalLM on the same weights (fp32, CPU)."""
+
+import pytest
+import torch
+import transformers
+
+from soft_ds.model import Llama, check_supported, hf_shapes, preset_config, random_weights
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+# name -> (config overrides on the "debug" preset, sequence length)
+CONFIGS = {
+    "debug_gqa": ({}, 24),  # 4 query heads over 2 kv heads
+    "multi_head": ({"num_key_value_heads": 4}, 24),
+    # Longer than original_max_position_embeddings, so the llama3 low/high-frequency scaling matters.
+    "llama3_rope": ({"rope_parameters": LLAMA3_ROPE}, 100),
+    "biases": ({"attention_bias": True, "mlp_bias": True}, 24),
+}
+TOLERANCE = 1e-6
+
+
+def hf_reference(config: transformers.LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A random HF LLaMA whose norms and biases are perturbed: HF initialises norms to 1 and biases to
+    0, which would hide a dropped/swapped norm or an ignored bias."""
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+            elif name.endswith(".bias"):
+                parameter.normal_(0.0, 0.05)
+    return model
+
+
+def ours_from(hf: transformers.LlamaForCausalLM, config) -> Llama:
+    model = Llama(config).eval()
+    model.load_state_dict(hf.state_dict(), strict=True)
+    return model
+
+
+def random_ids(config, seq_len: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request):
+    overrides, seq_len = CONFIGS[request.param]
+    config = preset_config("debug", **overrides)
+    hf = hf_reference(config)
+    ours = ours_from(hf, config)
+    ids = random_ids(config, seq_len)
+    with torch.no_grad():
+        reference = hf(ids, output_hidden_states=True)
+    return config, hf, ours, ids, reference
+
+
+def test_full_depth_logits_match_hf(pair):
+    config, _, ours, ids, reference = pair
+    with torch.no_grad():
+        logits = ours(ids)
+    assert logits.shape == (*ids.shape, config.vocab_size)
+    assert (logits - reference.logits).abs().max().item() <= TOLERANCE
+
+
+def test_perturbation_reaches_the_logits(pair):
+    """Guard for the comparison above: the perturbed norms/biases must matter, or the test is blind."""
+    config, hf, ours, ids, reference = pair
+    with torch.no_grad():
+        ours.model.layers[0].post_attention_layernorm.weight.fill_(1.0)
+        changed = ours(ids)
+        ours.load_state_dict(hf.state_dict(), strict=True)
+    assert (changed - reference.logits).abs().max().item() > 1e-3
+
+
+def test_exit_logits_match_hf_hidden_states(pair):
+    config, hf, ours, ids, reference = pair
+    n = config.num_hidden_layers
+    # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k; HF applies
+    # the final norm to the last entry, so exit n is checked against the logits themselves.
+    assert len(reference.hidden_states) == n + 1
+    with torch.no_grad():
+        for k in range(1, n + 1):
+            expected = hf.lm_head(hf.model.norm(reference.hidden_states[k])) if k < n else reference.logits
+            got = ours(ids, exit_layer=k)
+            assert (got - expected).abs().max().item() <= TOLERANCE, f"exit {k}"
+        # Different exits really give different logits (the loop above could not pass by accident).
+        assert (ours(ids, exit_layer=1) - ours(ids, exit_layer=2)).abs().max().item() > 1e-3
+
+
+def test_hidden_states_one_pass_matches_hf(pair):
+    config, _, ours, ids, reference = pair
+    n = config.num_hidden_layers
+    with torch.no_grad():
+        states = ours.hidden_states(ids, [2, 5, 1])
+    assert sorted(states) == [1, 2, 5]
+    for k, state in states.items():
+        assert (state - reference.hidden_states[k]).abs().max().item() <= TOLERANCE
+    assert n > 5
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_exit_equals_truncated_hf_model(k):
+    """Exit k of the full model == an HF LLaMA with only the first k layers (same embed/norm/head)."""
+    config = preset_config("debug")
+    full = hf_reference(config)
+    sub_config = preset_config("debug", num_hidden_layers=k)
+    sub = transformers.LlamaForCausalLM(sub_config).eval()
+    keep = {name: tensor for name, tensor in full.state_dict().items()
+            if not name.startswith("model.layers.") or int(name.split(".")[2]) < k}
+    sub.load_state_dict(keep, strict=True)
+    ours = ours_from(full, config)
+    ids = random_ids(config, 20)
+    with torch.no_grad():
+        assert (ours(ids, exit_layer=k) - sub(ids).logits).abs().max().item() <= TOLERANCE
+
+
+def test_causal_later_tokens_never_change_earlier_logits():
+    """What makes right padding safe: logits at <= t depend only on tokens <= t."""
+    config = preset_config("debug")
+    model = ours_from(hf_reference(config), config)
+    ids = random_ids(config, 16, seed=3)
+    with torch.no_grad():
+        base = {k: model(ids, exit_layer=k) for k in (2, 8)}
+        for t in (0, 7, 14):
+            changed_ids = ids.clone()
+            changed_ids[:, t + 1:] = (ids[:, t + 1:] + 1 + torch.arange(16 - t - 1)) % config.vocab_size
+            for k, logits in base.items():
+                changed = model(changed_ids, exit_layer=k)
+                assert (changed[:, :t + 1] - logits[:, :t + 1]).abs().max().item() <= TOLERANCE
+                # ...while the changed positions do change (the check above can fail).
+                assert (changed[:, t + 1:] - logits[:, t + 1:]).abs().max().item() > 1e-3
+            # A shorter sequence (a right-padded one, minus its pads) gives the same prefix logits.
+            prefix = model(ids[:, :t + 1])
+            assert (prefix - base[8][:, :t + 1]).abs().max().item() <= TOLERANCE
+
+
+def test_random_weights_deterministic_and_independent_of_request():
+    config = preset_config("debug", attention_bias=True)
+    names = list(hf_shapes(config))
+    all_at_once = random_weights(config, seed=7)(names)
+    again = random_weights(config, seed=7)(names)
+    assert sorted(all_at_once) == sorted(names)
+    for name in names:
+        assert torch.equal(all_at_once[name], again[name]), name
+    # One at a time and in reverse order: a pipeline stage asking for its own names gets the same tensors.
+    source = random_weights(config, seed=7)
+    for name in reversed(names):
+        assert torch.equal(source([name])[name], all_at_once[name]), name
+    stage_names = [n for n in names if n.startswith("model.layers.5.")]
+    stage = random_weights(config, seed=7)(stage_names)
+    assert sorted(stage) == sorted(stage_names)
+    for name in stage_names:
+        assert torch.equal(stage[name], all_at_once[name])
+
+
+def test_random_weights_values():
+    config = preset_config("debug", attention_bias=True)
+    weights = random_weights(config, seed=7)(list(hf_shapes(config)))
+    other_seed = random_weights(config, seed=8)(["model.layers.0.self_attn.q_proj.weight"])
+    q0 = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q0, other_seed["model.layers.0.self_attn.q_proj.weight"])
+    # Each tensor has its own stream: same-shape tensors of different layers differ.
+    assert not torch.equal(q0, weights["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(weights["model.norm.weight"], torch.ones(config.hidden_size))
+    assert torch.equal(weights["model.layers.3.input_layernorm.weight"], torch.ones(config.hidden_size))
+    assert torch.equal(weights["model.layers.3.self_attn.q_proj.bias"], torch.zeros(q0.shape[0]))
+    embed = weights["model.embed_tokens.weight"]
+    assert abs(embed.mean().item()) < 2e-3
+    assert abs(embed.std().item() - config.initializer_range) < 1e-3
+    model = Llama.from_weights(config, random_weights(config, seed=7))
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, weights[name]), name
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True},
+                                       {"num_key_value_heads": 1, "num_hidden_layers": 3}])
+def test_hf_shapes_match_hf_state_dict(overrides):
+    config = preset_config("debug", **overrides)
+    hf = transformers.LlamaForCausalLM(config)
+    expected = {name: tensor.shape for name, tensor in hf.state_dict().items()}
+    assert hf_shapes(config) == expected
+
+
+def test_check_supported_rejects_tied_embeddings():
+    config = preset_config("debug", tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        check_supported(config)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        Llama(config)
+
+
+def test_check_supported_rejects_unknown_rope_type():
+    config = preset_config("debug", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                     "factor": 2.0})
+    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+        check_supported(config)
+    with pytest.raises(ValueError, match="dynamic"):
+        Llama(config)
+
+
+def test_check_supported_rejects_other_activation():
+    with pytest.raises(ValueError, match="gelu"):
+        check_supported(preset_config("debug", hidden_act="gelu"))
+
+
+def test_check_supported_accepts_supported_configs():
+    for overrides, _ in CONFIGS.values():
+        check_supported(preset_config("debug", **overrides))  # must not raise
+
+
+def test_preset_config():
+    config = preset_config("debug", num_hidden_layers=3)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            config.num_key_value_heads) == (64, 3, 4, 2)
+    with pytest.raises(ValueError, match=r"'nope'.*\['debug', 'tiny'\]"):
+        preset_config("nope")
+
+
+@pytest.mark.parametrize("bad", [0, 9, -1])
+def test_exit_layer_out_of_range_is_an_error(bad):
+    config = preset_config("debug")
+    model = Llama.from_weights(config, random_weights(config, 0))
+    with pytest.raises(ValueError, match=f"exit layer {bad} outside 1..8"):
+        model(torch.zeros(1, 4, dtype=torch.long), exit_layer=bad)
