@@ -28,25 +28,34 @@ DEFAULT_TOKENIZER = os.path.join(REPO, "data", "tokenizer")
 CHECKPOINT_FORMAT = 1
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one: an unset override means "the config file's value"."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Sorted Fine-Tuning (SoFT) of a LLaMA model on a DeepSpeed pipeline. Options given "
-                    "here override the same-named values of the --ds_config file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Sorted Fine-Tuning (SoFT) of a LLaMA model on a DeepSpeed pipeline. The override "
+                    "options replace the same-named values of the --ds_config file; unset, the file's "
+                    "value holds.", formatter_class=HelpFormatter)
     p.add_argument("--ds_config", required=True, help="DeepSpeed JSON config with a 'soft' block (ds_configs/)")
     p.add_argument("--model", default="tiny",
                    help=f"Hugging Face LLaMA checkpoint directory, or a random-init preset: {sorted(PRESETS)}")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory or tokenizer.model (default: the checkpoint's, or data/tokenizer "
                         "for a preset)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="Alpaca-format .json/.jsonl training data")
+    p.add_argument("--data", default=os.path.relpath(DEFAULT_DATA), help="Alpaca-format .json/.jsonl training data")
     p.add_argument("--output_dir", default=os.path.join("runs", "soft"),
                    help="checkpoints, TensorBoard events (tb/) and summary.json go here")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --output_dir (starts fresh if there is none)")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="save and stop after this step (split a run across job allocations)")
-    o = p.add_argument_group("overrides of the config's 'soft' block")
+    o = p.add_argument_group("overrides of the config file's 'soft' block")
     o.add_argument("--mode", choices=["soft", "sft"], default=None, help="soft: loss at every exit; sft: last layer")
     o.add_argument("--exits", default=None, help="comma-separated exit layers, e.g. 12,16,20,24,28,32,36,40")
     o.add_argument("--exit_weights", default=None, help="comma-separated per-exit loss weights (default uniform)")
@@ -61,7 +70,7 @@ def parse_args(argv=None):
     o.add_argument("--seed", type=int, default=None, help="data order and random initialisation")
     o.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute decoder layers in backward")
-    d = p.add_argument_group("overrides of DeepSpeed's numbers")
+    d = p.add_argument_group("overrides of the config file's DeepSpeed numbers")
     d.add_argument("--micro_batch_size", type=int, default=None, help="train_micro_batch_size_per_gpu")
     d.add_argument("--grad_accum", type=int, default=None, help="gradient_accumulation_steps")
     d.add_argument("--lr", type=float, default=None, help="peak learning rate (optimizer.params.lr)")
@@ -119,7 +128,7 @@ def validate_and_prepare(args, world_size: int):
     config = build_run_config(args)
     soft = config.soft
     dp = config.data_parallel_size(world_size)
-    config.train_batch_size(world_size)
+    config.deepspeed_config(world_size, cpu=True)  # checks that the batch numbers multiply out
     if args.stop_at_step is not None and not 1 <= args.stop_at_step <= soft.train_steps:
         raise run_config.ConfigError(f"--stop_at_step {args.stop_at_step} outside 1..{soft.train_steps}")
     tokenizer_path = args.tokenizer or (DEFAULT_TOKENIZER if args.model in PRESETS else args.model)
@@ -148,8 +157,10 @@ def validate_and_prepare(args, world_size: int):
     soft_data.global_batch_indices(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed)
     if soft.val_size and len(val_set) < config.micro_batch_size * soft.eval_batches * dp:
         raise run_config.ConfigError(
-            f"val_size {soft.val_size} is smaller than one validation pass (micro batch {config.micro_batch_size} "
-            f"x eval_batches {soft.eval_batches} x data parallel {dp}); raise val_size or set it to 0")
+            f"the validation split has {len(val_set)} usable records (val_size {soft.val_size}, after dropping "
+            f"records whose prompt fills seq_len {soft.seq_len}), fewer than one validation pass needs: micro batch "
+            f"{config.micro_batch_size} x eval_batches {soft.eval_batches} x data parallel {dp}; raise val_size "
+            f"or seq_len, lower eval_batches, or set val_size to 0")
     ckpt = checkpoint_dir(args.output_dir)
     has_checkpoint = os.path.isfile(os.path.join(ckpt, "latest"))
     if has_checkpoint and not args.resume:
@@ -266,12 +277,12 @@ def main(argv=None):
     train_exits, val_exits = {}, {}
     while step < last_step:
         started = time.time()
+        lr = engine.get_lr()[0]  # the LR this step runs with (the scheduler steps inside train_batch)
         loss = engine.train_batch(train_iter).item()
         step += 1
         train_exits = module.reduce_exit_losses()
         if step % soft.log_interval == 0 or step == last_step:
             elapsed = time.time() - started
-            lr = engine.get_lr()[0]
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
             monitor.scalars("train", step, loss, train_exits, lr=lr, grad_norm=grad_norm,

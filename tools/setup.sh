@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs soft-ds and its dependencies into the current Python environment.
+# torch goes first, pinned, so that nothing else pulls a CUDA build onto a CPU machine; on a GPU
+# cluster, install your cluster's torch build before running this and it is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "== installing torch (CPU build)"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+fi
+echo "== installing soft-ds and its dependencies"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+"$PYTHON" -c "import torch, deepspeed, transformers, datasets; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')" 2>&1 | grep -v "Setting accelerator"
