@@ -188,12 +188,10 @@ class SoftPipelineModule(PipelineModule):
     # -- checkpoints: the tied head is written once --------------------------------------------
     def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
         super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params)
+        # One writer for the head: data-parallel replica 0, first stage that holds it.
         comm = self.tied_comms.get(HEAD_KEY)
-        if comm is not None and self.global_rank == min(comm["ranks"]):
-            head = self.tied_modules[HEAD_KEY].state_dict()
-            checkpoint_engine.save({k: v.clone() for k, v in head.items()}, f"{save_dir}/{HEAD_FILE}")
-        elif comm is None and HEAD_KEY in self.tied_modules and self._grid.data_parallel_id == 0:
-            # Single stage: no tied group, this rank owns the head.
+        if (HEAD_KEY in self.tied_modules and self._grid.data_parallel_id == 0
+                and (comm is None or self.global_rank == min(comm["ranks"]))):
             head = self.tied_modules[HEAD_KEY].state_dict()
             checkpoint_engine.save({k: v.clone() for k, v in head.items()}, f"{save_dir}/{HEAD_FILE}")
 

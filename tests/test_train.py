@@ -14,6 +14,7 @@ from conftest import REPO, deepspeed_launch
 
 STEPS = 4
 EXITS = [2, 4, 6, 8]
+PROCS = 4  # 2 pipeline stages x 2 data parallel: ZeRO-1 shards the optimizer state across replicas
 # The "debug" preset (hidden 64, 8 layers) with the bundled 4K tokenizer: seconds per step.
 COMMON = ["--ds_config", "ds_configs/tiny_pp2.json", "--model", "debug", "--seq_len", 128,
           "--micro_batch_size", 2, "--grad_accum", 2, "--train_steps", STEPS, "--warmup_steps", 1,
@@ -30,15 +31,15 @@ def scalars(run_dir):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    result = deepspeed_launch(2, "soft_ds/train.py", *COMMON, "--output_dir", out)
+    result = deepspeed_launch(PROCS, "soft_ds/train.py", *COMMON, "--output_dir", out)
     return out, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     out = tmp_path_factory.mktemp("resumed")
-    first = deepspeed_launch(2, "soft_ds/train.py", *COMMON, "--output_dir", out, "--stop_at_step", 2)
-    second = deepspeed_launch(2, "soft_ds/train.py", *COMMON, "--output_dir", out, "--resume")
+    first = deepspeed_launch(PROCS, "soft_ds/train.py", *COMMON, "--output_dir", out, "--stop_at_step", 2)
+    second = deepspeed_launch(PROCS, "soft_ds/train.py", *COMMON, "--output_dir", out, "--resume")
     return out, first.stdout + first.stderr, second.stdout + second.stderr
 
 
@@ -72,7 +73,8 @@ def test_tensorboard_has_every_exit(straight):
 def test_checkpoint_describes_itself_and_holds_the_head_once(straight):
     ckpt = os.path.join(straight[0], "checkpoints")
     meta = json.load(open(os.path.join(ckpt, "soft_meta.json")))
-    assert meta["step"] == STEPS and meta["pipeline_stages"] == 2 and [e for e, _ in meta["exits"]] == EXITS
+    assert meta["step"] == STEPS and meta["pipeline_stages"] == 2 and meta["data_parallel"] == 2
+    assert [e for e, _ in meta["exits"]] == EXITS
     files = os.listdir(os.path.join(ckpt, f"step{STEPS}"))
     assert files.count("shared_head-model_states.pt") == 1
     head_copies = 0
@@ -106,7 +108,7 @@ def test_existing_run_is_not_overwritten(straight):
     from test_train_errors import run_validation
     out = straight[0]
     before = {f: os.path.getmtime(os.path.join(out, "checkpoints", f)) for f in os.listdir(os.path.join(out, "checkpoints"))}
-    message = run_validation([*COMMON, "--output_dir", out], world_size=2)
+    message = run_validation([*COMMON, "--output_dir", out], world_size=PROCS)
     assert "already holds checkpoints: pass --resume" in message
     after = {f: os.path.getmtime(os.path.join(out, "checkpoints", f)) for f in os.listdir(os.path.join(out, "checkpoints"))}
     assert before == after
