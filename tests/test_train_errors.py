@@ -79,7 +79,8 @@ def test_batch_sizes_that_do_not_multiply_out(tmp_path):
     config["train_batch_size"] = 99
     path = write(tmp_path / "ds.json", json.dumps(config))
     error = run_validation(["--ds_config", path, "--model", "debug", "--output_dir", tmp_path / "out"], world_size=4)
-    assert "train_batch_size=99" in error and "8 x gradient accumulation 2 x data parallel 2" in error
+    micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
+    assert "train_batch_size=99" in error and f"{micro} x gradient accumulation {accum} x data parallel 2" in error
 
 
 def test_world_size_not_multiple_of_stages(tmp_path):
