@@ -25,7 +25,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaTokenizer
 
 logger = logging.getLogger(__name__)
 

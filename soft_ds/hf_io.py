@@ -401,23 +401,40 @@ def hf_name(kind: str, number: int, local_name: str) -> str:
     return {"norm.weight": "model.norm.weight"}.get(local_name, local_name)
 
 
-def read_training_checkpoint(run_dir: str, step: int | None = None):
-    """(HF state dict, LlamaConfig, meta, step) of a run's checkpoint (latest unless step given)."""
+META_FILE = "soft_meta.json"  # in each checkpoint folder: step, exits, layout, model config, ...
+
+
+def _latest_folder(run_dir, step=None) -> str:
     ckpt = os.path.join(run_dir, "checkpoints")
-    meta_path = os.path.join(ckpt, "soft_meta.json")
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{run_dir}: no soft-ds checkpoint ({meta_path} missing)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    latest = os.path.join(ckpt, "latest")
     if step is None:
-        with open(os.path.join(ckpt, "latest")) as f:
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"{run_dir}: no soft-ds checkpoint ({latest} missing)")
+        with open(latest) as f:
             tag = f.read().strip()
     else:
         tag = f"step{step}"
     folder = os.path.join(ckpt, tag)
     if not os.path.isdir(folder):
-        raise CheckpointError(f"{run_dir}: checkpoint {tag} not found (have: "
-                              f"{sorted(os.path.basename(p) for p in glob.glob(os.path.join(ckpt, 'step*')))})")
+        have = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ckpt, "step*")))
+        raise CheckpointError(f"{run_dir}: checkpoint {tag} not found (have: {have})")
+    return folder
+
+
+def read_checkpoint_meta(run_dir, step=None) -> dict:
+    """The metadata a training checkpoint was saved with (the latest unless step is given)."""
+    path = os.path.join(_latest_folder(run_dir, step), META_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e}); was the save interrupted?") from None
+
+
+def read_training_checkpoint(run_dir, step=None):
+    """(HF state dict, LlamaConfig, meta) of a run's checkpoint (the latest unless step is given)."""
+    folder = _latest_folder(run_dir, step)
+    meta = read_checkpoint_meta(run_dir, step)
     state = {}
     for index, (kind, number) in enumerate(meta["layout"]):
         if kind == "exit":
@@ -429,4 +446,4 @@ def read_training_checkpoint(run_dir: str, step: int | None = None):
             state[hf_name(kind, number, local)] = tensor
     for local, tensor in torch.load(os.path.join(folder, HEAD_FILE), map_location="cpu", weights_only=True).items():
         state[hf_name("exit", 0, local)] = tensor
-    return state, transformers.LlamaConfig.from_dict(meta["model_config"]), meta, int(tag.removeprefix("step"))
+    return state, transformers.LlamaConfig.from_dict(meta["model_config"]), meta

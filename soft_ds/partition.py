@@ -86,6 +86,12 @@ def partition(num_layers: int, exit_layers, num_stages: int, layer_cost: float =
     return stages
 
 
+def plan_stages(config, exit_layers, num_stages: int, seq_len: int) -> list[Stage]:
+    """Stage boundaries for a LlamaConfig, heads costed by FLOPs at seq_len: what training runs."""
+    return partition(config.num_hidden_layers, exit_layers, num_stages, layer_cost=1.0,
+                     head_cost=head_flops(config) / decoder_layer_flops(config, seq_len))
+
+
 def balance_ratio(stages: list[Stage]) -> float:
     """Slowest stage / mean stage cost (1.0 = perfectly balanced)."""
     costs = [s.cost for s in stages]

@@ -30,7 +30,7 @@ from torch import nn
 from soft_ds.exits import exit_loss
 from soft_ds.hf_io import HEAD_FILE, hf_name
 from soft_ds.model import DecoderLayer, SharedHead, check_supported
-from soft_ds.partition import Stage, decoder_layer_flops, head_flops, partition
+from soft_ds.partition import plan_stages
 
 HEAD_KEY = "head"
 
@@ -105,12 +105,6 @@ def layer_layout(num_layers: int, exit_layers) -> list[tuple[str, int]]:
     return layout
 
 
-def plan_stages(config, exits, num_stages: int, seq_len: int) -> list[Stage]:
-    """Stage boundaries for training; the same call the planner makes."""
-    return partition(config.num_hidden_layers, [e.layer for e in exits], num_stages,
-                     layer_cost=1.0, head_cost=head_flops(config) / decoder_layer_flops(config, seq_len))
-
-
 class SoftPipelineModule(PipelineModule):
     """LLaMA as a DeepSpeed PipelineModule with SoFT exits on exit-aligned stages."""
 
@@ -120,7 +114,7 @@ class SoftPipelineModule(PipelineModule):
         self.config = config
         self.exits = tuple(exits)
         self.layout = layer_layout(config.num_hidden_layers, [e.layer for e in self.exits])
-        self.stages = plan_stages(config, self.exits, topology.get_dim("pipe"), seq_len)
+        self.stages = plan_stages(config, [e.layer for e in self.exits], topology.get_dim("pipe"), seq_len)
         self.meter = ExitLossMeter()
         total_weight = sum(e.weight for e in self.exits)
         specs = []

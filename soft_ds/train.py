@@ -20,7 +20,7 @@ from soft_ds import hf_io
 from soft_ds.exits import make_exits
 from soft_ds.model import PRESETS, check_supported, preset_config, random_weights
 from soft_ds.monitor import Monitor, error, rank_from_env
-from soft_ds.partition import balance_ratio
+from soft_ds.partition import balance_ratio, plan_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "data", "alpaca_5000.json")
@@ -148,8 +148,7 @@ def validate_and_prepare(args, world_size: int):
             f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary is "
             f"{model_config.vocab_size}: token ids would index past the embedding; use the model's tokenizer")
     exits = make_exits(soft.exits, model_config.num_hidden_layers, soft.exit_weights, soft.mode)
-    from soft_ds.pipe import plan_stages
-    stages = plan_stages(model_config, exits, soft.pipeline_stages, soft.seq_len)
+    stages = plan_stages(model_config, [e.layer for e in exits], soft.pipeline_stages, soft.seq_len)
     if soft.seq_len > model_config.max_position_embeddings:
         raise run_config.ConfigError(f"seq_len {soft.seq_len} exceeds the model's max_position_embeddings "
                                      f"{model_config.max_position_embeddings}")
@@ -167,15 +166,14 @@ def validate_and_prepare(args, world_size: int):
         raise run_config.ConfigError(f"{args.output_dir} already holds checkpoints: pass --resume to continue "
                                      f"that run, or choose another --output_dir (nothing was overwritten)")
     if has_checkpoint:
-        with open(os.path.join(ckpt, "soft_meta.json")) as f:
-            meta = json.load(f)
+        meta = hf_io.read_checkpoint_meta(args.output_dir)
         now = {"exits": [[e.layer, e.weight] for e in exits], "pipeline_stages": soft.pipeline_stages,
                "data_parallel": dp}
         for key, value in now.items():
             if meta[key] != value:
                 raise run_config.ConfigError(f"--resume: checkpoint in {ckpt} has {key}={meta[key]}, "
                                              f"this run has {value}")
-    return config, tokenizer, tokenizer_path, model_config, weight_source, exits, stages, train_set, val_set
+    return config, tokenizer, model_config, weight_source, exits, stages, train_set, val_set
 
 
 def save(engine, module, args, config, model_config, exits, tokenizer, step, monitor):
@@ -187,7 +185,7 @@ def save(engine, module, args, config, model_config, exits, tokenizer, step, mon
                 "pipeline_stages": config.soft.pipeline_stages,
                 "data_parallel": config.data_parallel_size(torch.distributed.get_world_size()),
                 "layout": module.layout, "model_config": model_config.to_dict(), "soft": vars(config.soft)}
-        with open(os.path.join(ckpt, "soft_meta.json"), "w") as f:
+        with open(os.path.join(ckpt, f"step{step}", hf_io.META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         tokenizer_out = os.path.join(args.output_dir, "tokenizer")
         if not os.path.isdir(tokenizer_out):
@@ -231,7 +229,7 @@ def main(argv=None):
     rank, world_size = rank_from_env(), int(os.environ.get("WORLD_SIZE", "1"))
     quiet_off_rank_zero(rank)
     try:
-        (config, tokenizer, tokenizer_path, model_config, weight_source, exits, stages, train_set,
+        (config, tokenizer, model_config, weight_source, exits, stages, train_set,
          val_set) = validate_and_prepare(args, world_size)
     except (run_config.ConfigError, soft_data.DataError, hf_io.CheckpointError, ValueError) as e:
         raise error(str(e), rank) from None

@@ -72,11 +72,13 @@ def test_tensorboard_has_every_exit(straight):
 
 def test_checkpoint_describes_itself_and_holds_the_head_once(straight):
     ckpt = os.path.join(straight[0], "checkpoints")
-    meta = json.load(open(os.path.join(ckpt, "soft_meta.json")))
+    meta = json.load(open(os.path.join(ckpt, f"step{STEPS}", "soft_meta.json")))
     assert meta["step"] == STEPS and meta["pipeline_stages"] == 2 and meta["data_parallel"] == 2
     assert [e for e, _ in meta["exits"]] == EXITS
     files = os.listdir(os.path.join(ckpt, f"step{STEPS}"))
     assert files.count("shared_head-model_states.pt") == 1
+    # ZeRO-1: one optimizer shard per data-parallel replica and stage.
+    assert len([f for f in files if f.endswith("optim_states.pt")]) == 4
     head_copies = 0
     for name in files:
         if name.endswith("model_states.pt") and name.startswith(("layer_", "shared_head")):

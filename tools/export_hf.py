@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
     try:
-        state, config, meta, step = read_training_checkpoint(args.run, args.step)
+        state, config, meta = read_training_checkpoint(args.run, args.step)
         exits = [layer for layer, _ in meta["exits"]]
         if args.exit is not None and args.exit not in exits:
             print(f"note: layer {args.exit} was not a training exit (exits: {exits})", file=sys.stderr)
@@ -36,7 +36,7 @@ def main(argv=None):
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     what = f"exit {args.exit} ({args.exit} layers)" if args.exit else f"full model ({config.num_hidden_layers} layers)"
-    print(f"exported {what} from step {step} of {args.run} to {out}")
+    print(f"exported {what} from step {meta['step']} of {args.run} to {out}")
 
 
 if __name__ == "__main__":

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python3 -m pytest tests "$@"
+"${PYTHON:-python3}" -m pytest tests "$@"

@@ -1,0 +1,21 @@
+"""Smoke test of tools/benchmark_overhead.py: a very small run prints both ratios, the analytic
+FLOP share and a verdict per goal. (Its figures are not checked: speed is judged by running the
+benchmark, never by a timed test.)"""
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_benchmark_prints_ratios_and_verdicts():
+    result = subprocess.run(
+        [sys.executable, "tools/benchmark_overhead.py", "--layers", "10", "--hidden", "64", "--intermediate", "172",
+         "--seq-len", "32", "--grad-accum", "2", "--warmup", "1", "--repeats", "2", "--steps", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"LLaMA 2 13B 8\.8\d%", out)  # the analytic share for the real 13B
+    assert re.search(r"whole \(0\)\s+[\d.]+\s+[\d.]+\s+\d\.\d{3}", out)  # SFT s, SoFT s, SoFT/SFT
+    assert re.search(r"chunked \(\d+\)\s+[+-][\d.]+% (PASS|MISS)\s+\d\.\d{3}x (PASS|MISS)", out)

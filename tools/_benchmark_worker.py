@@ -1,0 +1,211 @@
+"""One rank of tools/benchmark_overhead.py (started by the `deepspeed` launcher, one rank per stage).
+
+Builds SFT and SoFT engines, each with the exit loss whole (chunk 0) and chunked, on the same
+pipeline. Per engine: build, warm up and run one measured step under the profiler's memory events
+(peak live tensor bytes on this rank). Then times the engines round by round, SFT and SoFT of one
+exit-loss setting back to back in alternating order.
+Writes rank{N}.json: memory per engine on this rank, and the step times (each the slowest rank's
+wall time of one `train_batch`, i.e. one optimizer step, and the ranks' CPU time in it).
+"""
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+import torch.distributed as torch_dist
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from benchmark_overhead import proxy_config
+from soft_ds.exits import make_exits
+from soft_ds.model import random_weights
+from soft_ds.pipe import build_engine, build_pipeline
+
+SEED = 0
+MEASURED = "measured_step"
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    for name in ("stages", "layers", "hidden", "intermediate", "heads", "seq-len", "vocab", "micro-batch",
+                 "grad-accum", "chunk-tokens", "warmup", "repeats", "steps", "bucket-elements"):
+        p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--local_rank", type=int, default=0)
+    return p.parse_args()
+
+
+def ds_config(args, data_parallel: int, bucket_elements: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": args.grad_accum,
+        "train_batch_size": args.micro_batch * args.grad_accum * data_parallel,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        # ZeRO's gradient buckets scaled with the model: the default 5e8 elements (two 2 GB fp32
+        # buffers per rank) is sized for billions of parameters and would dwarf the proxy.
+        "zero_optimization": {"stage": 1, "reduce_bucket_size": bucket_elements,
+                              "allgather_bucket_size": bucket_elements},
+        "pipeline": {"use_reentrant": False, "activation_checkpoint_interval": 0},
+        "steps_per_print": 10**9,
+    }
+
+
+def make_batches(args) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """One step's micro-batches, every token counted; reused for every step (values do not change
+    the cost)."""
+    g = torch.Generator().manual_seed(SEED)
+    batches = []
+    for _ in range(args.grad_accum):
+        ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
+        targets = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
+        batches.append(((ids, targets), targets))
+    return batches
+
+
+def live_bytes_profile(prof) -> tuple[int, int, int]:
+    """(live bytes when the measured step starts, peak during it, live bytes when it ends), counted
+    from the first event of the profile: every CPU allocation (+) and free (-) in time order."""
+    events = prof.profiler.kineto_results.events()
+    step = [e for e in events if e.name() == MEASURED]
+    assert len(step) == 1, f"expected one {MEASURED!r} range, found {len(step)}"
+    start, end = step[0].start_ns(), step[0].end_ns()
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live, static, peak = 0, None, 0
+    for t, nbytes in memory:
+        if t >= start and static is None:
+            static = peak = live
+        if t > end:
+            break
+        live += nbytes
+        if static is not None:
+            peak = max(peak, live)
+    assert static is not None, "no memory event inside the measured step"
+    return static, peak, live
+
+
+def compute_contention(rank: int, world: int) -> dict:
+    """Seconds of a fixed matmul workload on this rank alone and with every rank at once: whether
+    the ranks' CPUs really compute in parallel, as the pipeline's GPUs would."""
+    a = torch.randn(384, 384)
+
+    def work() -> float:
+        start = time.perf_counter()
+        for _ in range(100):
+            a @ a
+        return time.perf_counter() - start
+
+    work()
+    alone = 0.0
+    for r in range(world):
+        torch_dist.barrier()
+        if r == rank:
+            alone = work()
+    torch_dist.barrier()
+    together = work()
+    return {"alone": alone, "together": together}
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on this machine has spent busy since boot (Linux /proc/stat),
+    counting time the hypervisor gave to others (steal); NaN where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except OSError:
+        return float("nan")
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def load_mark() -> tuple[float, float, float]:
+    torch_dist.barrier()
+    return machine_busy_seconds(), time.process_time(), time.perf_counter()
+
+
+def other_share(mark) -> float:
+    """Share of the machine's CPU capacity that processes other than the ranks used since `mark`
+    (a collective): another job on the machine makes the step times of that interval meaningless."""
+    busy, own, wall = mark
+    torch_dist.barrier()
+    ranks_cpu = torch.tensor(time.process_time() - own, dtype=torch.float64)
+    torch_dist.all_reduce(ranks_cpu)
+    return (machine_busy_seconds() - busy - float(ranks_cpu)) / ((time.perf_counter() - wall) * os.cpu_count())
+
+
+def main():
+    args = parse_args()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    assert world == args.stages, f"one rank per stage: world {world} != stages {args.stages}"
+    config = proxy_config(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len)
+    batches = make_batches(args)
+    variants = [f"{mode}/{chunk}" for chunk in (0, args.chunk_tokens) for mode in ("sft", "soft")]
+
+    def build(variant):
+        mode, chunk = variant.split("/")
+        exits = make_exits(None, config.num_hidden_layers, mode=mode)
+        module = build_pipeline(config, exits, args.stages, args.seq_len, random_weights(config, SEED),
+                                exit_chunk_tokens=int(chunk))
+        return build_engine(module, ds_config(args, world // args.stages, args.bucket_elements))
+
+    def step(engine) -> tuple[float, float]:
+        """(wall seconds of one optimizer step, the slowest rank's; CPU seconds, all ranks together).
+        CPU time counts the work done, whoever else shares the machine; wall time is the goal's."""
+        torch_dist.barrier()
+        start, cpu = time.perf_counter(), time.process_time()
+        engine.train_batch(iter(batches))
+        seconds = torch.tensor([time.perf_counter() - start, time.process_time() - cpu], dtype=torch.float64)
+        wall, cpu = seconds.clone(), seconds.clone()
+        torch_dist.all_reduce(wall, op=torch_dist.ReduceOp.MAX)
+        torch_dist.all_reduce(cpu)
+        return float(wall[0]), float(cpu[1])
+
+    def log(message):
+        if rank == 0:
+            print(f"[benchmark] {message}", flush=True)
+
+    contention = compute_contention(rank, world)
+    log(f"one rank computing alone vs all ranks at once: {contention['together'] / contention['alone']:.2f}x slower")
+    engines, memory, stage = {}, {}, None
+    for variant in variants:
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            engine = build(variant)
+            for _ in range(args.warmup):
+                step(engine)
+            with record_function(MEASURED):
+                step(engine)
+        static, peak, end = live_bytes_profile(prof)
+        memory[variant] = {"static": static, "peak": peak, "drift": end - static}
+        engines[variant], stage = engine, engine.stage_id
+        log(f"{variant}: built; rank 0 peak {peak / 2**20:.1f} MiB")
+
+    times = {v: [] for v in variants}
+    cpu_times = {v: [] for v in variants}
+    other_load = []  # per round: the share of the machine's CPU other processes took
+    pairs = [(f"sft/{chunk}", f"soft/{chunk}") for chunk in (0, args.chunk_tokens)]
+    for round_ in range(args.repeats):
+        mark = load_mark()
+        # SFT and SoFT of one setting run back to back, and who goes first alternates (A B, B A),
+        # as does which setting goes first: drift in machine speed falls on both alike.
+        order = pairs if (round_ // 2) % 2 == 0 else pairs[::-1]
+        for pair in order:
+            for variant in (pair if round_ % 2 == 0 else pair[::-1]):
+                wall, cpu = zip(*(step(engines[variant]) for _ in range(args.steps)))
+                times[variant].append(list(wall))
+                cpu_times[variant].append(list(cpu))
+        other_load.append(other_share(mark))
+        log(f"round {round_ + 1}/{args.repeats}: " + ", ".join(f"{v} {min(times[v][-1]):.3f}s" for v in variants)
+            + f"; other processes {other_load[-1]:.0%} of the CPU")
+
+    result = {"rank": rank, "stage": stage, "threads": torch.get_num_threads(), "variants": variants,
+              "memory": memory, "contention": contention,
+              "times": times, "cpu_times": cpu_times, "other_load": other_load}
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

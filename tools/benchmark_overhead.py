@@ -1,0 +1,308 @@
+"""What SoFT's exits cost over plain SFT: optimizer-step time and peak memory per pipeline rank,
+measured side by side on one DeepSpeed pipeline, next to the exit heads' analytic FLOP share.
+
+    python tools/benchmark_overhead.py                 # the default proxy: about 5 minutes on 2 cores
+    python tools/benchmark_overhead.py --repeats 24 --micro-batch 4
+
+One `deepspeed` launch (CPU ranks, gloo, fp32, ZeRO-1, torch AdamW) builds four engines on the
+same pipeline: SFT and SoFT, each with the exit loss whole (`exit_chunk_tokens=0`, every exit's
+logits alive until backward, as in the paper's setup) and chunked under recompute (the project's
+default). Timing interleaves them round by round, SFT and SoFT of one setting back to back in
+alternating order (A B, B A), so machine noise falls on both alike; the report gives medians and
+the median over rounds of each round's SoFT / SFT. Rounds in which other processes took more than
+5% of the machine's CPU (from /proc/stat) are dropped, and the report says when too few are left
+for the wall times to mean anything; the ranks' CPU seconds per step are reported beside them, as
+they count the work done whoever else shares the machine.
+
+Peak memory is the peak of live tensor bytes on the rank, taken from `torch.profiler` memory events
+(every CPU allocation and free, in order) from just before the engine is built to the end of one
+measured step: parameters, gradients, ZeRO's fp32 partition, AdamW states, pipeline buffers and
+activations, without allocator caching or the Python/DeepSpeed process overhead that RSS includes.
+ZeRO's gradient buckets are scaled down with the model (its 5e8-element default is two 2 GB buffers
+per rank, sized for billions of parameters, which would swamp the proxy's 190 MiB).
+
+The proxy keeps LLaMA 2 13B's depth (40 layers) and exit set {12, 16, ..., 40}, and shrinks the
+width so that head FLOPs / decoder-layer FLOPs is the 13B's (0.512 at sequence length 512). The
+depth is kept because the overhead is (exits - 1) x head / (layers x layer + head): with the ratio
+fixed, a shallower proxy with the same 8 exits (e.g. 10 layers, exits 3..10) would put 34% of the
+FLOPs in the extra heads instead of the 13B's 8.9%.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from transformers import LlamaConfig
+
+from soft_ds.config import SoftOptions
+from soft_ds.exits import make_exits
+from soft_ds.model import hf_shapes
+from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join("tools", "_benchmark_worker.py")
+
+# LLaMA 2 13B as the paper fine-tunes it.
+LLAMA2_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40, vocab_size=32000)
+LLAMA2_13B_SEQ_LEN = 512
+
+GOAL_MEMORY_RATIO = 1.05  # SoFT peak memory per rank <= 1.05 x SFT's
+OTHER_LOAD_LIMIT = 0.05  # a timing round in which other processes took more of the CPU is dropped
+MIN_CLEAN_ROUNDS = 3
+
+
+def llama2_13b_config() -> LlamaConfig:
+    return LlamaConfig(**LLAMA2_13B)
+
+
+def head_to_layer_ratio(config: LlamaConfig, seq_len: int) -> float:
+    return head_flops(config) / decoder_layer_flops(config, seq_len)
+
+
+def matched_vocab_size(hidden: int, intermediate: int, heads: int, layers: int, seq_len: int) -> int:
+    """The vocabulary that gives the proxy LLaMA 2 13B's head / decoder-layer FLOP ratio."""
+    target = head_to_layer_ratio(llama2_13b_config(), LLAMA2_13B_SEQ_LEN)
+    shape = proxy_config(hidden, intermediate, heads, layers, LLAMA2_13B["vocab_size"], seq_len)
+    return round(target * decoder_layer_flops(shape, seq_len) / (2.0 * hidden))  # head = 2 * H * V
+
+
+def proxy_config(hidden: int, intermediate: int, heads: int, layers: int, vocab: int, seq_len: int) -> LlamaConfig:
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                       max_position_embeddings=max(seq_len, 128), tie_word_embeddings=False)
+
+
+def zero_bucket_elements(proxy: LlamaConfig) -> int:
+    """ZeRO's default 5e8-element gradient buckets, scaled from LLaMA 2 13B's size to the proxy's."""
+    def count(config):
+        return sum(shape.numel() for shape in hf_shapes(config).values())
+    # A multiple of 1024: ZeRO wants buckets aligned to its communication alignment factor.
+    return max(1024, round(5e8 * count(proxy) / count(llama2_13b_config()) / 1024) * 1024)
+
+
+def extra_exit_share(config: LlamaConfig, head_cost: float) -> float:
+    """(cost of the SoFT exits - the one SFT exit) / cost of the SFT model (layers + 1 exit), with
+    one exit costing `head_cost` decoder layers."""
+    exits = make_exits(None, config.num_hidden_layers)
+    return (len(exits) - 1) * head_cost / (config.num_hidden_layers + head_cost)
+
+
+def slowest_stage_share(config: LlamaConfig, seq_len: int, stages: int, head_cost: float) -> float:
+    """SoFT / SFT - 1 of the slowest pipeline stage's cost (a pipeline whose stages compute in
+    parallel runs at its slowest stage's pace), one exit costing `head_cost` decoder layers."""
+    def slowest(mode):
+        exits = [e.layer for e in make_exits(None, config.num_hidden_layers, mode=mode)]
+        plan = plan_stages(config, exits, stages, seq_len)
+        return max(len(s.layers) + len(s.exits) * head_cost for s in plan)
+
+    return slowest("soft") / slowest("sft") - 1.0
+
+
+def time_exit_in_layers(config: LlamaConfig, micro_batch: int, seq_len: int, chunk_tokens: int,
+                        repeats: int = 30) -> tuple[float, float]:
+    """Forward + backward time of one exit (norm, lm_head, cross-entropy) over that of one decoder
+    layer, on one thread of this machine, with the exit loss whole and chunked. The FLOP count leaves
+    out the softmax and the recompute's bookkeeping; this measures them. Fastest of `repeats`, which
+    is robust to other processes on the machine."""
+    import time
+
+    import torch
+
+    from soft_ds.exits import exit_loss
+    from soft_ds.model import DecoderLayer, SharedHead
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layer, head = DecoderLayer(config), SharedHead(config)
+    hidden = torch.randn(micro_batch, seq_len, config.hidden_size, requires_grad=True)  # (B, T, H)
+    targets = torch.randint(0, config.vocab_size, (micro_batch, seq_len))  # (B, T)
+    runs = {"layer": lambda: layer(hidden).sum().backward(),
+            "whole": lambda: exit_loss(head, hidden, targets, 0).backward(),
+            "chunked": lambda: exit_loss(head, hidden, targets, chunk_tokens).backward()}
+    fastest = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            fastest[name] = min(fastest[name], time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return fastest["whole"] / fastest["layer"], fastest["chunked"] / fastest["layer"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv=None):
+    default_chunk = SoftOptions().exit_chunk_tokens
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stages", type=int, default=2, help="pipeline stages (one CPU rank each, no data parallelism)")
+    p.add_argument("--layers", type=int, default=40, help="proxy depth; exits follow the 13B's pattern "
+                   "(from 30%% depth every 10%%): 12, 16, ..., 40 at 40 layers")
+    p.add_argument("--hidden", type=int, default=128, help="proxy hidden size")
+    p.add_argument("--intermediate", type=int, default=344, help="proxy MLP size (13B: 2.7 x hidden)")
+    p.add_argument("--heads", type=int, default=2, help="proxy attention heads (no GQA, like the 13B)")
+    p.add_argument("--seq-len", type=int, default=128, help="proxy sequence length")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="proxy vocabulary; 0 = the size that matches the 13B's head/layer FLOP ratio")
+    p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--chunk-tokens", type=int, default=default_chunk,
+                   help="exit_chunk_tokens of the chunked runs (the project default); the other runs use 0")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per engine before measuring")
+    p.add_argument("--repeats", type=int, default=16, help="timing rounds; each runs every engine in turn")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per engine per round")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds before the launch is abandoned")
+    args = p.parse_args(argv)
+    if args.chunk_tokens <= 0:
+        p.error("--chunk-tokens must be > 0 (the whole-loss runs already use 0)")
+    if args.vocab == 0:
+        args.vocab = matched_vocab_size(args.hidden, args.intermediate, args.heads, args.layers, args.seq_len)
+    return args
+
+
+def run_worker(args, out_dir: str) -> None:
+    worker_args = ["--out", out_dir, "--stages", args.stages, "--layers", args.layers, "--hidden", args.hidden,
+                   "--intermediate", args.intermediate, "--heads", args.heads, "--seq-len", args.seq_len,
+                   "--vocab", args.vocab, "--micro-batch", args.micro_batch, "--grad-accum", args.grad_accum,
+                   "--chunk-tokens", args.chunk_tokens, "--warmup", args.warmup, "--repeats", args.repeats,
+                   "--steps", args.steps, "--bucket-elements", zero_bucket_elements(proxy_config(
+                       args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len))]
+    cmd = ["deepspeed", "--num_gpus", str(args.stages), "--master_port", str(free_port()), WORKER,
+           *map(str, worker_args)]
+    # One thread per rank: the ranks share the machine's cores, as GPUs would not.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log_path = os.path.join(out_dir, "launch.log")
+    print(f"launching: {' '.join(cmd)}", flush=True)
+    with open(log_path, "w") as log:
+        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=args.timeout)
+    if result.returncode != 0:
+        with open(log_path) as log:
+            sys.exit(f"the benchmark launch exited {result.returncode}; last lines of its log:\n"
+                     + "".join(log.readlines()[-40:]))
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
+    big = llama2_13b_config()
+    proxy = proxy_config(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len)
+    share_13b = extra_exit_share(big, head_to_layer_ratio(big, LLAMA2_13B_SEQ_LEN))
+    flop_ratio = head_to_layer_ratio(proxy, args.seq_len)
+    tokens = args.micro_batch * args.seq_len
+    # (chunk tokens, label, exit cost in layers from FLOPs, from timing): the chunked loss runs one more
+    # head forward per exit (forward + backward = 3 forwards, + 1 recompute).
+    settings = [(0, "whole (0)", flop_ratio, timed_exit[0]),
+                (args.chunk_tokens, f"chunked ({args.chunk_tokens})", flop_ratio * 4 / 3, timed_exit[1])]
+
+    print("\n== shapes")
+    print(f"LLaMA 2 13B: hidden 5120, intermediate 13824, 40 layers, 40 heads, vocab 32000, seq 512; "
+          f"head/layer FLOPs {head_to_layer_ratio(big, LLAMA2_13B_SEQ_LEN):.4f}")
+    print(f"proxy:       hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"{args.heads} heads, vocab {args.vocab}, seq {args.seq_len}; "
+          f"head/layer FLOPs {head_to_layer_ratio(proxy, args.seq_len):.4f}")
+    print(f"exits {[e.layer for e in make_exits(None, args.layers)]}; {args.stages} stages, fp32, ZeRO-1, AdamW; "
+          f"micro-batch {args.micro_batch} x {args.seq_len} = {tokens} tokens, grad-accum {args.grad_accum}; "
+          f"chunked exit loss: {-(-tokens // args.chunk_tokens)} chunk(s) per micro-batch")
+    slowdown = ", ".join(f"rank {r['rank']} {r['contention']['together'] / r['contention']['alone']:.2f}x"
+                         for r in results)
+    print(f"timing: {args.repeats} rounds x {args.steps} steps per engine after {args.warmup} warm-up steps, "
+          f"{results[0]['threads']} thread(s) per rank; a matmul with all ranks busy vs alone: {slowdown} slower")
+
+    # Rounds in which other processes took a real share of the CPU measure them, not us: drop them,
+    # unless too few rounds would be left (then keep all, and say the numbers are unreliable).
+    other_load = results[0]["other_load"]
+    clean = [i for i, share in enumerate(other_load) if share <= OTHER_LOAD_LIMIT]
+    kept = clean if len(clean) >= MIN_CLEAN_ROUNDS else list(range(len(other_load)))
+    timing = {v: [rounds[i] for i in kept] for v, rounds in results[0]["times"].items()}
+    cpu_timing = {v: [rounds[i] for i in kept] for v, rounds in results[0]["cpu_times"].items()}
+    print(f"other processes on the machine took <= {OTHER_LOAD_LIMIT:.0%} of its CPU in {len(clean)} of "
+          f"{len(other_load)} rounds (median {statistics.median(other_load):.1%}); timing uses "
+          + (f"those {len(clean)}" if kept is clean else
+             "all rounds.  WARNING: the machine was shared; the step times are unreliable"))
+
+    print("\n== analytic extra FLOP share of the exit heads: (8 heads - 1 head) / (SFT: layers + 1 head)")
+    print(f"LLaMA 2 13B {share_13b:.2%}   proxy {extra_exit_share(proxy, flop_ratio):.2%}")
+    print("proxy, expected SoFT / SFT - 1 with one exit's forward + backward costing E decoder layers "
+          "(whole model | slowest pipeline stage):")
+    for _, label, flop_cost, timed_cost in settings:
+        print(f"  {label:<15} from FLOPs E = {flop_cost:.2f}: {extra_exit_share(proxy, flop_cost):6.2%} | "
+              f"{slowest_stage_share(proxy, args.seq_len, args.stages, flop_cost):6.2%};   "
+              f"timed on this CPU E = {timed_cost:.2f}: {extra_exit_share(proxy, timed_cost):6.2%} | "
+              f"{slowest_stage_share(proxy, args.seq_len, args.stages, timed_cost):6.2%}")
+
+    def paired_ratio(numerator: list, denominator: list) -> tuple[float, float, float]:
+        """Median [min, max] over rounds of one round's median over the same round's median."""
+        per_round = [statistics.median(b) / statistics.median(a) for a, b in zip(denominator, numerator)]
+        return statistics.median(per_round), min(per_round), max(per_round)
+
+    print("\n== measured step time (wall: the slowest rank's optimizer step; CPU: both ranks' CPU seconds in it)")
+    print(f"{'exit loss':<16} {'SFT s/step':>10} {'SoFT s/step':>11} {'SoFT/SFT wall [range]':>22} "
+          f"{'of fastest':>10} {'SoFT/SFT CPU':>12}")
+    rows = []
+    for chunk, label, _, _ in settings:
+        sft, soft = f"sft/{chunk}", f"soft/{chunk}"
+        wall, low, high = paired_ratio(timing[soft], timing[sft])
+        # Noise on a shared machine only ever adds time: the fastest steps are a second estimate.
+        fastest = min(sum(timing[soft], [])) / min(sum(timing[sft], []))
+        cpu = paired_ratio(cpu_timing[soft], cpu_timing[sft])[0]
+        print(f"{label:<16} {statistics.median(sum(timing[sft], [])):>10.3f} "
+              f"{statistics.median(sum(timing[soft], [])):>11.3f} {wall:>8.3f} [{low:.2f}-{high:.2f}] "
+              f"{fastest:>10.3f} {cpu:>12.3f}")
+        rows.append([label, wall])
+    print("ratios: median over rounds of the round's SoFT median / its SFT median")
+
+    print("\n== measured peak memory (MiB of live tensors per rank)")
+    print(f"{'exit loss':<16} " + " ".join(f"{'rank ' + str(r['rank']) + ' SFT / SoFT':>20}" for r in results)
+          + f" {'SoFT/SFT, worst rank':>21}")
+    for row, (chunk, label, _, _) in zip(rows, settings):
+        sft, soft = f"sft/{chunk}", f"soft/{chunk}"
+        ratio = max(r["memory"][soft]["peak"] / r["memory"][sft]["peak"] for r in results)
+        print(f"{label:<16} " + " ".join(
+            f"{r['memory'][sft]['peak'] / 2**20:>10.1f} / {r['memory'][soft]['peak'] / 2**20:<7.1f}" for r in results)
+            + f" {ratio:>21.3f}")
+        row.append(ratio)
+    print("memory per rank, static + transient MiB (static: parameters, ZeRO fp32 partition, AdamW, buffers "
+          "at the step's start; transient: the step's peak above it)")
+    for r in results:
+        print(f"  rank {r['rank']} (stage {r['stage']}): " + ";  ".join(
+            f"{v} {m['static'] / 2**20:.1f} + {(m['peak'] - m['static']) / 2**20:.1f}" for v, m in r["memory"].items()))
+    drift = max(abs(m["drift"]) / m["peak"] for r in results for m in r["memory"].values())
+    print(f"  (live bytes after the measured step minus before it: at most {drift:.2%} of the peak)")
+
+    print(f"\n== goals: step-time overhead <= the 13B heads' FLOP share ({share_13b:.2%}); "
+          f"peak memory <= {GOAL_MEMORY_RATIO:.2f} x SFT on every rank")
+    print(f"{'exit loss':<16} {'time overhead':>13}        {'memory':>8}")
+    for label, time_ratio, mem_ratio in rows:
+        print(f"{label:<16} {time_ratio - 1:>+13.2%} {verdict(time_ratio - 1 <= share_13b)} "
+              f"{mem_ratio:>8.3f}x {verdict(mem_ratio <= GOAL_MEMORY_RATIO)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    proxy = proxy_config(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len)
+    timed_exit = time_exit_in_layers(proxy, args.micro_batch, args.seq_len, args.chunk_tokens)
+    with tempfile.TemporaryDirectory(prefix="soft_bench_") as out_dir:
+        run_worker(args, out_dir)
+        results = []
+        for rank in range(args.stages):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                results.append(json.load(f))
+    report(args, results, timed_exit)
+
+
+if __name__ == "__main__":
+    main()
