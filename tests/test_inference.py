@@ -1,0 +1,403 @@
+"""soft_ds.inference and its CLIs on the "debug" tiny model, in float64 so that token equality with
+a reference cannot be broken by rounding (the batched and cached kernels sum in other orders)."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from soft_ds import inference
+from soft_ds.inference import Sampling, SoftGenerator, speculative_accept
+from soft_ds.model import KVCache, Llama, preset_config
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_NEW = 10
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hf_model(config, seed=0) -> transformers.LlamaForCausalLM:
+    """A random HF LLaMA, float64, norms perturbed (HF's all-ones norms would hide a misplaced one)."""
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    return model.double()
+
+
+def ours(hf, embed_scale=1.0, head_scale=1.0) -> SoftGenerator:
+    """Our model on HF's weights. embed_scale > 1 makes the residual stream dominated by the
+    embedding, so shallow exits often agree with the full model (as SoFT training makes them);
+    head_scale > 1 makes the softmax peaked, so exits are sometimes confident."""
+    model = Llama(hf.config)
+    model.load_state_dict(hf.state_dict(), strict=True)
+    model = model.double()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(embed_scale)
+        model.lm_head.weight.mul_(head_scale)
+    return SoftGenerator(model)
+
+
+def random_prompts(count, seed, vocab=512, max_len=24):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (count,), generator=generator).tolist()
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine a second OpenMP thread
+    spinning for a busy core can make these tests many times slower. (The benchmark sets it too.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return hf_model(preset_config("debug"))  # 8 layers, hidden 64, 4 heads over 2 kv heads, vocab 512
+
+
+@pytest.fixture(scope="module")
+def plain(hf):
+    return ours(hf)
+
+
+@pytest.fixture(scope="module")
+def agreeing(hf):
+    return ours(hf, embed_scale=10.0)
+
+
+@pytest.fixture(scope="module")
+def peaked(hf):
+    return ours(hf, embed_scale=3.0, head_scale=30.0)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(6, seed=1)
+
+
+# --- 1. any exit ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 5, 8])
+def test_exit_generation_equals_hf_submodel_generate(hf, plain, prompts, n):
+    """Exit n, batched with left padding == an HF LLaMA of the first n layers, one prompt at a time."""
+    sub = transformers.LlamaForCausalLM(preset_config("debug", num_hidden_layers=n)).eval().double()
+    sub.load_state_dict({name: tensor for name, tensor in hf.state_dict().items()
+                         if not name.startswith("model.layers.") or int(name.split(".")[2]) < n}, strict=True)
+    ours_batched = plain.generate(prompts, exit_layer=n, max_new_tokens=MAX_NEW).tokens
+    for prompt, got in zip(prompts, ours_batched):
+        expected = sub.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                                eos_token_id=None, pad_token_id=0)
+        assert got == expected[0, len(prompt):].tolist()
+    # ...and the exits really differ (the comparison above could not pass with the wrong depth).
+    assert plain.generate(prompts, exit_layer=1, max_new_tokens=MAX_NEW).tokens != ours_batched
+
+
+def test_batched_equals_unbatched(plain, prompts):
+    batched = plain.generate(prompts, exit_layer=3, max_new_tokens=MAX_NEW).tokens
+    assert batched == [plain.generate([prompt], exit_layer=3, max_new_tokens=MAX_NEW).tokens[0] for prompt in prompts]
+
+
+def test_eos_stops_each_sequence(plain, prompts):
+    free = plain.generate(prompts, max_new_tokens=MAX_NEW).tokens
+    eos = free[0][3]
+    stopped = plain.generate(prompts, max_new_tokens=MAX_NEW, eos_token_id=eos).tokens
+    for full, cut in zip(free, stopped):
+        expected = full[:full.index(eos) + 1] if eos in full else full
+        assert cut == expected
+    assert len(stopped[0]) <= 4
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(plain, prompts):
+    one = plain.generate(prompts, max_new_tokens=MAX_NEW, sampling=Sampling(1.0, 0.9, seed=3)).tokens
+    assert one == plain.generate(prompts, max_new_tokens=MAX_NEW, sampling=Sampling(1.0, 0.9, seed=3)).tokens
+    assert one != plain.generate(prompts, max_new_tokens=MAX_NEW, sampling=Sampling(1.0, 0.9, seed=4)).tokens
+    nucleus_of_one = plain.generate(prompts, max_new_tokens=MAX_NEW, sampling=Sampling(1.0, 1e-9, seed=3)).tokens
+    assert nucleus_of_one == plain.generate(prompts, max_new_tokens=MAX_NEW).tokens
+
+
+def test_bad_arguments_name_the_problem(plain, prompts):
+    with pytest.raises(ValueError, match="out of range"):
+        plain.generate(prompts, exit_layer=9)
+    with pytest.raises(ValueError, match="draft exit 8 is out of range"):
+        plain.generate_speculative(prompts, draft_exit=8)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        plain.generate_speculative(prompts, draft_exit=2, draft_tokens=0)
+    with pytest.raises(ValueError, match="threshold"):
+        plain.generate_dynamic(prompts, threshold=1.5)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        plain.generate([[5], []])
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(1.0, 0.0)
+
+
+# --- 2. self-speculative decoding ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft_exit,k", [(1, 1), (2, 3), (4, 5), (6, 2), (7, 4)])
+def test_speculative_greedy_equals_full_greedy(agreeing, draft_exit, k):
+    """24 prompts of 1..24 tokens in batches of 1, 3, 8 and 12: identical to plain full greedy."""
+    many = random_prompts(24, seed=7)
+    full = agreeing.generate(many, max_new_tokens=MAX_NEW).tokens
+    got, drafted, accepted = [], 0, 0
+    start = 0
+    for size in (1, 3, 8, 12):
+        result = agreeing.generate_speculative(many[start:start + size], draft_exit, k, max_new_tokens=MAX_NEW)
+        got += result.tokens
+        drafted, accepted = drafted + result.drafted, accepted + result.accepted
+        start += size
+    assert got == full
+    # Partial acceptance: rejections, rollbacks and holes in batches were all exercised.
+    assert 0.05 < accepted / drafted < 0.95
+
+
+def test_speculative_with_eos_equals_full(agreeing):
+    many = random_prompts(8, seed=8)
+    eos = agreeing.generate(many, max_new_tokens=MAX_NEW).tokens[2][4]
+    full = agreeing.generate(many, max_new_tokens=MAX_NEW, eos_token_id=eos).tokens
+    assert agreeing.generate_speculative(many, 3, 4, max_new_tokens=MAX_NEW, eos_token_id=eos).tokens == full
+    assert any(len(tokens) < MAX_NEW for tokens in full)
+
+
+def test_speculative_shares_the_draft_layers_cache(agreeing, monkeypatch):
+    """After the prompt, layers[:n] only ever see one new token (the draft's steps) and layers[n:]
+    see each round's k + 1 tokens in one call: the verifier reuses the draft's layer-n states."""
+    calls = []
+    original = type(agreeing.model.model.layers[0]).forward_cached
+
+    def counting(layer, x, cos, sin, cache, index):
+        calls.append((index, x.shape[1]))
+        return original(layer, x, cos, sin, cache, index)
+
+    monkeypatch.setattr(type(agreeing.model.model.layers[0]), "forward_cached", counting)
+    prompts, n, k = random_prompts(3, seed=9), 3, 4
+    result = agreeing.generate_speculative(prompts, n, k, max_new_tokens=13)
+    width = max(map(len, prompts))
+    decode = [(index, rows) for index, rows in calls if rows != width]  # drop the prompt's pass
+    shallow = [rows for index, rows in decode if index < n]
+    deep = [rows for index, rows in decode if index >= n]
+    assert set(shallow) == {1}
+    assert len(deep) == result.steps * (8 - n)
+    assert max(deep) == k + 1
+    assert sum(shallow) / n == sum(deep) / (8 - n)  # every token through every layer exactly once
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """Monte Carlo: the first emitted token of a round is distributed as p, whatever q is."""
+    torch.manual_seed(0)
+    V, B = 5, 40000
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.1, 0.3, 0.2, 0.3], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    drafts = torch.multinomial(q.expand(B, V), 1, replacement=True, generator=generator)  # (B, 1)
+    target = torch.stack([p, torch.full((V,), 1.0 / V, dtype=torch.float64)]).expand(B, 2, V)
+    accepted, after = speculative_accept(drafts, q.expand(B, 1, V), target, generator)
+    first = torch.where(accepted >= 1, drafts[:, 0], after)
+    frequencies = torch.bincount(first, minlength=V).double() / B
+    assert (frequencies - p).abs().max() < 0.01
+    assert 0.3 < accepted.double().mean() < 0.9  # both branches taken
+
+
+def test_speculative_sampling_path_with_one_token_nucleus_is_greedy(agreeing):
+    many = random_prompts(6, seed=10)
+    full = agreeing.generate(many, max_new_tokens=MAX_NEW).tokens
+    sampled = agreeing.generate_speculative(many, 2, 3, max_new_tokens=MAX_NEW, sampling=Sampling(1.0, 1e-9))
+    assert sampled.tokens == full
+    seeded = [agreeing.generate_speculative(many, 2, 3, max_new_tokens=MAX_NEW, sampling=Sampling(0.8, 0.95, seed))
+              .tokens for seed in (5, 5, 6)]
+    assert seeded[0] == seeded[1] != seeded[2]
+
+
+# --- 3. dynamic exit ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("measure", ["max_prob", "margin"])
+def test_dynamic_threshold_one_is_full_and_zero_is_first_exit(peaked, prompts, measure):
+    full = peaked.generate(prompts, max_new_tokens=MAX_NEW).tokens
+    first_exit = peaked.generate(prompts, exit_layer=peaked.exits[0], max_new_tokens=MAX_NEW).tokens
+    never = peaked.generate_dynamic(prompts, 1.0, measure, max_new_tokens=MAX_NEW)
+    always = peaked.generate_dynamic(prompts, 0.0, measure, max_new_tokens=MAX_NEW)
+    assert never.tokens == full and never.mean_exit_layer == 8
+    assert always.tokens == first_exit and always.mean_exit_layer == peaked.exits[0]
+    assert full != first_exit
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_dynamic_exit_fills_deeper_caches_exactly(peaked, monkeypatch, batch):
+    """Mixed exits: every token is its exit's choice on the true hidden states, and every cached
+    key/value (deep ones of early-exited tokens included) equals a fresh full-depth pass's."""
+    caches = []
+
+    class RecordingCache(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(inference, "KVCache", RecordingCache)
+    prompts, threshold = random_prompts(batch, seed=11), 0.5
+    result = peaked.generate_dynamic(prompts, threshold, max_new_tokens=16)
+    cache = caches[0]
+    assert len(set(layer for sequence in result.exit_layers for layer in sequence)) >= 3
+    # Pass j (the prompt, then generated token j - 1) went as deep as token j's latest exit; a pass
+    # followed by a deeper one had its missing keys/values filled by that later pass.
+    depths = [max(sequence[j] for sequence in result.exit_layers) for j in range(16)]
+    refilled = sum(any(later > depths[j] for later in depths[j + 1:]) for j in range(15))
+    assert refilled > 0, "no early-exited token was ever carried deeper"
+
+    caches.clear()
+    fed = [prompt + tokens[:-1] for prompt, tokens in zip(prompts, result.tokens)]
+    with torch.inference_mode():
+        reference, _, _ = peaked._prefill(fed, 8, 0)
+    assert reference.columns == cache.columns
+    valid = cache.valid[:, :cache.columns]
+    assert sum(cache.lengths) > 0
+    for layer in range(8):
+        filled = cache.lengths[layer]
+        if filled == 0:  # no pass reached this layer, not even the prompt's
+            continue
+        for ours_kv, theirs_kv in ((cache.keys, reference.keys), (cache.values, reference.values)):
+            difference = (ours_kv[layer][:, :, :filled] - theirs_kv[layer][:, :, :filled]).abs().amax(dim=(1, 3))
+            assert difference[valid[:, :filled]].max() < 1e-10, f"layer {layer}"
+
+    # Teacher-forced check of the exit rule on a cache-free forward of the same tokens.
+    model = peaked.model
+    for prompt, tokens, exits in zip(prompts, result.tokens, result.exit_layers):
+        with torch.inference_mode():
+            states = model.hidden_states(torch.tensor([prompt + tokens]), range(1, 9))
+            for j, (token, exit_layer) in enumerate(zip(tokens, exits)):
+                position = len(prompt) - 1 + j
+                for layer in peaked.exits:
+                    logits = model.head(states[layer][:, position])
+                    if layer < exit_layer:
+                        assert inference.confidence(logits, "max_prob").item() <= threshold
+                    elif layer == exit_layer:
+                        assert exit_layer == 8 or inference.confidence(logits, "max_prob").item() > threshold
+                        assert logits.argmax(-1).item() == token
+                        break
+
+
+# --- 5. Hugging Face directory, CLI, benchmark -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny HF checkpoint with the bundled 4,096-piece tokenizer, as tools/export_hf.py writes one."""
+    directory = tmp_path_factory.mktemp("ckpt") / "soft"
+    config = preset_config("debug", vocab_size=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = hf_model(config, seed=2).float()
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        if (REPO / "data" / "tokenizer" / name).is_file():
+            shutil.copy(REPO / "data" / "tokenizer" / name, directory / name)
+    return directory, model
+
+
+def test_from_pretrained_matches_hf(checkpoint):
+    directory, hf = checkpoint
+    generator = SoftGenerator.from_pretrained(directory)
+    assert generator.tokenizer is not None and len(generator.tokenizer) == 4096
+    ids = torch.randint(3, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (generator.model(ids) - hf(ids).logits).abs().max() < 1e-5
+
+
+def run_generate(args, capsys):
+    texts = load_tool("generate").main(args)
+    return texts, capsys.readouterr()
+
+
+def test_generate_cli_modes(checkpoint, capsys, tmp_path):
+    directory, _ = checkpoint
+    base = ["--model", str(directory), "--max-new-tokens", "8"]
+    full, output = run_generate(base + ["--prompt", "Name three primary colors."], capsys)
+    assert output.out.strip() == full[0].strip() and len(full) == 1
+    assert run_generate(base + ["--prompt", "Name three primary colors.", "--speculative-exit", "3",
+                                "--draft-tokens", "2"], capsys)[0] == full
+    dynamic, _ = run_generate(base + ["--prompt", "Name three primary colors.", "--dynamic-threshold", "1"], capsys)
+    assert dynamic == full
+    generator = SoftGenerator.from_pretrained(directory)
+    from soft_ds.data import encode_prompt
+    exit3 = generator.generate([encode_prompt({"instruction": "Name three primary colors."}, generator.tokenizer)],
+                               exit_layer=3, max_new_tokens=8, eos_token_id=2).tokens[0]
+    texts, _ = run_generate(base + ["--prompt", "Name three primary colors.", "--exit", "3"], capsys)
+    assert texts == [generator.tokenizer.decode(exit3, skip_special_tokens=True).strip()]
+
+    records = [{"instruction": "Add 2 and 3.", "input": ""}, {"instruction": "Translate.", "input": "bonjour"},
+               {"instruction": "Name three primary colors."}]
+    file = tmp_path / "instructions.json"
+    file.write_text(json.dumps(records))
+    answers = tmp_path / "answers.json"
+    texts, output = run_generate(base + ["--instructions", str(file), "--batch-size", "2", "--output", str(answers),
+                                         "--temperature", "0.7", "--top-p", "0.9", "--stats"], capsys)
+    assert len(texts) == 3 and output.out.count("--- [") == 3
+    assert [record["output"] for record in json.loads(answers.read_text())] == texts
+    assert "tokens/s" in output.err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--exit", "0"], "--exit 0 is out of range"),
+    (["--exit", "9"], "--exit 9 is out of range"),
+    (["--speculative-exit", "8"], "--speculative-exit 8 is out of range"),
+    (["--speculative-exit", "2", "--draft-tokens", "0"], "--draft-tokens must be a positive integer"),
+    (["--dynamic-threshold", "1.5"], "--dynamic-threshold must be in [0, 1]"),
+    (["--dynamic-threshold", "-0.1"], "--dynamic-threshold must be in [0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+])
+def test_generate_cli_rejects_bad_numbers(checkpoint, capsys, extra, message):
+    directory, _ = checkpoint
+    with pytest.raises(SystemExit) as raised:
+        run_generate(["--model", str(directory), "--prompt", "hi"] + extra, capsys)
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+def test_generate_cli_rejects_bad_inputs(checkpoint, capsys, tmp_path):
+    directory, _ = checkpoint
+    bad_records = tmp_path / "bad.json"
+    bad_records.write_text(json.dumps([{"instruction": "ok"}, {"input": "no instruction"}]))
+    cases = [
+        (["--model", str(directory), "--prompt", "   "], "--prompt is empty"),
+        (["--model", str(tmp_path / "missing"), "--prompt", "hi"], "does not exist"),
+        (["--model", str(directory), "--instructions", str(tmp_path / "none.json")], "no such file"),
+        (["--model", str(directory), "--instructions", str(bad_records)], "record 1 has no non-empty 'instruction'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as raised:
+            run_generate(args, capsys)
+        assert raised.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_benchmark_smoke(checkpoint, capsys, tmp_path):
+    directory, _ = checkpoint
+    plot = tmp_path / "speed.png"
+    goals = load_tool("benchmark_inference").main([
+        "--model", str(directory), "--num-prompts", "2", "--max-new-tokens", "3", "--repeats", "1",
+        "--draft-tokens", "2", "--thresholds", "0,1", "--exits", "2,4,8",
+        "--proxy-layers", "4", "--proxy-hidden", "64", "--proxy-intermediate", "172", "--proxy-draft-exits", "2",
+        "--plot", str(plot)])
+    out = capsys.readouterr().out
+    for text in ("tokens/s", "self-speculative", "dynamic exit", "13B cost proxy", "== summary"):
+        assert text in out
+    assert set(goals) == {"model", "13B cost proxy"} and all(len(lines) == 3 for lines in goals.values())
+    # Every exit, every (draft exit, k) and every threshold has its row, with a speed.
+    assert sum(line.split()[0] in ("2", "4", "8") for line in out.splitlines() if "PASS" in line or "MISS" in line
+               or "(full)" in line) >= 3
+    assert plot.is_file() and plot.stat().st_size > 1000

@@ -1,0 +1,387 @@
+#!/usr/bin/env python
+"""Inference speed of a SoFT model, in one run on the same prompts: every exit, self-speculative
+decoding per draft exit and k, dynamic exit per threshold; goals PASS/MISS; a PNG of speed vs exit.
+
+    python tools/benchmark_inference.py --model exported/full       # a SoFT checkpoint (HF directory)
+    python tools/benchmark_inference.py                             # random stand-ins (see below)
+
+Prompts: the first --num-prompts PandaLM test instructions (data/pandalm_testset_inference_v1.json)
+formatted with the training template (`data.encode_prompt`). Every configuration generates exactly
+--max-new-tokens tokens per prompt (the eos does not stop it), so all runs do the same work; greedy
+decoding. Timing: configurations are interleaved batch by batch, and a configuration's tokens/s
+is the median over --repeats rounds. On a CPU with one thread (the default) the clock is the
+process's CPU time, so time spent waiting for a core shared with other jobs does not count;
+else wall time.
+
+Two models are measured:
+  1. --model DIR, or without it a random "tiny"-preset model (the shape of the SoFT demo model).
+     A random model's exits do not agree with its full model, so its acceptance and agreement
+     numbers (and the speculative and dynamic goals) say nothing about a trained SoFT model.
+  2. A cost proxy of LLaMA 2 13B: its depth (40 layers) and exits {12, 16, ..., 40}, a smaller
+     width, and the vocabulary chosen so that head FLOPs / decoder-layer FLOPs equals the 13B's
+     (0.512 at sequence length 512, from partition.decoder_layer_flops / head_flops): exit speed
+     vs FLOPs then has the 13B's proportions. Its weights are random with every residual branch
+     (o_proj, down_proj) scaled by --proxy-damping, 0 by default: the branches still cost their
+     full FLOPs, but every exit then predicts exactly what the full model predicts, so its
+     speculative and dynamic rows show what the mechanics give at full agreement (a synthetic
+     ceiling, not a quality claim). Prompt ids are taken modulo its vocabulary.
+
+Goals (from the issue), checked on each model:
+  exit n tokens/s / full tokens/s >= 0.9 x FLOP ratio, FLOP ratio = FLOPs/token(full) / FLOPs/token(exit n)
+      at the run's mean context length;
+  self-speculative >= 1.8x plain full-model greedy, among draft exits with acceptance >= 0.8;
+  dynamic exit >= 1.5x at >= 97% token agreement with full-model greedy (same token at the same
+      position of the same prompt).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from soft_ds.data import encode_prompt, load_tokenizer  # noqa: E402
+from soft_ds.exits import PAPER_EXITS_40, default_exit_layers  # noqa: E402
+from soft_ds.hf_io import CheckpointError  # noqa: E402
+from soft_ds.inference import SoftGenerator  # noqa: E402
+from soft_ds.model import Llama, preset_config, random_weights  # noqa: E402
+from soft_ds.partition import decoder_layer_flops, head_flops  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PANDALM = REPO / "data" / "pandalm_testset_inference_v1.json"
+TOKENIZER = REPO / "data" / "tokenizer"
+LLAMA2_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                         num_key_value_heads=40, vocab_size=32000)
+RATIO_SEQ_LEN = 512  # sequence length at which the proxy matches the 13B's head/layer FLOP ratio
+GOAL_EXIT_FRACTION, GOAL_SPECULATIVE, GOAL_DYNAMIC, GOAL_AGREEMENT = 0.9, 1.8, 1.5, 0.97
+GOOD_ACCEPTANCE = 0.8  # "where the draft exit agrees well"
+
+
+def head_layer_ratio(config, seq_len: int = RATIO_SEQ_LEN) -> float:
+    return head_flops(config) / decoder_layer_flops(config, seq_len)
+
+
+def proxy_config(layers: int, hidden: int, intermediate: int, heads: int) -> LlamaConfig:
+    """LLaMA 2 13B's depth and proportions at a smaller width; the vocabulary makes the head/layer
+    FLOP ratio the 13B's (head FLOPs are linear in the vocabulary, so it is solved for directly)."""
+    shape = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096)
+    shaped = LlamaConfig(**shape)  # the default vocabulary, only to measure the shape's costs
+    per_vocab_entry = head_flops(shaped) / shaped.vocab_size
+    vocab = round(head_layer_ratio(LLAMA2_13B) * decoder_layer_flops(shaped, RATIO_SEQ_LEN) / per_vocab_entry)
+    return LlamaConfig(**shape, vocab_size=vocab)
+
+
+def build_random(config: LlamaConfig, seed: int, damping: float = 1.0) -> Llama:
+    model = Llama.from_weights(config, random_weights(config, seed))
+    if damping != 1.0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(damping)
+                layer.mlp.down_proj.weight.mul_(damping)
+    return model
+
+
+def load_prompts(tokenizer, count: int) -> list[list[int]]:
+    records = json.loads(PANDALM.read_text())[:count]
+    return [encode_prompt(record, tokenizer) for record in records]
+
+
+def parse_list(text: str, kind=int) -> list:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def make_clock(kind: str, device: torch.device):
+    """Seconds: the process's CPU time ("cpu": with one thread it is the work done, and time lost
+    to other jobs on a shared machine does not count) or wall time ("wall", after a CUDA sync)."""
+    if kind == "cpu":
+        return time.process_time
+
+    def wall() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return wall
+
+
+def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits) -> dict:
+    """Time every configuration; return the rows for the report.
+
+    Configurations are interleaved prompt batch by prompt batch (in alternating order), so that
+    a slow spell of the machine falls on all of them alike; a configuration's time is the median
+    over rounds of its summed batch times."""
+    L = generator.num_layers
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    common = dict(max_new_tokens=args.max_new_tokens)
+    clock = make_clock(args.clock, generator.model.lm_head.weight.device)
+
+    configs = {}
+    for n in exits:
+        configs[("exit", n)] = lambda batch, n=n: generator.generate(batch, exit_layer=n, **common)
+    for n in draft_exits:
+        for k in args.draft_tokens:
+            configs[("speculative", n, k)] = lambda batch, n=n, k=k: generator.generate_speculative(
+                batch, n, k, **common)
+    for threshold in args.thresholds:
+        configs[("dynamic", threshold)] = lambda batch, t=threshold: generator.generate_dynamic(
+            batch, t, args.confidence, exits=exits, **common)
+
+    for batch in batches[:2]:  # warm-up
+        generator.generate(batch, max_new_tokens=2)
+    seconds = {key: [0.0] * args.repeats for key in configs}
+    outputs = {key: [None] * len(batches) for key in configs}
+    for round_index in range(args.repeats):
+        for batch_index, batch in enumerate(batches):
+            keys = list(configs)
+            for key in keys if (round_index + batch_index) % 2 == 0 else reversed(keys):
+                start = clock()
+                outputs[key][batch_index] = configs[key](batch)
+                seconds[key][round_index] += clock() - start
+
+    def tokens_of(key):
+        return [tokens for result in outputs[key] for tokens in result.tokens]
+
+    full_tokens = tokens_of(("exit", L))
+    num_tokens = sum(map(len, full_tokens))
+    speed = {key: num_tokens / statistics.median(times) for key, times in seconds.items()}
+    context = statistics.mean(len(prompt) for prompt in prompts) + args.max_new_tokens / 2
+    # Decoding one token at context c attends over c keys: decoder_layer_flops counts the causal
+    # half of its seq_len, so seq_len = 2c gives the per-token attention at context c.
+    layer, head = decoder_layer_flops(generator.config, 2 * context), head_flops(generator.config)
+
+    def agreement(key):
+        pairs = [(a, b) for ours, full in zip(tokens_of(key), full_tokens) for a, b in zip(ours, full)]
+        return sum(a == b for a, b in pairs) / len(pairs)
+
+    rows = {"exits": [], "speculative": [], "dynamic": []}
+    for n in exits:
+        flop_ratio = (L * layer + head) / (n * layer + head)
+        rows["exits"].append(dict(exit=n, tokens_per_s=speed[("exit", n)],
+                                  speed_ratio=speed[("exit", n)] / speed[("exit", L)], flop_ratio=flop_ratio,
+                                  agreement=agreement(("exit", n))))
+    for n in draft_exits:
+        for k in args.draft_tokens:
+            key = ("speculative", n, k)
+            drafted = sum(result.drafted for result in outputs[key])
+            accepted = sum(result.accepted for result in outputs[key])
+            rounds = sum(result.steps for result in outputs[key])
+            rows["speculative"].append(dict(exit=n, k=k, tokens_per_s=speed[key],
+                                            speedup=speed[key] / speed[("exit", L)],
+                                            acceptance=accepted / max(drafted, 1),
+                                            tokens_per_round=num_tokens / max(rounds, 1),
+                                            identical=agreement(key)))
+    for threshold in args.thresholds:
+        key = ("dynamic", threshold)
+        depths = [layer for result in outputs[key] for sequence in result.exit_layers for layer in sequence]
+        rows["dynamic"].append(dict(threshold=threshold, tokens_per_s=speed[key],
+                                    speedup=speed[key] / speed[("exit", L)],
+                                    mean_exit=sum(depths) / len(depths), agreement=agreement(key)))
+    rows["context"], rows["num_tokens"], rows["layers"] = context, num_tokens, L
+    return rows
+
+
+def verdict(passed: bool | None) -> str:
+    return "N/A" if passed is None else ("PASS" if passed else "MISS")
+
+
+def report(title: str, rows: dict, note: str) -> list[str]:
+    """Print the three tables and the goal lines; return the goal lines."""
+    L = rows["layers"]
+    print(f"\n== {title}")
+    print(f"   {note}")
+    print(f"   mean context {rows['context']:.0f} tokens; {rows['num_tokens']} tokens generated per configuration")
+    print("\n   exit  tokens/s  speed/full  FLOP ratio  goal (>= 0.9 x FLOP)  agreement with full")
+    for row in rows["exits"]:
+        goal = "" if row["exit"] == L else verdict(row["speed_ratio"] >= GOAL_EXIT_FRACTION * row["flop_ratio"])
+        name = f"{row['exit']}" + (" (full)" if row["exit"] == L else "")
+        print(f"   {name:>9} {row['tokens_per_s']:8.1f}  {row['speed_ratio']:10.2f}  {row['flop_ratio']:10.2f}  "
+              f"{goal:>20}  {row['agreement']:7.1%}")
+    print("\n   self-speculative (greedy): draft exit, k drafted per round; identical = tokens equal to full greedy")
+    print("   draft  k  tokens/s  speedup  acceptance  tokens/round  identical")
+    for row in rows["speculative"]:
+        print(f"   {row['exit']:5d} {row['k']:2d}  {row['tokens_per_s']:8.1f}  {row['speedup']:6.2f}x  "
+              f"{row['acceptance']:10.1%}  {row['tokens_per_round']:12.2f}  {row['identical']:8.1%}")
+    print("\n   dynamic exit: threshold on the exit's confidence; agreement = same token as full greedy")
+    print("   threshold  tokens/s  speedup  mean exit  agreement")
+    for row in rows["dynamic"]:
+        print(f"   {row['threshold']:9.2f}  {row['tokens_per_s']:8.1f}  {row['speedup']:6.2f}x  "
+              f"{row['mean_exit']:6.2f}/{L}  {row['agreement']:8.1%}")
+
+    exit_rows = [row for row in rows["exits"] if row["exit"] != L]
+    exit_pass = [row for row in exit_rows if row["speed_ratio"] >= GOAL_EXIT_FRACTION * row["flop_ratio"]]
+    goals = [f"exit throughput >= 0.9 x FLOP ratio: {verdict(len(exit_pass) == len(exit_rows))} "
+             f"({len(exit_pass)}/{len(exit_rows)} exits)"]
+    agreeing = [row for row in rows["speculative"] if row["acceptance"] >= GOOD_ACCEPTANCE]
+    if agreeing:
+        best = max(agreeing, key=lambda row: row["speedup"])
+        goals.append(f"self-speculative >= {GOAL_SPECULATIVE}x where the draft agrees (acceptance >= "
+                     f"{GOOD_ACCEPTANCE:.0%}): {verdict(best['speedup'] >= GOAL_SPECULATIVE)} (best "
+                     f"{best['speedup']:.2f}x at exit {best['exit']}, k={best['k']}, "
+                     f"acceptance {best['acceptance']:.1%})")
+    else:
+        best = max(rows["speculative"], key=lambda row: row["acceptance"], default=None)
+        got = f"best acceptance {best['acceptance']:.1%}" if best else "no draft exit measured"
+        goals.append(f"self-speculative >= {GOAL_SPECULATIVE}x where the draft agrees: N/A (no draft exit "
+                     f"reaches {GOOD_ACCEPTANCE:.0%} acceptance; {got})")
+    faithful = [row for row in rows["dynamic"] if row["agreement"] >= GOAL_AGREEMENT]
+    if faithful:
+        best = max(faithful, key=lambda row: row["speedup"])
+        goals.append(f"dynamic exit >= {GOAL_DYNAMIC}x at >= {GOAL_AGREEMENT:.0%} agreement: "
+                     f"{verdict(best['speedup'] >= GOAL_DYNAMIC)} (best {best['speedup']:.2f}x at threshold "
+                     f"{best['threshold']}, agreement {best['agreement']:.1%}, mean exit {best['mean_exit']:.2f})")
+    else:
+        goals.append(f"dynamic exit >= {GOAL_DYNAMIC}x at >= {GOAL_AGREEMENT:.0%} agreement: MISS "
+                     "(no threshold reaches the agreement)")
+    print("\n   goals:")
+    for line in goals:
+        print(f"   - {line}")
+    return goals
+
+
+def plot(path: Path, curves) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot written"
+    fig, (absolute, relative) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in curves:
+        exits = [row["exit"] for row in rows["exits"]]
+        L = rows["layers"]
+        absolute.plot(exits, [row["tokens_per_s"] for row in rows["exits"]], "o-", label=label)
+        fraction = [n / L for n in exits]
+        line, = relative.plot(fraction, [row["speed_ratio"] for row in rows["exits"]], "o-", label=f"{label}: measured")
+        relative.plot(fraction, [row["flop_ratio"] for row in rows["exits"]], "--", color=line.get_color(),
+                      label=f"{label}: FLOP ratio")
+    absolute.set(xlabel="exit layer", ylabel="tokens/s", title="decoding speed per exit")
+    relative.set(xlabel="exit depth / model depth", ylabel="speed / full model", title="speed-up vs FLOP ratio")
+    for axis in (absolute, relative):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return f"plot written to {path}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="exported SoFT checkpoint (HF directory); default: a random tiny model")
+    p.add_argument("--num-prompts", type=int, default=8, help="PandaLM instructions used (of 170)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--repeats", type=int, default=2, help="timing rounds; the median is reported")
+    p.add_argument("--exits", help="comma-separated exits (default: the training default for the depth)")
+    p.add_argument("--draft-tokens", default="2,4,6", help="k values for self-speculative decoding")
+    p.add_argument("--thresholds", default="0,0.2,0.4,0.6,0.8,0.9,0.95,1", help="dynamic-exit thresholds")
+    p.add_argument("--confidence", default="max_prob", choices=("max_prob", "margin"))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                   help="auto: process CPU time on a CPU with one thread, else wall time")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random models")
+    p.add_argument("--no-proxy", action="store_true", help="skip the LLaMA 2 13B cost proxy")
+    p.add_argument("--proxy-layers", type=int, default=40)
+    p.add_argument("--proxy-hidden", type=int, default=256)
+    p.add_argument("--proxy-intermediate", type=int, default=688, help="13B: 2.7 x hidden")
+    p.add_argument("--proxy-heads", type=int, default=2, help="head dim 128 as in the 13B; no GQA, as in the 13B")
+    p.add_argument("--proxy-draft-exits", default="12,16,20", help="draft exits measured on the proxy")
+    p.add_argument("--proxy-thresholds", default="0,0.5,1",
+                   help="dynamic-exit thresholds on the proxy (its random head is never confident, so any "
+                        "threshold in (0, 1) behaves alike: every exit checked, none taken)")
+    p.add_argument("--proxy-damping", type=float, default=0.0,
+                   help="scale of the proxy's residual branches (0: every exit predicts exactly what the "
+                        "full model does)")
+    p.add_argument("--plot", default="runs/benchmark_inference.png", help="PNG of speed vs exit")
+    args = p.parse_args(argv)
+    for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats", "threads"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    args.draft_tokens = parse_list(args.draft_tokens)
+    args.thresholds = parse_list(args.thresholds, float)
+    args.proxy_thresholds = parse_list(args.proxy_thresholds, float)
+    if any(k <= 0 for k in args.draft_tokens):
+        p.error("--draft-tokens must be positive integers")
+    if not all(0 <= t <= 1 for t in args.thresholds + args.proxy_thresholds):
+        p.error("--thresholds and --proxy-thresholds must lie in [0, 1]")
+    torch.set_num_threads(args.threads)
+    if args.clock == "auto":
+        args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
+
+    if args.model:
+        try:
+            generator = SoftGenerator.from_pretrained(args.model, device=args.device)
+        except CheckpointError as error:
+            p.error(str(error))
+        title = f"model {args.model}"
+        note = "SoFT checkpoint"
+    else:
+        config = preset_config("tiny")
+        generator = SoftGenerator(build_random(config, args.seed).to(args.device))
+        title = "random tiny model (no --model given)"
+        note = ("RANDOM WEIGHTS: its exits do not agree with its full model, so acceptance, agreement and "
+                "the speculative/dynamic goals below say nothing about a trained SoFT model")
+    tokenizer = generator.tokenizer or load_tokenizer(TOKENIZER)
+    config = generator.config
+    L = config.num_hidden_layers
+    exits = parse_list(args.exits) if args.exits else list(default_exit_layers(L))
+    if L not in exits:
+        exits.append(L)
+    if not all(1 <= n <= L for n in exits):
+        p.error(f"--exits must lie in 1..{L}")
+    exits = sorted(set(exits))
+    prompts = load_prompts(tokenizer, args.num_prompts)
+    if max(map(max, prompts)) >= config.vocab_size:
+        p.error(f"the tokenizer ({len(tokenizer)} pieces) does not fit the model's vocabulary ({config.vocab_size})")
+    print(f"soft-ds inference benchmark: {len(prompts)} PandaLM prompts (training template), "
+          f"{args.max_new_tokens} new tokens each, batch {args.batch_size}, greedy, "
+          f"{next(generator.model.parameters()).dtype} on {args.device}, {args.threads} CPU thread(s), "
+          f"{args.clock} clock, median of {args.repeats} interleaved rounds")
+    shape = (f"{L} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
+             f"head/layer FLOPs {head_layer_ratio(config):.2f} at seq {RATIO_SEQ_LEN}")
+    rows = run_suite(generator, prompts, args, exits, [n for n in exits if n < L])
+    goals = {"model": report(f"{title}: {shape}", rows, note)}
+    curves = [(f"model ({L} layers)", rows)]
+
+    if not args.no_proxy:
+        proxy = proxy_config(args.proxy_layers, args.proxy_hidden, args.proxy_intermediate, args.proxy_heads)
+        proxy_exits = list(PAPER_EXITS_40) if proxy.num_hidden_layers == 40 else list(
+            default_exit_layers(proxy.num_hidden_layers))
+        proxy_generator = SoftGenerator(build_random(proxy, args.seed, args.proxy_damping).to(args.device),
+                                        exits=proxy_exits)
+        proxy_prompts = [[token % proxy.vocab_size for token in prompt] for prompt in prompts]
+        draft_exits = [n for n in parse_list(args.proxy_draft_exits)
+                       if n in proxy_exits and n < proxy.num_hidden_layers]
+        proxy_args = argparse.Namespace(**{**vars(args), "thresholds": args.proxy_thresholds})
+        proxy_rows = run_suite(proxy_generator, proxy_prompts, proxy_args, proxy_exits, draft_exits)
+        shape = (f"{proxy.num_hidden_layers} layers, hidden {proxy.hidden_size}, intermediate "
+                 f"{proxy.intermediate_size}, {proxy.num_attention_heads} heads, vocab {proxy.vocab_size} "
+                 f"(chosen so head/layer FLOPs = {head_layer_ratio(proxy):.3f}; LLaMA 2 13B: "
+                 f"{head_layer_ratio(LLAMA2_13B):.3f})")
+        goals["13B cost proxy"] = report(f"LLaMA 2 13B cost proxy: {shape}", proxy_rows,
+                                         f"random weights, residual branches x {args.proxy_damping}: "
+                                         + ("every exit predicts what the full model predicts, by construction; "
+                                            "its speculative/dynamic rows are a synthetic ceiling at full agreement"
+                                            if args.proxy_damping == 0 else "exits agree partly"))
+        curves.append((f"13B proxy ({proxy.num_hidden_layers} layers)", proxy_rows))
+
+    print("\n== summary")
+    for name, lines in goals.items():
+        for line in lines:
+            print(f"   [{name}] {line}")
+    print(f"   {plot(Path(args.plot), curves)}")
+    return goals
+
+
+if __name__ == "__main__":
+    main()
