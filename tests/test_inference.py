@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_model import hf_reference
 
 from soft_ds import inference
 from soft_ds.inference import Sampling, SoftGenerator, speculative_accept
@@ -26,14 +27,8 @@ def load_tool(name):
 
 
 def hf_model(config, seed=0) -> transformers.LlamaForCausalLM:
-    """A random HF LLaMA, float64, norms perturbed (HF's all-ones norms would hide a misplaced one)."""
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.add_(0.2 * torch.randn_like(parameter))
-    return model.double()
+    """A random HF LLaMA in float64 with perturbed norms (test_model.hf_reference)."""
+    return hf_reference(config, seed).double()
 
 
 def ours(hf, embed_scale=1.0, head_scale=1.0) -> SoftGenerator:
