@@ -246,7 +246,8 @@ def main(argv=None):
     monitor_enabled = torch.distributed.get_rank() == 0
     resume = args.resume and os.path.isfile(os.path.join(checkpoint_dir(args.output_dir), "latest"))
     monitor = Monitor(None, monitor_enabled, soft.train_steps)
-    monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {soft.pipeline_stages} stages x "
+    monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {'bf16' if config.bf16 else 'fp32'} | "
+                 f"{soft.pipeline_stages} stages x "
                  f"{config.data_parallel_size(world_size)} data parallel | train batch "
                  f"{config.train_batch_size(world_size)} | {len(train_set)} train / {len(val_set)} val records")
     for i, stage in enumerate(stages):
