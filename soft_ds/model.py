@@ -117,8 +117,9 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       cache: "KVCache", layer: int) -> torch.Tensor:
-        """New tokens x (B, T, H) at the cache's next columns of `layer`; cos/sin (B, 1, T, d).
+                       cache, layer: int) -> torch.Tensor:
+        """New tokens x (B, T, H) at the next columns of `layer` in `cache` (an inference.KVCache);
+        cos/sin (B, 1, T, d).
 
         Appends their keys/values to the cache and attends over everything cached before them
         plus themselves, under the cache's mask (left padding, rejected drafts, causality)."""
@@ -167,7 +168,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       cache: "KVCache", layer: int) -> torch.Tensor:
+                       cache, layer: int) -> torch.Tensor:
         """(B, T, H) -> (B, T, H) for new tokens whose keys/values go to cache layer `layer`.
 
         cos, sin: (B, 1, T, head_dim) from `rotary(positions)`, computed once per step by the caller
@@ -186,102 +187,6 @@ class SharedHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # (..., V)
-
-
-class KVCache:
-    """Keys and values of every decoder layer for a batch of sequences being generated.
-
-    Columns are shared by the batch: column c of every layer belongs to the same step for all
-    sequences. Per sequence, `valid[b, c]` says whether column c holds one of its real tokens
-    (False for left padding and for drafted tokens rejected in the middle of a batch) and
-    `positions[b, c]` is that token's rotary position. A query attends to the valid columns at or
-    before its own, and always to itself (so a pad row never has an empty softmax).
-
-    Layers fill their columns independently: `lengths[i]` columns of layer i hold keys/values. A
-    self-speculative draft runs the first layers ahead of the rest; a token that exits early leaves
-    the deeper layers behind until they are filled. `columns` is the number of columns reserved.
-    Storage grows by doubling when needed.
-    """
-
-    def __init__(self, config: LlamaConfig, batch: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        self.num_layers = config.num_hidden_layers
-        self._shape = (batch, config.num_key_value_heads or config.num_attention_heads, head_dim(config))
-        self.dtype, self.device = dtype, torch.device(device)
-        self.capacity = 0
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
-        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-        self.lengths = [0] * self.num_layers
-        self.columns = 0
-        self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
-        self._grow(max(1, capacity))
-
-    def _grow(self, capacity: int) -> None:
-        B, kv, d = self._shape
-        extra = capacity - self.capacity
-
-        def widen(old: torch.Tensor | None) -> torch.Tensor:
-            new = torch.zeros(B, kv, capacity, d, dtype=self.dtype, device=self.device)  # (B, kv, C, d)
-            if old is not None:
-                new[:, :, :self.capacity] = old
-            return new
-
-        self.keys = [widen(self.keys[i] if self.keys else None) for i in range(self.num_layers)]
-        self.values = [widen(self.values[i] if self.values else None) for i in range(self.num_layers)]
-        self.valid = torch.cat([self.valid, self.valid.new_zeros(B, extra)], dim=1)
-        self.positions = torch.cat([self.positions, self.positions.new_zeros(B, extra)], dim=1)
-        self.capacity = capacity
-
-    def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> int:
-        """Register T new columns, positions and valid (B, T); return the first column's index."""
-        start, T = self.columns, positions.shape[1]
-        if start + T > self.capacity:
-            self._grow(max(2 * self.capacity, start + T))
-        self.positions[:, start:start + T] = positions
-        self.valid[:, start:start + T] = valid
-        self.columns = start + T
-        self._masks.clear()
-        return start
-
-    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        """Store (B, kv, T, d) keys/values at layer's next T columns; return all its keys and
-        values so far (B, kv, S, d) and the attention mask of the T new rows (B, 1, T, S), or None
-        when every row may see every column (one new token and no invalid column)."""
-        start = self.lengths[layer]
-        end = start + keys.shape[2]
-        if end > self.columns:
-            raise ValueError(f"layer {layer}: writing columns {start}..{end - 1} but only "
-                             f"{self.columns} are reserved")
-        self.keys[layer][:, :, start:end] = keys
-        self.values[layer][:, :, start:end] = values
-        self.lengths[layer] = end
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self.mask(start, end)
-
-    def mask(self, start: int, end: int) -> torch.Tensor | None:
-        """(B, 1, end - start, end) boolean mask of rows start..end-1 over columns 0..end-1."""
-        key = (start, end)
-        if key not in self._masks:
-            valid = self.valid[:, :end]  # (B, S)
-            if end - start == 1 and bool(valid.all()):
-                self._masks[key] = None
-            else:
-                columns = torch.arange(end, device=self.device)
-                rows = torch.arange(start, end, device=self.device)
-                causal = columns[None, :] <= rows[:, None]  # (T, S)
-                itself = columns[None, :] == rows[:, None]  # (T, S)
-                self._masks[key] = ((valid[:, None, :] & causal) | itself)[:, None]  # (B, 1, T, S)
-        return self._masks[key]
-
-    def rollback(self, columns: int, invalid: torch.Tensor | None = None) -> None:
-        """Forget every column from `columns` on, in all layers; `invalid` (B, columns) marks kept
-        columns that some sequences must no longer see (their rejected drafts)."""
-        self.columns = min(self.columns, columns)
-        self.lengths = [min(length, self.columns) for length in self.lengths]
-        if invalid is not None:
-            self.valid[:, :self.columns] &= ~invalid[:, :self.columns]
-        self._masks.clear()
 
 
 def check_supported(config: LlamaConfig) -> None:

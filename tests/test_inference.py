@@ -13,7 +13,8 @@ from test_model import hf_reference
 
 from soft_ds import inference
 from soft_ds.inference import Sampling, SoftGenerator, speculative_accept
-from soft_ds.model import KVCache, Llama, preset_config
+from soft_ds.inference import KVCache
+from soft_ds.model import Llama, preset_config
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW = 10
