@@ -1,0 +1,211 @@
+"""Per-stage memory and FLOPs of a SoFT pipeline run, before launching it.
+
+The stage boundaries come from `partition.plan_stages`, the very call `pipe.SoftPipelineModule`
+makes, so the plan is the run. What a stage holds mirrors `pipe.py`: stage 0 the token embedding;
+its decoder layers; and, if it holds at least one exit, ONE shared head (final norm + lm_head),
+whatever the number of exits on it. Parameter counts come from `model.hf_shapes`.
+
+The memory model (bytes; deliberately simple, no allowance for the CUDA context, NCCL buffers or
+fragmentation, so leave headroom):
+
+Static, per parameter the stage holds (AdamW; dp = data-parallel degree):
+    bf16:  2 (bf16 weight) + 2 (bf16 gradient) + 12 (fp32 master 4 + moments 8)
+           ZeRO-1 divides the 12 fp32 optimizer bytes by dp.
+    fp32:  4 (weight) + 4 (gradient) + 8 (moments); ZeRO-1 divides the 8 moment bytes by dp.
+
+Activations, per micro-batch of B sequences of T tokens (a = 2 bytes under bf16, 4 under fp32;
+H hidden, I intermediate, KV = kv_heads * head_dim, V vocabulary):
+    one decoder layer, everything autograd keeps for backward:
+        full_layer = B*T*a*(8H + 2KV + 4I)
+        8H: the two norm inputs and outputs, q, the attention output and o_proj's input copy,
+            one H for the norms' fp32 intermediates; 2KV: k and v; 4I: gate, silu(gate), up and
+            their product. Attention is SDPA (flash / memory-efficient): no T^2 score matrix.
+    without activation checkpointing: full_layer per layer held;
+    with it (DeepSpeed checkpoints every layer): each layer's input B*T*H*a per layer held, plus
+        one layer's full activations once per stage, alive while it is recomputed in backward.
+    exits, with the chunked exit loss (exit_chunk_tokens > 0): at most one chunk of
+        min(chunk, B*T) x V fp32 logits and their gradient, once per stage, never per micro-batch;
+        without chunking (0): B*T*(a*H + (a + 4)*V) per exit (norm output, logits, fp32
+        log-probabilities), kept until backward.
+    in flight under 1F1B: stage s (0-based) holds min(pp - s, grad_accum) micro-batches.
+
+FLOPs per micro-batch (B*T tokens; `partition.decoder_layer_flops` and `partition.head_flops`):
+    3 x forward (forward + backward), plus one more decoder forward under activation
+    checkpointing and one more head forward per exit under the chunked exit loss (its recompute).
+The pipeline bubble of 1F1B is (pp - 1) / (grad_accum + pp - 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+from soft_ds.exits import make_exits
+from soft_ds.hf_io import CheckpointError, expected_tensor_names
+from soft_ds.model import PRESETS, check_supported, head_dim, hf_shapes, preset_config
+from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
+
+GIB = 2**30
+
+# LLaMA 2 shapes (the released config.json files).
+LLAMA2_SIZES = {
+    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int  # 0-based pipeline stage
+    first_layer: int  # 1-based, inclusive
+    last_layer: int
+    exits: tuple[int, ...]
+    parameters: int  # held by this stage (embedding on stage 0, the shared head once if it has exits)
+    static_bytes: int  # weights + gradients + optimizer state
+    activation_bytes: int  # per micro-batch, under the run's checkpointing setting
+    activation_bytes_checkpointed: int  # per micro-batch, with activation checkpointing
+    activation_bytes_full: int  # per micro-batch, without activation checkpointing
+    transient_bytes: int  # alive once per stage: recompute of one layer, one exit-loss chunk
+    in_flight: int  # micro-batches alive at once under 1F1B
+    flops: float  # per micro-batch, forward + backward (+ recompute)
+    memory_bytes: int  # static + in_flight * activation_bytes + transient_bytes
+    gpu_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes <= self.gpu_bytes
+
+
+def load_model_config(model: str) -> LlamaConfig:
+    """A named size (7B, 13B, 70B; or a test preset: debug, tiny), a config.json, or a checkpoint
+    directory holding one. Only the config is read: no weights are needed to plan."""
+    if model.upper() in LLAMA2_SIZES:
+        return LlamaConfig(**LLAMA2_SIZES[model.upper()])
+    if model in PRESETS:
+        return preset_config(model)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"--model {model!r} is neither a named size ({', '.join(LLAMA2_SIZES)}, "
+                              f"{', '.join(PRESETS)}) nor an existing config.json or directory holding one")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(raw, dict) or raw.get("model_type") != "llama":
+        found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{path} is not a LLaMA config (model_type={found!r}; expected 'llama')")
+    return LlamaConfig.from_dict(raw)
+
+
+def static_bytes_per_parameter(bf16: bool, zero_stage: int, data_parallel: int) -> float:
+    if zero_stage not in (0, 1):
+        raise ValueError(f"ZeRO stage must be 0 or 1 (pipeline parallelism), got {zero_stage}")
+    shard = data_parallel if zero_stage == 1 else 1
+    if bf16:
+        return 2 + 2 + 12 / shard
+    return 4 + 4 + 8 / shard
+
+
+def layer_activation_bytes(config, tokens: int, act_bytes: int) -> int:
+    """Everything one decoder layer keeps for backward, for `tokens` tokens (module docstring)."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim(config)
+    return tokens * act_bytes * (8 * h + 2 * kv + 4 * i)
+
+
+def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1, data_parallel: int = 1,
+         micro_batch: int = 1, seq_len: int = 512, grad_accum: int = 1, bf16: bool = True,
+         zero_stage: int = 0, activation_checkpointing: bool = False, exit_chunk_tokens: int = 1024,
+         gpu_gib: float = 80.0) -> list[StagePlan]:
+    """One StagePlan per pipeline stage (see the module docstring for every formula)."""
+    for name, value in (("data_parallel", data_parallel), ("micro_batch", micro_batch),
+                        ("seq_len", seq_len), ("grad_accum", grad_accum)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_supported(config)
+    exits = make_exits(exit_layers, config.num_hidden_layers, mode=mode)
+    stages = plan_stages(config, [e.layer for e in exits], pipeline_stages, seq_len)
+    shapes = hf_shapes(config)
+    per_param = static_bytes_per_parameter(bf16, zero_stage, data_parallel)
+    a = 2 if bf16 else 4
+    tokens = micro_batch * seq_len
+    h, v = config.hidden_size, config.vocab_size
+    full_layer = layer_activation_bytes(config, tokens, a)
+    layer_flops = decoder_layer_flops(config, seq_len) * tokens
+    exit_flops = head_flops(config) * tokens
+    chunked = exit_chunk_tokens > 0
+
+    plans = []
+    for index, stage in enumerate(stages):
+        names = expected_tensor_names(config, [n - 1 for n in stage.layers], embed=index == 0,
+                                      head=bool(stage.exits))
+        parameters = sum(shapes[name].numel() for name in names)
+        layers, heads = len(stage.layers), len(stage.exits)
+        if chunked:
+            exits_kept, exits_transient = 0, (min(exit_chunk_tokens, tokens) * v * 4 * 2 if heads else 0)
+        else:
+            exits_kept, exits_transient = heads * tokens * (a * h + (a + 4) * v), 0
+        checkpointed = layers * tokens * h * a + exits_kept
+        full = layers * full_layer + exits_kept
+        transient = exits_transient + (full_layer if activation_checkpointing else 0)
+        activation = checkpointed if activation_checkpointing else full
+        in_flight = min(pipeline_stages - index, grad_accum)
+        static = int(round(parameters * per_param))
+        forward = layers * layer_flops + heads * exit_flops
+        flops = 3 * forward + (layers * layer_flops if activation_checkpointing else 0) \
+            + (heads * exit_flops if chunked else 0)
+        plans.append(StagePlan(
+            stage=index, first_layer=stage.first_layer, last_layer=stage.last_layer, exits=stage.exits,
+            parameters=parameters, static_bytes=static, activation_bytes=activation,
+            activation_bytes_checkpointed=checkpointed, activation_bytes_full=full,
+            transient_bytes=transient, in_flight=in_flight, flops=flops,
+            memory_bytes=static + in_flight * activation + transient, gpu_bytes=int(gpu_gib * GIB)))
+    return plans
+
+
+def flops_balance(plans: list[StagePlan]) -> float:
+    """Slowest stage / mean stage FLOPs (1.0 = balanced)."""
+    flops = [p.flops for p in plans]
+    return max(flops) / (sum(flops) / len(flops))
+
+
+def bubble_fraction(pipeline_stages: int, grad_accum: int) -> float:
+    """Idle fraction of a 1F1B schedule: (pp - 1) / (grad_accum + pp - 1)."""
+    return (pipeline_stages - 1) / (grad_accum + pipeline_stages - 1)
+
+
+def format_plan(plans: list[StagePlan], grad_accum: int) -> str:
+    """The table `tools/plan.py` prints, one row per stage, then the verdict line."""
+    def gib(n):
+        return f"{n / GIB:.2f}"
+
+    header = (f"{'stage':>5}  {'layers':>7}  {'exits':<18} {'params':>14}  {'static GiB':>10}  "
+              f"{'act/mb ckpt':>11}  {'act/mb full':>11}  {'in-flight':>9}  {'total GiB':>9}  "
+              f"{'TFLOPs/mb':>9}  fits")
+    rows = [header]
+    for p in plans:
+        exits = ",".join(map(str, p.exits)) or "-"
+        rows.append(f"{p.stage:>5}  {f'{p.first_layer}-{p.last_layer}':>7}  {exits:<18} {p.parameters:>14,}  "
+                    f"{gib(p.static_bytes):>10}  {gib(p.activation_bytes_checkpointed):>11}  "
+                    f"{gib(p.activation_bytes_full):>11}  {p.in_flight:>9}  {gib(p.memory_bytes):>9}  "
+                    f"{p.flops / 1e12:>9.2f}  {'yes' if p.fits else 'NO'}")
+    slowest = max(plans, key=lambda p: p.flops)
+    too_big = [p.stage for p in plans if not p.fits]
+    pp = len(plans)
+    rows.append(f"balance (max/mean FLOPs): {flops_balance(plans):.3f}   "
+                f"1F1B bubble: {bubble_fraction(pp, grad_accum):.1%} (pp={pp}, grad_accum={grad_accum})")
+    verdict = "every stage fits" if not too_big else f"stage(s) {too_big} do NOT fit"
+    rows.append(f"slowest stage: {slowest.stage} (layers {slowest.first_layer}-{slowest.last_layer}, "
+                f"{slowest.flops / 1e12:.2f} TFLOPs/micro-batch); {verdict} in "
+                f"{plans[0].gpu_bytes / GIB:g} GiB (largest: {max(p.memory_bytes for p in plans) / GIB:.2f} GiB)")
+    return "\n".join(rows)
+

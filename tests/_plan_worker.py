@@ -1,0 +1,40 @@
+"""Builds the real 2-stage DeepSpeed pipeline of the debug model (launched by tests/test_plan.py)
+and saves, per rank, how many parameters its stage holds, for SoFT and for SFT."""
+
+import argparse
+import json
+import os
+
+import torch
+
+from soft_ds.exits import make_exits
+from soft_ds.model import preset_config, random_weights
+
+SEQ_LEN = 16
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+
+    import deepspeed
+    from soft_ds.pipe import build_pipeline
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    config = preset_config("debug", vocab_size=512)
+    result = {}
+    for mode in ("soft", "sft"):
+        exits = make_exits(None, config.num_hidden_layers, mode=mode)
+        module = build_pipeline(config, exits, 2, SEQ_LEN, random_weights(config, 0))
+        stage = module._topo.get_coord(module.global_rank).pipe
+        count = sum(p.numel() for p in module.local_hf_parameters().values())
+        result[mode] = {"stage": stage, "parameters": count}
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
