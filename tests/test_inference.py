@@ -346,6 +346,18 @@ def test_generate_cli_modes(checkpoint, capsys, tmp_path):
     assert "tokens/s" in output.err
 
 
+def test_generate_cli_skips_blank_instructions_and_says_so(checkpoint, capsys, tmp_path):
+    """The shipped PandaLM set has one blank instruction (record 161): skipped, reported, rest answered."""
+    directory, _ = checkpoint
+    file = tmp_path / "instructions.json"
+    file.write_text(json.dumps([{"instruction": "Add 2 and 3."}, {"instruction": " ", "input": "x"},
+                                {"instruction": "Name a colour."}]))
+    texts, output = run_generate(["--model", str(directory), "--max-new-tokens", "4", "--instructions", str(file)],
+                                 capsys)
+    assert len(texts) == 2
+    assert "skipping 1 record(s) with a blank instruction: [1]" in output.err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--exit", "0"], "--exit 0 is out of range"),
     (["--exit", "9"], "--exit 9 is out of range"),
@@ -372,7 +384,7 @@ def test_generate_cli_rejects_bad_inputs(checkpoint, capsys, tmp_path):
         (["--model", str(directory), "--prompt", "   "], "--prompt is empty"),
         (["--model", str(tmp_path / "missing"), "--prompt", "hi"], "does not exist"),
         (["--model", str(directory), "--instructions", str(tmp_path / "none.json")], "no such file"),
-        (["--model", str(directory), "--instructions", str(bad_records)], "record 1 has no non-empty 'instruction'"),
+        (["--model", str(directory), "--instructions", str(bad_records)], "record 1 has no 'instruction' string"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as raised:
