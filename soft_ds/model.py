@@ -24,6 +24,21 @@ PRESETS = {
 }
 
 
+# LLaMA 2 shapes (the released config.json files): what the planner and benchmarks size against.
+LLAMA2_SIZES = {
+    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def llama2_config(size: str) -> LlamaConfig:
+    return LlamaConfig(**LLAMA2_SIZES[size.upper()])
+
+
 def preset_config(name: str, **overrides) -> LlamaConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")

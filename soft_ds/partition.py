@@ -41,6 +41,17 @@ def head_flops(config) -> float:
     return 2.0 * config.hidden_size * config.vocab_size
 
 
+def head_to_layer_ratio(config, seq_len: int) -> float:
+    """FLOPs of one exit head / one decoder layer (LLaMA 2 13B at seq 512: 0.512)."""
+    return head_flops(config) / decoder_layer_flops(config, seq_len)
+
+
+def vocab_for_ratio(config, ratio: float, seq_len: int) -> int:
+    """The vocabulary at which `config`'s shape has head/layer FLOPs `ratio` (head FLOPs are
+    linear in the vocabulary; a layer's do not depend on it): how cost proxies match a big model."""
+    return round(ratio * decoder_layer_flops(config, seq_len) / (2.0 * config.hidden_size))
+
+
 def partition(num_layers: int, exit_layers, num_stages: int, layer_cost: float = 1.0,
               head_cost: float = 0.0) -> list[Stage]:
     """Split layers 1..num_layers into num_stages stages; see the module docstring."""

@@ -45,21 +45,10 @@ from transformers import LlamaConfig
 
 from soft_ds.exits import make_exits
 from soft_ds.hf_io import CheckpointError, expected_tensor_names
-from soft_ds.model import PRESETS, check_supported, head_dim, hf_shapes, preset_config
+from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
 
 GIB = 2**30
-
-# LLaMA 2 shapes (the released config.json files).
-LLAMA2_SIZES = {
-    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=40, vocab_size=32000),
-    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=32000),
-}
-
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -87,7 +76,7 @@ def load_model_config(model: str) -> LlamaConfig:
     """A named size (7B, 13B, 70B; or a test preset: debug, tiny), a config.json, or a checkpoint
     directory holding one. Only the config is read: no weights are needed to plan."""
     if model.upper() in LLAMA2_SIZES:
-        return LlamaConfig(**LLAMA2_SIZES[model.upper()])
+        return llama2_config(model)
     if model in PRESETS:
         return preset_config(model)
     path = Path(model)

@@ -50,21 +50,20 @@ from soft_ds.data import encode_prompt, load_tokenizer  # noqa: E402
 from soft_ds.exits import PAPER_EXITS_40, default_exit_layers  # noqa: E402
 from soft_ds.hf_io import CheckpointError  # noqa: E402
 from soft_ds.inference import SoftGenerator  # noqa: E402
-from soft_ds.model import Llama, preset_config, random_weights  # noqa: E402
-from soft_ds.partition import decoder_layer_flops, head_flops  # noqa: E402
+from soft_ds.model import Llama, llama2_config, preset_config, random_weights  # noqa: E402
+from soft_ds.partition import decoder_layer_flops, head_flops, head_to_layer_ratio, vocab_for_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PANDALM = REPO / "data" / "pandalm_testset_inference_v1.json"
 TOKENIZER = REPO / "data" / "tokenizer"
-LLAMA2_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                         num_key_value_heads=40, vocab_size=32000)
+LLAMA2_13B = llama2_config("13B")
 RATIO_SEQ_LEN = 512  # sequence length at which the proxy matches the 13B's head/layer FLOP ratio
 GOAL_EXIT_FRACTION, GOAL_SPECULATIVE, GOAL_DYNAMIC, GOAL_AGREEMENT = 0.9, 1.8, 1.5, 0.97
 GOOD_ACCEPTANCE = 0.8  # "where the draft exit agrees well"
 
 
-def head_layer_ratio(config, seq_len: int = RATIO_SEQ_LEN) -> float:
-    return head_flops(config) / decoder_layer_flops(config, seq_len)
+def head_layer_ratio(config) -> float:
+    return head_to_layer_ratio(config, RATIO_SEQ_LEN)
 
 
 def proxy_config(layers: int, hidden: int, intermediate: int, heads: int) -> LlamaConfig:
@@ -72,9 +71,7 @@ def proxy_config(layers: int, hidden: int, intermediate: int, heads: int) -> Lla
     FLOP ratio the 13B's (head FLOPs are linear in the vocabulary, so it is solved for directly)."""
     shape = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096)
-    shaped = LlamaConfig(**shape)  # the default vocabulary, only to measure the shape's costs
-    per_vocab_entry = head_flops(shaped) / shaped.vocab_size
-    vocab = round(head_layer_ratio(LLAMA2_13B) * decoder_layer_flops(shaped, RATIO_SEQ_LEN) / per_vocab_entry)
+    vocab = vocab_for_ratio(LlamaConfig(**shape), head_layer_ratio(LLAMA2_13B), RATIO_SEQ_LEN)
     return LlamaConfig(**shape, vocab_size=vocab)
 
 

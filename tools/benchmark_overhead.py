@@ -41,15 +41,13 @@ from transformers import LlamaConfig
 
 from soft_ds.config import SoftOptions
 from soft_ds.exits import make_exits
-from soft_ds.model import hf_shapes
-from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
+from soft_ds.model import hf_shapes, llama2_config
+from soft_ds.partition import head_to_layer_ratio, plan_stages, vocab_for_ratio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join("tools", "_benchmark_worker.py")
 
 # LLaMA 2 13B as the paper fine-tunes it.
-LLAMA2_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                  num_key_value_heads=40, vocab_size=32000)
 LLAMA2_13B_SEQ_LEN = 512
 
 GOAL_MEMORY_RATIO = 1.05  # SoFT peak memory per rank <= 1.05 x SFT's
@@ -58,18 +56,13 @@ MIN_CLEAN_ROUNDS = 3
 
 
 def llama2_13b_config() -> LlamaConfig:
-    return LlamaConfig(**LLAMA2_13B)
-
-
-def head_to_layer_ratio(config: LlamaConfig, seq_len: int) -> float:
-    return head_flops(config) / decoder_layer_flops(config, seq_len)
+    return llama2_config("13B")
 
 
 def matched_vocab_size(hidden: int, intermediate: int, heads: int, layers: int, seq_len: int) -> int:
     """The vocabulary that gives the proxy LLaMA 2 13B's head / decoder-layer FLOP ratio."""
     target = head_to_layer_ratio(llama2_13b_config(), LLAMA2_13B_SEQ_LEN)
-    shape = proxy_config(hidden, intermediate, heads, layers, LLAMA2_13B["vocab_size"], seq_len)
-    return round(target * decoder_layer_flops(shape, seq_len) / (2.0 * hidden))  # head = 2 * H * V
+    return vocab_for_ratio(proxy_config(hidden, intermediate, heads, layers, 32000, seq_len), target, seq_len)
 
 
 def proxy_config(hidden: int, intermediate: int, heads: int, layers: int, vocab: int, seq_len: int) -> LlamaConfig:
