@@ -23,16 +23,20 @@ def perplexity(loss: float) -> float:
 
 
 class Monitor:
-    def __init__(self, log_dir: str | None, enabled: bool, total_steps: int, purge_step: int | None = None):
+    def __init__(self, log_dir: str | None, enabled: bool, total_steps: int):
         self.enabled = enabled
+        self.log_dir = log_dir
         self.total_steps = total_steps
         self.writer = None
-        self.started = time.time()
-        self.start_step = purge_step or 0
-        if enabled and log_dir:
+        self.started, self.start_step = time.time(), 0
+
+    def start(self, step: int):
+        """Training begins at `step` (0, or the checkpoint resumed from): open the event files."""
+        self.started, self.start_step = time.time(), step
+        if self.enabled and self.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events an interrupted run logged after its last checkpoint.
-            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+            self.writer = SummaryWriter(self.log_dir, purge_step=step + 1 if step else None)
 
     def scalars(self, prefix: str, step: int, loss: float | None, exit_losses: dict[int, float], **extra):
         if not self.writer:

@@ -245,7 +245,7 @@ def main(argv=None):
     cpu = get_accelerator().device_name() == "cpu"
     monitor_enabled = torch.distributed.get_rank() == 0
     resume = args.resume and os.path.isfile(os.path.join(checkpoint_dir(args.output_dir), "latest"))
-    monitor = Monitor(None, monitor_enabled, soft.train_steps)
+    monitor = Monitor(os.path.join(args.output_dir, "tb"), monitor_enabled, soft.train_steps)
     monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {'bf16' if config.bf16 else 'fp32'} | "
                  f"{soft.pipeline_stages} stages x "
                  f"{config.data_parallel_size(world_size)} data parallel | train batch "
@@ -266,9 +266,7 @@ def main(argv=None):
         monitor.info(f"resumed from step {step}")
     elif args.resume:
         monitor.info(f"--resume: no checkpoint in {checkpoint_dir(args.output_dir)}, starting fresh")
-    monitor.close()
-    monitor = Monitor(os.path.join(args.output_dir, "tb"), monitor_enabled, soft.train_steps,
-                      purge_step=step + 1 if step else None)
+    monitor.start(step)
 
     train_iter = data_iterator(train_set, config, engine, tokenizer.pad_token_id, start_step=step)
     tokens_per_step = config.train_batch_size(world_size) * soft.seq_len
