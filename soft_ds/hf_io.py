@@ -416,14 +416,19 @@ def _latest_folder(run_dir, step=None) -> str:
         tag = f"step{step}"
     folder = os.path.join(ckpt, tag)
     if not os.path.isdir(folder):
-        have = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ckpt, "step*")))
+        steps = (os.path.basename(p).removeprefix("step") for p in glob.glob(os.path.join(ckpt, "step*")))
+        have = [f"step{n}" for n in sorted(int(n) for n in steps if n.isdigit())]
         raise CheckpointError(f"{run_dir}: checkpoint {tag} not found (have: {have})")
     return folder
 
 
 def read_checkpoint_meta(run_dir, step=None) -> dict:
     """The metadata a training checkpoint was saved with (the latest unless step is given)."""
-    path = os.path.join(_latest_folder(run_dir, step), META_FILE)
+    return _read_meta(_latest_folder(run_dir, step))
+
+
+def _read_meta(folder) -> dict:
+    path = os.path.join(folder, META_FILE)
     try:
         with open(path) as f:
             return json.load(f)
@@ -434,7 +439,7 @@ def read_checkpoint_meta(run_dir, step=None) -> dict:
 def read_training_checkpoint(run_dir, step=None):
     """(HF state dict, LlamaConfig, meta) of a run's checkpoint (the latest unless step is given)."""
     folder = _latest_folder(run_dir, step)
-    meta = read_checkpoint_meta(run_dir, step)
+    meta = _read_meta(folder)
     state = {}
     for index, (kind, number) in enumerate(meta["layout"]):
         if kind == "exit":
