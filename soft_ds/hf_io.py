@@ -132,6 +132,17 @@ def load_llama_config(path: str | os.PathLike) -> transformers.LlamaConfig:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"checkpoint directory {path} has no config.json")
+    config = read_llama_config_file(config_file)
+    if _find_weight_file(path) is None:
+        raise CheckpointError(f"checkpoint directory {path} has no weight files "
+                              f"(looked for {', '.join(WEIGHT_FILES)})")
+    return config
+
+
+def read_llama_config_file(config_file: str | os.PathLike) -> transformers.LlamaConfig:
+    """A LlamaConfig from a config.json, checked to be JSON and model_type 'llama' (no weights
+    needed: the planner sizes runs from the config alone)."""
+    config_file = Path(config_file)
     try:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -143,9 +154,6 @@ def load_llama_config(path: str | os.PathLike) -> transformers.LlamaConfig:
         found = "has no model_type" if model_type is None else f"has model_type={model_type!r}"
         raise CheckpointError(f"{config_file} {found}; only LLaMA checkpoints "
                               "(model_type='llama') are supported")
-    if _find_weight_file(path) is None:
-        raise CheckpointError(f"checkpoint directory {path} has no weight files "
-                              f"(looked for {', '.join(WEIGHT_FILES)})")
     return transformers.LlamaConfig.from_dict(raw)
 
 

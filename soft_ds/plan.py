@@ -37,14 +37,13 @@ The pipeline bubble of 1F1B is (pp - 1) / (grad_accum + pp - 1).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import LlamaConfig
 
 from soft_ds.exits import make_exits
-from soft_ds.hf_io import CheckpointError, expected_tensor_names
+from soft_ds.hf_io import CheckpointError, expected_tensor_names, read_llama_config_file
 from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
 
@@ -85,14 +84,7 @@ def load_model_config(model: str) -> LlamaConfig:
     if not path.is_file():
         raise CheckpointError(f"--model {model!r} is neither a named size ({', '.join(LLAMA2_SIZES)}, "
                               f"{', '.join(PRESETS)}) nor an existing config.json or directory holding one")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(raw, dict) or raw.get("model_type") != "llama":
-        found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointError(f"{path} is not a LLaMA config (model_type={found!r}; expected 'llama')")
-    return LlamaConfig.from_dict(raw)
+    return read_llama_config_file(path)
 
 
 def static_bytes_per_parameter(bf16: bool, zero_stage: int, data_parallel: int) -> float:

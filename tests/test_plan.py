@@ -149,5 +149,5 @@ def test_config_json_path(tmp_path):
     assert loaded.num_hidden_layers == 8 and loaded.num_key_value_heads == 2
     assert load_model_config(str(tmp_path)).hidden_size == 64  # a directory holding config.json
     (tmp_path / "bad.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="not a LLaMA config"):
+    with pytest.raises(ValueError, match="has model_type='gpt2'; only LLaMA"):
         load_model_config(str(tmp_path / "bad.json"))
