@@ -235,12 +235,11 @@ def main(argv=None):
         raise error(str(e), rank) from None
     soft = config.soft
 
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from soft_ds.pipe import build_engine, build_pipeline
+    from soft_ds.pipe import build_engine, build_pipeline, init_distributed
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    init_distributed()
     torch.manual_seed(soft.seed)
     cpu = get_accelerator().device_name() == "cpu"
     monitor_enabled = torch.distributed.get_rank() == 0

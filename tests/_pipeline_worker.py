@@ -81,10 +81,9 @@ def main():
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
-    import deepspeed
-    from soft_ds.pipe import build_engine, build_pipeline
+    from soft_ds.pipe import build_engine, build_pipeline, init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dp = world // args.pp
     config = tiny_config()

@@ -19,10 +19,9 @@ def main():
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
-    import deepspeed
-    from soft_ds.pipe import build_pipeline
+    from soft_ds.pipe import build_pipeline, init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     rank = torch.distributed.get_rank()
     config = preset_config("debug", vocab_size=512)
     result = {}

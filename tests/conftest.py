@@ -1,3 +1,4 @@
+import glob
 import os
 import socket
 import subprocess
@@ -23,10 +24,15 @@ def deepspeed_cli() -> str:
 def deepspeed_launch(num_procs: int, script: str, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus N script args` (CPU ranks on this machine) and return the result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [deepspeed_cli(), "--num_gpus", str(num_procs), "--master_port", str(free_port()), script, *map(str, args)]
+    port = free_port()
+    cmd = [deepspeed_cli(), "--num_gpus", str(num_procs), "--master_port", str(port), script, *map(str, args)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    if result.returncode == 0:
+        # pipe.init_distributed unlinks DeepSpeed's CPU shared-memory segments (69 MB per rank).
+        leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+        assert not leaked, f"shared-memory segments left behind: {leaked}"
     return result
 
 

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from benchmark_overhead import proxy_config
 from soft_ds.exits import make_exits
 from soft_ds.model import random_weights
-from soft_ds.pipe import build_engine, build_pipeline
+from soft_ds.pipe import build_engine, build_pipeline, init_distributed
 
 SEED = 0
 MEASURED = "measured_step"
@@ -134,9 +134,7 @@ def other_share(mark) -> float:
 
 def main():
     args = parse_args()
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     assert world == args.stages, f"one rank per stage: world {world} != stages {args.stages}"
     config = proxy_config(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len)
