@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 class SoftOptions:
     """The "soft" block. Every field can be overridden on the command line."""
     pipeline_stages: int = 1  # pipeline degree; data-parallel degree = world size / this
-    mode: str = "soft"  # "soft": loss at every exit; "sft": the last layer only (the baseline)
+    mode: str = "soft"  # "soft": loss at every exit; "sft": the last layer only; "ict": SFT+ICT heads
     exits: list | None = None  # exit layers (1-based depth); default: paper's B for 40 layers
     exit_weights: list | None = None  # per-exit loss weights; default uniform (the paper)
     seq_len: int = 512  # every sequence is padded/truncated to this (fixed pipeline buffer shapes)
@@ -210,8 +210,8 @@ def override(config: RunConfig, **values) -> RunConfig:
 
 def validate(config: RunConfig):
     s = config.soft
-    if s.mode not in ("soft", "sft"):
-        raise ConfigError(f"mode must be 'soft' or 'sft', got {s.mode!r}")
+    if s.mode not in ("soft", "sft", "ict"):
+        raise ConfigError(f"mode must be 'soft', 'sft' or 'ict', got {s.mode!r}")
     for name in ("pipeline_stages", "seq_len", "train_steps", "log_interval", "eval_batches"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")

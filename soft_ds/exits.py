@@ -2,7 +2,9 @@
 
 SoFT's loss is L = sum_n w_n * L_n / sum_n w_n over the exits n in B, where L_n is the token-mean
 cross-entropy of `head(hidden after layer n)` on the response tokens (paper: uniform w_n = 1).
-SFT is the same with B = {last layer}.
+SFT is the same with B = {last layer}. SFT+ICT (the paper's early-exit baseline) trains, on a
+frozen SFT model, a separate head for each exit below the last layer (`Exit.own_head`); the last
+layer's exit is evaluated with the model's own head but not trained (weight 0).
 """
 
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ PAPER_EXITS_40 = (12, 16, 20, 24, 28, 32, 36, 40)
 @dataclass(frozen=True)
 class Exit:
     layer: int  # number of decoder layers before this exit (1-based depth)
-    weight: float = 1.0
+    weight: float = 1.0  # share of the loss; 0: evaluated, not trained (ICT's frozen last layer)
+    own_head: bool = False  # SFT+ICT: a head of its own instead of the shared one
 
 
 def default_exit_layers(num_layers: int) -> tuple[int, ...]:
@@ -35,9 +38,10 @@ def default_exit_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tuple[Exit, ...]:
-    """Validated, sorted exit records. mode="sft" keeps only the last layer."""
-    if mode not in ("soft", "sft"):
-        raise ValueError(f"mode must be 'soft' or 'sft', got {mode!r}")
+    """Validated, sorted exit records. mode="sft" keeps only the last layer; mode="ict" gives every
+    exit below the last layer a head of its own and keeps the last layer as a weight-0 exit."""
+    if mode not in ("soft", "sft", "ict"):
+        raise ValueError(f"mode must be 'soft', 'sft' or 'ict', got {mode!r}")
     if mode == "sft":
         return (Exit(num_layers, 1.0),)
     layers = list(layers) if layers else list(default_exit_layers(num_layers))
@@ -55,7 +59,13 @@ def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tup
         raise ValueError(f"{len(weights)} exit weights given for {len(layers)} exits {layers}")
     if any(w <= 0 for w in weights):
         raise ValueError(f"exit weights must be positive, got {weights}")
-    return tuple(sorted((Exit(int(n), float(w)) for n, w in zip(layers, weights)), key=lambda e: e.layer))
+    exits = sorted((Exit(int(n), float(w)) for n, w in zip(layers, weights)), key=lambda e: e.layer)
+    if mode == "ict":
+        if len(exits) < 2:
+            raise ValueError("mode ict trains a head for each exit below the last layer: give at least one "
+                             f"exit in 1..{num_layers - 1}")
+        exits = [Exit(e.layer, e.weight, own_head=True) for e in exits[:-1]] + [Exit(num_layers, 0.0)]
+    return tuple(exits)
 
 
 def _token_ce_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

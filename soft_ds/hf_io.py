@@ -8,7 +8,10 @@ hold them are opened, so a 13B model is never materialised whole on every rank.
 
 Writing (`save_hf_checkpoint`) produces a directory `AutoModelForCausalLM.from_pretrained` loads:
 the whole model, or the exit-N sub-model (decoder layers[:N] -> final norm -> lm_head; in SoFT all
-exits share that one head, so nothing else is needed).
+exits share that one head, so nothing else is needed). An SFT+ICT model's per-exit heads
+(`exit_heads.{n}.norm.weight`, `exit_heads.{n}.lm_head.weight`) go to a side file,
+`exit_heads.safetensors`, that transformers ignores and `load_model` reads; its exit-N export
+uses exit N's own head as the sub-model's norm + lm_head.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 # Order of preference when a directory holds more than one format (as transformers does:
 # safetensors first, and a single file before an index).
 WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE, BIN_FILE, BIN_INDEX_FILE)
+
+EXIT_HEADS_FILE = "exit_heads.safetensors"  # SFT+ICT only: the per-exit heads
+EXIT_HEAD_PREFIX = "exit_heads."
 
 EMBED_NAME = "model.embed_tokens.weight"
 NORM_NAME = "model.norm.weight"
@@ -155,6 +161,43 @@ def read_llama_config_file(config_file: str | os.PathLike) -> transformers.Llama
         raise CheckpointError(f"{config_file} {found}; only LLaMA checkpoints "
                               "(model_type='llama') are supported")
     return transformers.LlamaConfig.from_dict(raw)
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """A whole `soft_ds.model.Llama` from a Hugging Face checkpoint directory, with the per-exit
+    heads of an SFT+ICT model when the directory holds EXIT_HEADS_FILE."""
+    from soft_ds.model import Llama
+    path = Path(path)
+    config = load_llama_config(path)
+    model = Llama(config)
+    heads_file = path / EXIT_HEADS_FILE
+    heads = {}
+    if heads_file.is_file():
+        try:
+            with safe_open(str(heads_file), framework="pt", device="cpu") as f:
+                heads = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as error:
+            raise CheckpointError(f"cannot read {heads_file}: {error}") from error
+        layers = sorted({int(name.split(".")[1]) for name in heads})
+        model.add_exit_heads(layers)
+    names = [name for name, _ in model.named_parameters() if not name.startswith(EXIT_HEAD_PREFIX)]
+    model.load_state_dict({**load_tensors(path, names), **heads}, strict=True)
+    return model.to(device=device, dtype=dtype)
+
+
+def exit_heads_from_shared(weight_source):
+    """Wrap a weight source so that exit heads (`exit_heads.{n}.*`, absent from a base
+    checkpoint) start as copies of the model's final norm and lm_head: SFT+ICT's starting point."""
+    def source(names) -> dict[str, torch.Tensor]:
+        names = list(names)
+        own = [name for name in names if name.startswith(EXIT_HEAD_PREFIX)]
+        base = {hf_name("exit", 0, name.split(".", 2)[2]) for name in own}
+        tensors = weight_source(sorted((set(names) - set(own)) | base))
+        for name in own:
+            tensors[name] = tensors[hf_name("exit", 0, name.split(".", 2)[2])].clone()
+        return {name: tensors[name] for name in names}
+    return source
 
 
 def _open_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -345,6 +388,7 @@ def save_hf_checkpoint(
     """
     out_dir = Path(out_dir)
     exit_layer = _check_exit_layer(exit_layer, config.num_hidden_layers)
+    state_dict, exit_heads = _split_exit_heads(state_dict, exit_layer, config.num_hidden_layers)
     if out_dir.exists():
         if not out_dir.is_dir():
             raise CheckpointError(f"output path {out_dir} exists and is not a directory")
@@ -369,6 +413,8 @@ def save_hf_checkpoint(
         generation_config.save_pretrained(str(staging))
         # "format": "pt" is what transformers expects in the metadata of a PyTorch checkpoint.
         save_file(tensors, str(staging / SAFETENSORS_FILE), metadata={"format": "pt"})
+        if exit_heads:
+            save_file(exit_heads, str(staging / EXIT_HEADS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         _replace_directory(staging, out_dir)
@@ -376,6 +422,25 @@ def save_hf_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _split_exit_heads(state_dict: Mapping[str, torch.Tensor], exit_layer: int, num_layers: int):
+    """(the LlamaForCausalLM tensors, the per-exit heads to write beside them).
+
+    Exporting exit N of a model with per-exit heads puts exit N's own head in the place of the
+    final norm + lm_head, so the N-layer directory is the exit-N model; the other heads are
+    dropped. A full export keeps them all in EXIT_HEADS_FILE."""
+    heads = {name: tensor for name, tensor in state_dict.items() if name.startswith(EXIT_HEAD_PREFIX)}
+    if not heads:
+        return state_dict, {}
+    state_dict = {name: tensor for name, tensor in state_dict.items() if name not in heads}
+    if exit_layer == num_layers:
+        return state_dict, {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in heads.items()}
+    own = f"{EXIT_HEAD_PREFIX}{exit_layer}."
+    if f"{own}lm_head.weight" in heads:
+        state_dict[NORM_NAME] = heads[f"{own}norm.weight"]
+        state_dict[HEAD_NAME] = heads[f"{own}lm_head.weight"]
+    return state_dict, {}
 
 
 def _replace_directory(new: Path, target: Path) -> None:
@@ -401,11 +466,14 @@ HEAD_FILE = "shared_head-model_states.pt"  # the shared exit head, written once 
 
 def hf_name(kind: str, number: int, local_name: str) -> str:
     """Hugging Face name of a pipeline layer's parameter (kinds as in `pipe.layer_layout`; the
-    shared head is kind "exit"). Training loads and export writes through this one map."""
+    shared head is kind "exit", an SFT+ICT exit's own head "exit_head"). Training loads and
+    export writes through this one map."""
     if kind == "embed":
         return f"model.{local_name}"
     if kind == "decoder":
         return f"model.layers.{number - 1}.{local_name}"
+    if kind == "exit_head":
+        return f"{EXIT_HEAD_PREFIX}{number}.{local_name}"
     return {"norm.weight": "model.norm.weight"}.get(local_name, local_name)
 
 

@@ -330,7 +330,7 @@ class SoftGenerator:
         self.num_layers = model.config.num_hidden_layers
         self.tokenizer = tokenizer
         self.exits = self._check_exits(exits if exits is not None else default_exit_layers(self.num_layers))
-        self.head = model.head  # the one shared head: final norm + lm_head
+        self.head = model.head  # head(hidden, exit_layer): the shared norm + lm_head (ICT: per exit)
         self._layers = model.model.layers
         self._rotary = model.model.layers[0].rotary  # every layer holds the same frequencies
 
@@ -341,9 +341,7 @@ class SoftGenerator:
         through hf_io into `soft_ds.model.Llama`; its tokenizer too when the directory holds one.
         Raises hf_io.CheckpointError for a missing or malformed directory."""
         path = Path(path)
-        config = hf_io.load_llama_config(path)
-        model = Llama.from_weights(config, lambda names: hf_io.load_tensors(path, names))
-        model = model.to(device=device, dtype=dtype)
+        model = hf_io.load_model(path, dtype=dtype, device=device)
         tokenizer = None
         if any((path / name).is_file() for name in TOKENIZER_FILES):
             from soft_ds.data import load_tokenizer
@@ -433,14 +431,14 @@ class SoftGenerator:
         generator = self._generator(sampling)
         cache, positions, hidden = self._prefill(prompts, n, max_new_tokens)
         out = _Outputs(len(prompts), max_new_tokens, eos_token_id)
-        token = pick(self.head(hidden), sampling, generator)  # (B,)
+        token = pick(self.head(hidden, n), sampling, generator)  # (B,)
         for row, value in enumerate(token.tolist()):
             out.add(row, [value])
         steps = 0
         while not out.all_done:
             x, rope = self._embed_new(cache, token, positions)
             x = self._run(cache, x, 0, n, rope)
-            token = pick(self.head(x[:, -1]), sampling, generator)
+            token = pick(self.head(x[:, -1], n), sampling, generator)
             positions = positions + 1
             for row, value in enumerate(token.tolist()):
                 out.add(row, [value])
@@ -488,7 +486,7 @@ class SoftGenerator:
                 x = self._run(cache, x, 0, n, rope)  # (B, 1, H)
                 draft_hidden.append(x)
                 if i < k:
-                    logits = self.head(x[:, -1])  # (B, V)
+                    logits = self.head(x[:, -1], n)  # (B, V)
                     if sampling.greedy:
                         draft = logits.argmax(-1)
                     else:
@@ -611,7 +609,7 @@ class SoftGenerator:
             x = self._layers[index].forward_cached(x, *rope, cache, index)
             depth = index + 1
             if depth in stops or depth == L:
-                logits = self.head(x[:, -1])  # (B, V)
+                logits = self.head(x[:, -1], depth)  # (B, V)
                 confident = undecided if depth == L else undecided & (
                     (confidence(logits, measure) > threshold) | (threshold == 0))
                 if confident.any():

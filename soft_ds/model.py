@@ -5,7 +5,9 @@ No DeepSpeed here: the pipeline wrappers live in `pipe.py`. Parameter names foll
 without renaming. The configuration object is a Hugging Face `LlamaConfig`.
 
 A SoFT model is an ordinary LLaMA: exit n is `layers[:n] -> norm -> lm_head`, with the same final
-norm and lm_head that the full model uses (`SharedHead`).
+norm and lm_head that the full model uses (`SharedHead`). The SFT+ICT baseline instead gives
+exit n a head of its own (`Llama.exit_heads`, trained on a frozen model); the last layer keeps the
+model's head.
 """
 
 import zlib
@@ -258,6 +260,16 @@ class Llama(nn.Module):
         # The shared head under its Hugging Face names: `model.norm` and `lm_head`.
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # SFT+ICT only: {str(n): a separate norm + lm_head for exit n} (names exit_heads.{n}.*).
+        self.exit_heads = nn.ModuleDict()
+
+    def add_exit_heads(self, layers) -> None:
+        """Give each exit in `layers` (below the last layer) its own head, the SFT+ICT baseline's."""
+        for n in layers:
+            if not 1 <= n < self.config.num_hidden_layers:
+                raise ValueError(f"exit head at layer {n}: must be in 1..{self.config.num_hidden_layers - 1} "
+                                 "(the last layer uses the model's own head)")
+            self.exit_heads[str(n)] = SharedHead(self.config).to(self.lm_head.weight)
 
     @classmethod
     def from_weights(cls, config: LlamaConfig, weight_source) -> "Llama":
@@ -281,8 +293,11 @@ class Llama(nn.Module):
         n = self.config.num_hidden_layers if exit_layer is None else exit_layer
         if not 1 <= n <= self.config.num_hidden_layers:
             raise ValueError(f"exit layer {n} outside 1..{self.config.num_hidden_layers}")
-        return self.head(self.hidden_states(input_ids, [n])[n])  # (B, T, V)
+        return self.head(self.hidden_states(input_ids, [n])[n], n)  # (B, T, V)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The shared exit head, as SharedHead.forward: final norm then lm_head."""
+    def head(self, hidden: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
+        """Exit `exit_layer`'s head on `hidden`: its own head if it has one (SFT+ICT), else the
+        shared head, as SharedHead.forward: final norm then lm_head."""
+        if exit_layer is not None and str(exit_layer) in self.exit_heads:
+            return self.exit_heads[str(exit_layer)](hidden)
         return self.lm_head(self.model.norm(hidden))

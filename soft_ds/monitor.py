@@ -65,8 +65,9 @@ class Monitor:
         if self.enabled:
             print(message, flush=True)
 
-    def summary(self, exits, train: dict[int, float], val: dict[int, float], path: str | None):
-        """Print the per-exit table and write it as JSON."""
+    def summary(self, exits, train: dict[int, float], val: dict[int, float], path: str | None,
+                extra: dict | None = None):
+        """Print the per-exit table and write it as JSON (with `extra` run facts beside it)."""
         if not self.enabled:
             return
         rows = [{"exit": e.layer, "weight": e.weight, "train_loss": train.get(e.layer),
@@ -81,7 +82,7 @@ class Monitor:
         print("\n".join(lines), flush=True)
         if path:
             with open(path, "w") as f:
-                json.dump({"exits": rows}, f, indent=2)
+                json.dump({"exits": rows, **(extra or {})}, f, indent=2)
             print(f"summary written to {path}", flush=True)
 
     def close(self):

@@ -3,7 +3,8 @@
 Layer list (global indices):  embed, layer 1, [exit 1], layer 2, [exit 2], ..., layer L, exit L
 An exit follows its decoder layer. Every exit runs the *one* shared head (final norm + lm_head):
 a `TiedLayerSpec` under the key "head", built once per stage that holds an exit, its gradients
-all-reduced across those stages by DeepSpeed.
+all-reduced across those stages by DeepSpeed. The SFT+ICT baseline (exits with `own_head`) puts
+an ordinary layer with its own head there instead ("exit_head") and freezes everything else.
 
 The inter-stage tuple, declared once and asserted by every layer:
 
@@ -28,7 +29,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import nn
 
 from soft_ds.exits import exit_loss
-from soft_ds.hf_io import HEAD_FILE, hf_name
+from soft_ds.hf_io import EXIT_HEAD_PREFIX, HEAD_FILE, hf_name
 from soft_ds.model import DecoderLayer, SharedHead, check_supported
 from soft_ds.partition import plan_stages
 
@@ -60,8 +61,16 @@ class EmbeddingPipe(nn.Module):
 
 
 class DecoderLayerPipe(DecoderLayer):
+    def __init__(self, config, frozen: bool = False):
+        super().__init__(config)
+        self.frozen = frozen
+
     def forward(self, inputs):
         hidden, running_loss, targets = unpack(inputs)
+        if self.frozen:
+            # Nothing before a frozen layer trains (SFT+ICT freezes the whole base), so no
+            # gradient needs to flow back through it; the engine sends zeros upstream instead.
+            hidden = hidden.detach()
         return super().forward(hidden), running_loss, targets
 
 
@@ -80,7 +89,7 @@ class ExitLossMeter:
         self.counts[layer] = self.counts.get(layer, 0) + 1
 
 
-def exit_forward(head: SharedHead, inputs, *, layer: int, share: float, chunk_tokens: int,
+def exit_forward(head, inputs, *, layer: int, share: float, chunk_tokens: int,
                  meter: ExitLossMeter):
     """Exit after `layer`: add share * L_layer to the running loss, pass the hidden state on."""
     hidden, running_loss, targets = unpack(inputs)
@@ -89,19 +98,31 @@ def exit_forward(head: SharedHead, inputs, *, layer: int, share: float, chunk_to
     return hidden, running_loss + share * loss, targets
 
 
+class OwnHeadExitPipe(SharedHead):
+    """An exit with a head of its own (the SFT+ICT baseline), trained while the model is frozen."""
+
+    def __init__(self, config, layer: int, share: float, chunk_tokens: int, meter: ExitLossMeter):
+        super().__init__(config)
+        self.exit_args = dict(layer=layer, share=share, chunk_tokens=chunk_tokens, meter=meter)
+
+    def forward(self, inputs):
+        return exit_forward(super().forward, inputs, **self.exit_args)  # the head: SharedHead.forward
+
+
 def running_loss_of(outputs, _labels=None) -> torch.Tensor:
     """The pipeline's loss_fn: the last stage's running loss is the whole SoFT loss."""
     return unpack(outputs)[1]
 
 
-def layer_layout(num_layers: int, exit_layers) -> list[tuple[str, int]]:
-    """Global pipeline layer list as (kind, layer number): ("embed", 0), ("decoder", i), ("exit", n)."""
-    exits = set(exit_layers)
+def layer_layout(num_layers: int, exits) -> list[tuple[str, int]]:
+    """Global pipeline layer list as (kind, layer number): ("embed", 0), ("decoder", i), then after
+    an exit's layer ("exit", n) for the shared head or ("exit_head", n) for a head of its own."""
+    kinds = {e.layer: "exit_head" if e.own_head else "exit" for e in exits}
     layout = [("embed", 0)]
     for i in range(1, num_layers + 1):
         layout.append(("decoder", i))
-        if i in exits:
-            layout.append(("exit", i))
+        if i in kinds:
+            layout.append((kinds[i], i))
     return layout
 
 
@@ -113,27 +134,40 @@ class SoftPipelineModule(PipelineModule):
         check_supported(config)
         self.config = config
         self.exits = tuple(exits)
-        self.layout = layer_layout(config.num_hidden_layers, [e.layer for e in self.exits])
+        self.layout = layer_layout(config.num_hidden_layers, self.exits)
         self.stages = plan_stages(config, [e.layer for e in self.exits], topology.get_dim("pipe"), seq_len)
         self.meter = ExitLossMeter()
+        # SFT+ICT: only the exits' own heads train; the model itself is frozen.
+        self.frozen_base = any(e.own_head for e in self.exits)
         total_weight = sum(e.weight for e in self.exits)
         specs = []
         for kind, number in self.layout:
+            exit_ = next((e for e in self.exits if e.layer == number), None)
+            exit_args = dict(layer=number, chunk_tokens=exit_chunk_tokens, meter=self.meter,
+                             share=exit_.weight / total_weight if exit_ else 0.0)
             if kind == "embed":
                 specs.append(LayerSpec(EmbeddingPipe, config))
             elif kind == "decoder":
-                specs.append(LayerSpec(DecoderLayerPipe, config))
+                specs.append(LayerSpec(DecoderLayerPipe, config, frozen=self.frozen_base))
+            elif kind == "exit_head":
+                specs.append(LayerSpec(OwnHeadExitPipe, config, **exit_args))
             else:
-                exit_ = next(e for e in self.exits if e.layer == number)
                 # forward_fn keeps DeepSpeed from saving the head once per exit (8 copies at 13B):
                 # save_state_dict below writes it once.
                 specs.append(TiedLayerSpec(
                     HEAD_KEY, SharedHead, config, tied_weight_attr=["norm.weight", "lm_head.weight"],
-                    forward_fn=partial(exit_forward, layer=number, share=exit_.weight / total_weight,
-                                       chunk_tokens=exit_chunk_tokens, meter=self.meter)))
+                    forward_fn=partial(exit_forward, **exit_args)))
         super().__init__(layers=specs, topology=topology, loss_fn=running_loss_of,
                          partition_method="exit_aligned",
                          activation_checkpoint_interval=activation_checkpoint_interval)
+        if self.frozen_base:
+            for name, param in self.local_hf_parameters().items():
+                param.requires_grad_(name.startswith(EXIT_HEAD_PREFIX))
+
+    def extra_parameters(self) -> int:
+        """Parameters the exits' own heads add to the model, over the whole pipeline (SFT+ICT)."""
+        head = self.config.hidden_size * (self.config.vocab_size + 1)  # lm_head + norm
+        return head * sum(e.own_head for e in self.exits)
 
     # -- partitioning --------------------------------------------------------------------------
     def _partition_layers(self, method="exit_aligned"):
@@ -142,13 +176,21 @@ class SoftPipelineModule(PipelineModule):
         parts = [0]
         for stage in self.stages[:-1]:
             end = self.layout.index(("decoder", stage.last_layer)) + 1
-            if end < len(self.layout) and self.layout[end] == ("exit", stage.last_layer):
+            if end < len(self.layout) and self.layout[end][0] != "decoder":  # its exit
                 end += 1
             parts.append(end)
         parts.append(len(self.layout))
         self.parts = parts
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=parts[stage_id], stop=parts[stage_id + 1])
+
+    def allreduce_tied_weight_gradients(self):
+        # A frozen shared head (SFT+ICT) has no gradient to reduce.
+        for key, comm in self.tied_comms.items():
+            for attr_name in comm["weight_attr"]:
+                weight = self._recursive_getattr(self.tied_modules[key], attr_name)
+                if weight.requires_grad:
+                    torch_dist.all_reduce(weight.grad, group=comm["group"])
 
     def _synchronize_tied_weights(self):
         # DeepSpeed broadcasts the tied parameters in place with autograd on, which records a node
@@ -235,13 +277,23 @@ class SoftPipelineEngine(PipelineEngine):
             self.optimizer.clear_lp_grads()
         self._running_engine_backward = True
         try:
-            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+            if pairs:  # none on an SFT+ICT stage that holds no trainable head
+                torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
         finally:
             self._running_engine_backward = False
         if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
             self.optimizer.update_hp_grads(clear_lp_grads=False)
         self.pipe_buffers["output_tensors"][buffer_id] = None
         self.pipe_buffers["outputs"][buffer_id] = None
+
+    def _exec_send_grads(self, buffer_id):
+        # An input the stage's loss does not depend on (the hidden state entering a frozen
+        # SFT+ICT stage) has no gradient; the previous stage expects one tensor per float input.
+        inputs = self.pipe_buffers["inputs"][buffer_id]
+        for tensor in inputs if isinstance(inputs, tuple) else (inputs,):
+            if tensor.is_floating_point() and tensor.grad is None:
+                tensor.grad = torch.zeros_like(tensor)
+        return PipelineEngine._exec_send_grads(self, buffer_id)
 
     def clip_fp32_gradients(self):
         max_norm = self.gradient_clipping()
@@ -259,7 +311,8 @@ class SoftPipelineEngine(PipelineEngine):
         for p in params:
             p.grad.detach().mul_(clip.to(p.grad.dtype))
 
-    _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.BackwardPass: _exec_backward_pass}
+    _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.BackwardPass: _exec_backward_pass,
+                        schedule.SendGrad: _exec_send_grads}
 
 
 def init_distributed(backend: str | None = None) -> None:

@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="save and stop after this step (split a run across job allocations)")
     o = p.add_argument_group("overrides of the config file's 'soft' block")
-    o.add_argument("--mode", choices=["soft", "sft"], default=None, help="soft: loss at every exit; sft: last layer")
+    o.add_argument("--mode", choices=["soft", "sft", "ict"], default=None,
+                   help="soft: loss at every exit (shared head); sft: last layer only; ict: the SFT+ICT baseline, "
+                        "a separate head per exit trained on the frozen --model (an SFT checkpoint)")
     o.add_argument("--exits", default=None, help="comma-separated exit layers, e.g. 12,16,20,24,28,32,36,40")
     o.add_argument("--exit_weights", default=None, help="comma-separated per-exit loss weights (default uniform)")
     o.add_argument("--pipeline_stages", type=int, default=None, help="pipeline degree")
@@ -136,7 +138,13 @@ def validate_and_prepare(args, world_size: int):
         raise hf_io.CheckpointError(f"--model {args.model!r} is neither a checkpoint directory nor a preset "
                                     f"({', '.join(sorted(PRESETS))})")
     tokenizer = soft_data.load_tokenizer(tokenizer_path)
+    if soft.mode == "ict" and args.model in PRESETS:
+        raise run_config.ConfigError(f"--mode ict trains exit heads on a frozen fine-tuned model: --model must be a "
+                                     f"checkpoint directory (e.g. an SFT run exported with tools/export_hf.py), "
+                                     f"not the random preset {args.model!r}")
     model_config, weight_source = build_model_source(args, len(tokenizer), soft.seed)
+    if soft.mode == "ict":
+        weight_source = hf_io.exit_heads_from_shared(weight_source)  # each head starts as the model's
     check_supported(model_config)
     if args.model not in PRESETS:
         names = hf_io.checkpoint_tensor_names(args.model)
@@ -149,6 +157,12 @@ def validate_and_prepare(args, world_size: int):
             f"{model_config.vocab_size}: token ids would index past the embedding; use the model's tokenizer")
     exits = make_exits(soft.exits, model_config.num_hidden_layers, soft.exit_weights, soft.mode)
     stages = plan_stages(model_config, [e.layer for e in exits], soft.pipeline_stages, soft.seq_len)
+    own_heads = {e.layer for e in exits if e.own_head}
+    for i, stage in enumerate(stages):
+        if own_heads and not own_heads & set(stage.exits):
+            raise run_config.ConfigError(
+                f"--mode ict: pipeline stage {i} (layers {stage.first_layer}-{stage.last_layer}) holds no exit head "
+                f"to train (heads at {sorted(own_heads)}); use fewer pipeline_stages or an exit in that range")
     if soft.seq_len > model_config.max_position_embeddings:
         raise run_config.ConfigError(f"seq_len {soft.seq_len} exceeds the model's max_position_embeddings "
                                      f"{model_config.max_position_embeddings}")
@@ -252,10 +266,15 @@ def main(argv=None):
     for i, stage in enumerate(stages):
         monitor.info(f"  stage {i}: layers {stage.first_layer}-{stage.last_layer}, exits {list(stage.exits)}")
     monitor.info(f"  stage balance (slowest / mean cost): {balance_ratio(stages):.3f}")
+    extra = {}
 
     module = build_pipeline(model_config, exits, soft.pipeline_stages, soft.seq_len, weight_source,
                             exit_chunk_tokens=soft.exit_chunk_tokens,
                             activation_checkpointing=soft.activation_checkpointing)
+    if module.frozen_base:
+        extra["extra_parameters"] = module.extra_parameters()
+        monitor.info(f"  SFT+ICT: the model is frozen; {sum(e.own_head for e in exits)} exit heads train, "
+                     f"{extra['extra_parameters']:,} parameters beyond the model's")
     engine = build_engine(module, config.deepspeed_config(world_size, cpu), lr_multiplier=config.lr_multiplier)
 
     step = 0
@@ -295,7 +314,7 @@ def main(argv=None):
             save(engine, module, args, config, model_config, exits, tokenizer, step, monitor)
 
     if step == soft.train_steps:
-        monitor.summary(exits, train_exits, val_exits, os.path.join(args.output_dir, "summary.json"))
+        monitor.summary(exits, train_exits, val_exits, os.path.join(args.output_dir, "summary.json"), extra)
     else:
         monitor.info(f"stopped at step {step} of {soft.train_steps}; continue with --resume")
     monitor.close()
