@@ -1,12 +1,14 @@
-"""soft_ds.evaluate (per-exit loss/perplexity, KL by position) on tiny random checkpoints,
-against hand computations."""
+"""soft_ds.evaluate (per-exit loss/perplexity, KL by position) and `tools/evaluate.py lm|kl`, on tiny
+random checkpoints, against hand computations."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _eval_checkpoints import NUM_LAYERS, one_thread, save_checkpoint, write_alpaca  # noqa: F401
+from _eval_checkpoints import (NUM_LAYERS, assert_cli_refuses, load_tool, one_thread,  # noqa: F401
+                               save_checkpoint, write_alpaca)
 
 from soft_ds import evaluate
 from soft_ds.data import IGNORE_INDEX, build_datasets, encode_prompt, format_prompt, load_tokenizer
@@ -123,3 +125,92 @@ def test_kl_refuses_different_vocabularies(files, model, tmp_path, prompts):
     small = evaluate.load_model(save_checkpoint(tmp_path / "small", seed=1, vocab_size=512))
     with pytest.raises(ValueError, match="vocabulary"):
         evaluate.kl_by_position(model, small, prompts[:1], [[5]], [2])
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def run_cli(args):
+    return load_tool("evaluate").main(args)
+
+
+def test_lm_cli_writes_json_table_and_plot(files, model, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    report = run_cli(["lm", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
+                      "--exits", "2,4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0",
+                      "--max_length", "96", "--batch-size", "4", "--out", str(out)])
+    written = json.loads((out / "lm.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert set(written["models"]) == {"soft", "other"} and set(written["models"]["soft"]["exits"]) == {"2", "4"}
+    # The CLI's held-out split is training's: the same build_datasets call gives the same numbers
+    # (6 held out, one dropped: its prompt alone fills max_length 96).
+    val_set = build_datasets(files["data"], tokenizer, max_length=96, val_size=6, seed=0)[1]
+    assert written["records"] == len(val_set) == 5
+    direct = evaluate.lm_metrics(model, val_set, [2, 4], tokenizer.pad_token_id)
+    for n in (2, 4):
+        assert written["models"]["soft"]["exits"][str(n)]["loss"] == pytest.approx(direct[n]["loss"], rel=1e-6)
+    table = (out / "lm.md").read_text()
+    assert "| exit | soft loss | soft ppl | other loss | other ppl |" in table
+    assert f"{written['models']['other']['exits']['4']['ppl']:.4f}" in table
+    assert (out / "ppl_vs_exit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kl_cli_default_and_shared_reference(files, tmp_path):
+    out = tmp_path / "own"
+    common = ["--data", str(files["data"]), "--val_size", "6", "--seed", "0", "--num-prompts", "3",
+              "--max-new-tokens", "4", "--exits", "2,4"]
+    run_cli(["kl", "--model", f"soft={files['soft']}", "--out", str(out)] + common)
+    own = json.loads((out / "kl.json").read_text())
+    exits = own["models"]["soft"]["exits"]
+    assert own["prompts"] == 3 and exits["4"]["kl"] == [0.0] * 4 and exits["4"]["count"] == [3] * 4
+    assert min(exits["2"]["kl"]) > 0
+    assert len(json.loads((out / "kl_responses.json").read_text())["soft"]) == 3
+    assert "| exit | soft mean KL |" in (out / "kl.md").read_text()
+    assert (out / "kl_vs_position.png").read_bytes()[:4] == b"\x89PNG"
+
+    out = tmp_path / "shared"
+    run_cli(["kl", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
+             "--reference", f"other={files['other']}", "--out", str(out)] + common)
+    shared = json.loads((out / "kl.json").read_text())
+    assert shared["reference"]["name"] == "other"
+    assert shared["models"]["other"]["exits"]["4"]["kl"] == [0.0] * 4  # the reference against itself
+    assert min(shared["models"]["soft"]["exits"]["4"]["kl"]) > 0
+    assert list(json.loads((out / "kl_responses.json").read_text())) == ["other"]  # generated once
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--exits", "2,5"], "exit(s) [5] out of range for soft: it has 4 layers"),
+    (["--exits", "two"], "--exits must be comma-separated integers"),
+    (["--data", "missing.json"], "no such file"),
+    (["--val_size", "0"], "--val_size must be at least 1"),
+    (["--model", "missing=/nonexistent/dir"], "does not exist"),
+])
+def test_lm_cli_bad_input_is_one_error_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = ["lm", "--model", f"soft={files['soft']}", "--data", str(files["data"]), "--val_size", "6",
+            "--out", str(out)]
+    assert_cli_refuses(args + extra, capsys, out, message)  # a repeated option replaces the first
+
+
+def test_kl_cli_bad_input(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["kl", "--model", f"soft={files['soft']}", "--data", str(files["data"]), "--val_size", "6",
+            "--out", str(out)]
+    assert_cli_refuses(args + ["--reference", f"soft={files['other']}"], capsys, out,
+                       "the name 'soft' is a --model with another path")
+    assert_cli_refuses(args + ["--num-prompts", "0"], capsys, out, "--num-prompts must be a positive integer")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert_cli_refuses(args[:-1] + [str(a_file)], capsys, tmp_path / "none", "exists and is not a directory")
+    small = save_checkpoint(tmp_path / "small", seed=1, vocab_size=512)
+    assert_cli_refuses(args + ["--reference", f"small={small}", "--tokenizer", str(files["soft"])], capsys, out,
+                       "vocabulary size differs from the reference small's (512)")
+
+
+def test_help_lists_the_sub_commands(capsys):
+    with pytest.raises(SystemExit) as raised:
+        run_cli(["--help"])
+    assert raised.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("lm", "kl", "judge", "triviaqa"):
+        assert command in text

@@ -1,11 +1,11 @@
 """soft_ds.judge (PandaLM prompt, verdict parsing, order swapping, scoring) on fixed judge outputs,
-a tiny random Hugging Face judge for the plumbing."""
+a tiny random Hugging Face judge for the plumbing, and `tools/evaluate.py judge`."""
 
 import json
 
 import pytest
 import transformers
-from _eval_checkpoints import REPO, one_thread, save_checkpoint  # noqa: F401
+from _eval_checkpoints import REPO, assert_cli_refuses, load_tool, one_thread, save_checkpoint  # noqa: F401
 
 from soft_ds import judge
 from soft_ds.data import DataError
@@ -143,3 +143,45 @@ def test_hf_judge_plumbing(files):
 def test_hf_judge_bad_directory(tmp_path):
     with pytest.raises(judge.JudgeError, match="no config.json"):
         judge.HFJudge(tmp_path)
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_judge_cli_grid(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    instructions = tmp_path / "instructions.json"
+    instructions.write_text(json.dumps(RECORDS))
+    report = load_tool("evaluate").main([
+        "judge", "--a", f"soft={files['a']}", "--b", f"sft={files['b']}", "--a-exits", "2,4", "--judge",
+        str(files["judge"]), "--instructions", str(instructions), "--limit", "2", "--max-new-tokens", "3",
+        "--judge-max-new-tokens", "2", "--out", str(out)])
+    written = json.loads((out / "judge.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["records"] == 2 and written["a"]["exits"] == [2, 4] and written["b"]["exits"] == [4]
+    assert [(c["a_exit"], c["b_exit"]) for c in written["cells"]] == [(2, 4), (4, 4)]
+    outputs = json.loads((out / "judge_outputs.json").read_text())
+    for cell, raw in zip(written["cells"], outputs):
+        # The written counts are the scoring of the written raw judge outputs.
+        rescored = judge.score_orders(raw["a_first"], raw["b_first"])
+        assert cell["score"] == rescored["score"] and cell["unparsed"] == rescored["unparsed"]
+        assert cell["a_first"]["total"] == cell["b_first"]["total"] == 2
+    responses = json.loads((out / "judge_responses.json").read_text())
+    assert set(responses["a"]) == {"2", "4"} and len(responses["b"]["4"]) == 2
+    assert "| soft exit | sft exit | score |" in (out / "judge.md").read_text()
+    assert (out / "judge_grid.png").read_bytes()[:4] == b"\x89PNG"
+    if written["unparsed"]:
+        assert "could not be parsed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--a-exits", "5"], "--a-exits 5: exit(s) [5] out of range for system A (soft)"),
+    (["--judge", "/nonexistent"], "no config.json"),
+    (["--instructions", "/nonexistent.json"], "no such file"),
+    (["--limit", "0"], "--limit must be a positive integer"),
+])
+def test_judge_cli_bad_input(files, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = ["judge", "--a", f"soft={files['a']}", "--b", f"sft={files['b']}", "--judge", str(files["judge"]),
+            "--out", str(out)]
+    assert_cli_refuses(args + extra, capsys, out, message)

@@ -1,10 +1,11 @@
-"""soft_ds.triviaqa (both released formats, normalisation, EM/F1, prompts) on fixtures written here."""
+"""soft_ds.triviaqa (both released formats, normalisation, EM/F1, prompts) on fixtures written here,
+and `tools/evaluate.py triviaqa` on a tiny checkpoint."""
 
 import json
 
 import datasets
 import pytest
-from _eval_checkpoints import REPO, one_thread  # noqa: F401
+from _eval_checkpoints import REPO, assert_cli_refuses, load_tool, one_thread, save_checkpoint  # noqa: F401
 
 from soft_ds import triviaqa
 from soft_ds.data import DataError, encode_prompt, load_tokenizer
@@ -147,3 +148,40 @@ def test_prompts_and_answer_extraction():
         triviaqa.prompt_ids("Q", tokenizer, "chat")
     assert triviaqa.extract_answer(" William Shakespeare\nQ: Who wrote Macbeth?\nA: ...") == "William Shakespeare"
     assert triviaqa.extract_answer("\n\n  Paris \n") == "Paris" and triviaqa.extract_answer("  ") == ""
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_triviaqa_cli(formats, tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "soft", seed=8)
+    out = tmp_path / "out"
+    report = load_tool("evaluate").main([
+        "triviaqa", "--model", f"soft={checkpoint}", "--exits", "2,4", "--data", str(formats / "dataset_dict"),
+        "--split", "validation", "--limit", "2", "--max-new-tokens", "3", "--prompt-style", "alpaca",
+        "--out", str(out)])
+    written = json.loads((out / "triviaqa.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["questions"] == 2 and set(written["models"]["soft"]["exits"]) == {"2", "4"}
+    predictions = json.loads((out / "triviaqa_predictions.json").read_text())["soft"]
+    for n in ("2", "4"):
+        rows = predictions[n]
+        assert [row["id"] for row in rows] == ["tc_33", "tc_2"]
+        # The written scores are the scoring of the written predictions.
+        rescored = triviaqa.score_predictions(EXPECTED[:2], [row["prediction"] for row in rows])
+        assert written["models"]["soft"]["exits"][n] == {"em": rescored["em"], "f1": rescored["f1"], "n": 2}
+    assert "| exit | soft EM | soft F1 |" in (out / "triviaqa.md").read_text()
+    assert (out / "triviaqa_vs_exit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--exits", "9"], "exit(s) [9] out of range for soft: it has 4 layers"),
+    (["--data", "/nonexistent.json"], "no such file or directory"),
+    (["--split", "test"], "no split 'test'"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+])
+def test_triviaqa_cli_bad_input(formats, tmp_path, capsys, extra, message):
+    checkpoint = save_checkpoint(tmp_path / "soft", seed=8)
+    out = tmp_path / "out"
+    args = ["triviaqa", "--model", f"soft={checkpoint}", "--data", str(formats / "dataset_dict"), "--out", str(out)]
+    assert_cli_refuses(args + extra, capsys, out, message)  # a second --data replaces the first
