@@ -1,0 +1,59 @@
+"""Tiny exported checkpoints and data files for the evaluation tests (test_evaluate, test_judge,
+test_triviaqa): the "debug" model at 4 layers with the bundled 4,096-piece tokenizer, saved as
+tools/export_hf.py saves one."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_inference import load_tool  # noqa: F401  (re-exported for the evaluation tests)
+from test_model import hf_reference
+
+from soft_ds.model import preset_config
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+NUM_LAYERS = 4
+
+
+def tiny_config(**overrides):
+    return preset_config("debug", **{"num_hidden_layers": NUM_LAYERS, "vocab_size": 4096, "bos_token_id": 1,
+                                     "eos_token_id": 2, "pad_token_id": 0, **overrides})
+
+
+def save_checkpoint(directory: Path, seed: int, **overrides) -> Path:
+    """A random HF LlamaForCausalLM (perturbed norms) with the bundled tokenizer, in float32."""
+    hf_reference(tiny_config(**overrides), seed).float().save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(REPO / "data" / "tokenizer" / name, directory / name)
+    return directory
+
+
+def write_alpaca(path: Path, count: int = 16) -> Path:
+    """The first `count` records of the bundled Alpaca sample, as a .json list."""
+    records = json.loads((REPO / "data" / "alpaca_5000.json").read_text())[:count]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads on a shared 2-core machine (as in test_inference).
+    Autouse in every test module that imports it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_cli_refuses(args, capsys, out: Path, message: str) -> None:
+    """`tools/evaluate.py args` stops with exit code 2 and one `error:` line holding message, no
+    traceback, and writes nothing to out."""
+    with pytest.raises(SystemExit) as raised:
+        load_tool("evaluate").main(args)
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and message in error and "Traceback" not in error, error
+    assert [line for line in error.splitlines() if "error:" in line] == [error.splitlines()[-1]]
+    assert not out.exists()

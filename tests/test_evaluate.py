@@ -1,0 +1,216 @@
+"""soft_ds.evaluate (per-exit loss/perplexity, KL by position) and `tools/evaluate.py lm|kl`, on tiny
+random checkpoints, against hand computations."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _eval_checkpoints import (NUM_LAYERS, assert_cli_refuses, load_tool, one_thread,  # noqa: F401
+                               save_checkpoint, write_alpaca)
+
+from soft_ds import evaluate
+from soft_ds.data import IGNORE_INDEX, build_datasets, encode_prompt, format_prompt, load_tokenizer
+from soft_ds.inference import SoftGenerator
+
+EXITS = list(range(1, NUM_LAYERS + 1))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    return {"soft": save_checkpoint(root / "soft", seed=3), "other": save_checkpoint(root / "other", seed=4),
+            "data": write_alpaca(root / "alpaca.json", count=16)}
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    return evaluate.load_model(files["soft"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(files):
+    return load_tokenizer(files["soft"])
+
+
+@pytest.fixture(scope="module")
+def val_set(files, tokenizer):
+    # max_length 96 cuts some records (their eos and the end of the response), as training would.
+    return build_datasets(files["data"], tokenizer, max_length=96, val_size=6, seed=0)[1]
+
+
+# --- loss and perplexity -------------------------------------------------------------------------
+
+
+def test_lm_metrics_equal_a_hand_computation(model, tokenizer, val_set):
+    """Batched, padded, all exits from one forward == one record at a time, one token at a time."""
+    metrics = evaluate.lm_metrics(model, val_set, EXITS, tokenizer.pad_token_id, batch_size=4)  # batches of 4 and 1
+    expected_tokens = 0
+    for record in val_set:
+        # Counted tokens from the text alone: response + eos, after the cut at max_length.
+        full = 1 + len(tokenizer.encode(format_prompt(record) + record["output"], add_special_tokens=False)) + 1
+        expected_tokens += min(full, 96) - len(encode_prompt(record, tokenizer))
+    assert any(len(record["input_ids"]) == 96 for record in val_set), "no record exercises the cut"
+    for n in EXITS:
+        total, tokens = 0.0, 0
+        for record in val_set:
+            with torch.no_grad():
+                logits = model(torch.tensor([record["input_ids"]]), exit_layer=n)[0]  # (T, V)
+            for position, target in enumerate(record["targets"]):
+                if target != IGNORE_INDEX:
+                    total += F.cross_entropy(logits[position:position + 1], torch.tensor([target])).item()
+                    tokens += 1
+        assert tokens == expected_tokens == metrics[n]["tokens"]
+        assert metrics[n]["loss"] == pytest.approx(total / tokens, abs=1e-5)
+        assert metrics[n]["ppl"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+    assert len({round(metrics[n]["loss"], 6) for n in EXITS}) == len(EXITS), "the exits should differ"
+
+
+def test_exit_checks_name_the_problem(model, val_set):
+    with pytest.raises(ValueError, match=r"exit\(s\) \[5\] out of range .* 1..4"):
+        evaluate.lm_metrics(model, val_set, [2, 5], pad_id=0)
+    with pytest.raises(ValueError, match="out of range"):
+        evaluate.check_exit_layers([0], 4)
+    assert evaluate.check_exit_layers([4, 2, 2], 4) == (2, 4)
+
+
+# --- KL by position ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompts(val_set, tokenizer):
+    return [encode_prompt(record, tokenizer) for record in val_set][:4]
+
+
+def test_kl_is_zero_against_own_last_layer_and_positive_elsewhere(files, model, prompts):
+    responses = evaluate.generate_responses(SoftGenerator(model), prompts, None, max_new_tokens=6,
+                                            eos_token_id=None, batch_size=3)
+    assert [len(r) for r in responses] == [6] * 4
+    own = evaluate.kl_by_position(model, model, prompts, responses, EXITS, batch_size=3)
+    assert own[NUM_LAYERS]["kl"] == [0.0] * 6 and own[NUM_LAYERS]["mean"] == 0.0
+    for n in EXITS[:-1]:
+        assert min(own[n]["kl"]) > 0 and own[n]["count"] == [4] * 6
+    # The same checkpoint loaded twice is the same model: exactly 0 again.
+    twin = evaluate.kl_by_position(model, evaluate.load_model(files["soft"]), prompts, responses, EXITS)
+    assert twin[NUM_LAYERS]["kl"] == [0.0] * 6
+    assert twin[1]["kl"] == pytest.approx(own[1]["kl"], rel=1e-5)
+    other = evaluate.kl_by_position(model, evaluate.load_model(files["other"]), prompts, responses, EXITS)
+    assert all(min(other[n]["kl"]) > 0 for n in EXITS)
+
+
+def test_kl_by_position_equals_a_hand_computation(files, model, prompts):
+    """Responses of lengths 3, 5, 1, 5 (as an eos would cut them): position t averages only the
+    responses that reach it, and each term is sum_v p_ref (log p_ref - log p_exit)."""
+    reference = evaluate.load_model(files["other"])
+    generator = torch.Generator().manual_seed(5)
+    responses = [torch.randint(3, 4096, (length,), generator=generator).tolist() for length in (3, 5, 1, 5)]
+    got = evaluate.kl_by_position(model, reference, prompts, responses, [2], batch_size=3)[2]
+    sums, counts = [0.0] * 5, [0] * 5
+    for prompt, response in zip(prompts, responses):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            p = torch.softmax(reference(ids)[0].double(), -1)  # (T, V)
+            q = torch.softmax(model(ids, exit_layer=2)[0].double(), -1)
+        for t in range(len(response)):
+            column = len(prompt) - 1 + t
+            sums[t] += float((p[column] * (p[column].log() - q[column].log())).sum())
+            counts[t] += 1
+    assert got["count"] == counts == [4, 3, 3, 2, 2]
+    assert got["kl"] == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-4)
+    assert got["mean"] == pytest.approx(sum(sums) / sum(counts), rel=1e-4)
+
+
+def test_kl_refuses_different_vocabularies(files, model, tmp_path, prompts):
+    small = evaluate.load_model(save_checkpoint(tmp_path / "small", seed=1, vocab_size=512))
+    with pytest.raises(ValueError, match="vocabulary"):
+        evaluate.kl_by_position(model, small, prompts[:1], [[5]], [2])
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def run_cli(args):
+    return load_tool("evaluate").main(args)
+
+
+def test_lm_cli_writes_json_table_and_plot(files, model, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    report = run_cli(["lm", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
+                      "--exits", "2,4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0",
+                      "--max_length", "96", "--batch-size", "4", "--out", str(out)])
+    written = json.loads((out / "lm.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert set(written["models"]) == {"soft", "other"} and set(written["models"]["soft"]["exits"]) == {"2", "4"}
+    # The CLI's held-out split is training's: the same build_datasets call gives the same numbers
+    # (6 held out, one dropped: its prompt alone fills max_length 96).
+    val_set = build_datasets(files["data"], tokenizer, max_length=96, val_size=6, seed=0)[1]
+    assert written["records"] == len(val_set) == 5
+    direct = evaluate.lm_metrics(model, val_set, [2, 4], tokenizer.pad_token_id)
+    for n in (2, 4):
+        assert written["models"]["soft"]["exits"][str(n)]["loss"] == pytest.approx(direct[n]["loss"], rel=1e-6)
+    table = (out / "lm.md").read_text()
+    assert "| exit | soft loss | soft ppl | other loss | other ppl |" in table
+    assert f"{written['models']['other']['exits']['4']['ppl']:.4f}" in table
+    assert (out / "ppl_vs_exit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kl_cli_default_and_shared_reference(files, tmp_path):
+    out = tmp_path / "own"
+    common = ["--data", str(files["data"]), "--val_size", "6", "--seed", "0", "--num-prompts", "3",
+              "--max-new-tokens", "4", "--exits", "2,4"]
+    run_cli(["kl", "--model", f"soft={files['soft']}", "--out", str(out)] + common)
+    own = json.loads((out / "kl.json").read_text())
+    exits = own["models"]["soft"]["exits"]
+    assert own["prompts"] == 3 and exits["4"]["kl"] == [0.0] * 4 and exits["4"]["count"] == [3] * 4
+    assert min(exits["2"]["kl"]) > 0
+    assert len(json.loads((out / "kl_responses.json").read_text())["soft"]) == 3
+    assert "| exit | soft mean KL |" in (out / "kl.md").read_text()
+    assert (out / "kl_vs_position.png").read_bytes()[:4] == b"\x89PNG"
+
+    out = tmp_path / "shared"
+    run_cli(["kl", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
+             "--reference", f"other={files['other']}", "--out", str(out)] + common)
+    shared = json.loads((out / "kl.json").read_text())
+    assert shared["reference"]["name"] == "other"
+    assert shared["models"]["other"]["exits"]["4"]["kl"] == [0.0] * 4  # the reference against itself
+    assert min(shared["models"]["soft"]["exits"]["4"]["kl"]) > 0
+    assert list(json.loads((out / "kl_responses.json").read_text())) == ["other"]  # generated once
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--exits", "2,5"], "exit(s) [5] out of range for soft: it has 4 layers"),
+    (["--exits", "two"], "--exits must be comma-separated integers"),
+    (["--data", "missing.json"], "no such file"),
+    (["--val_size", "0"], "--val_size must be at least 1"),
+    (["--model", "missing=/nonexistent/dir"], "does not exist"),
+])
+def test_lm_cli_bad_input_is_one_error_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = ["lm", "--model", f"soft={files['soft']}", "--data", str(files["data"]), "--val_size", "6",
+            "--out", str(out)]
+    assert_cli_refuses(args + extra, capsys, out, message)  # a repeated option replaces the first
+
+
+def test_kl_cli_bad_input(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["kl", "--model", f"soft={files['soft']}", "--data", str(files["data"]), "--val_size", "6",
+            "--out", str(out)]
+    assert_cli_refuses(args + ["--reference", f"soft={files['other']}"], capsys, out,
+                       "the name 'soft' is a --model with another path")
+    assert_cli_refuses(args + ["--num-prompts", "0"], capsys, out, "--num-prompts must be a positive integer")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert_cli_refuses(args[:-1] + [str(a_file)], capsys, tmp_path / "none", "exists and is not a directory")
+    small = save_checkpoint(tmp_path / "small", seed=1, vocab_size=512)
+    assert_cli_refuses(args + ["--reference", f"small={small}", "--tokenizer", str(files["soft"])], capsys, out,
+                       "vocabulary size differs from the reference small's (512)")
+
+
+def test_help_lists_the_sub_commands(capsys):
+    with pytest.raises(SystemExit) as raised:
+        run_cli(["--help"])
+    assert raised.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("lm", "kl", "judge", "triviaqa"):
+        assert command in text
