@@ -5,7 +5,7 @@ or SFT + ICT (separate exit heads). Exit n is always `model.head(layers[:n] outp
 model with its own head per exit is evaluated through that head and a SoFT model through its one
 shared head, by the same code.
 
-    model = load_model("runs/soft/hf-full")
+    model = hf_io.load_model("runs/soft/hf-full")
     lm_metrics(model, val_set, exit_layers=[2, 4, 6, 8], pad_id=0)
         -> {2: {"loss": 3.1, "ppl": 22.2, "tokens": 9120}, ...}
     kl_by_position(model, reference, prompts, responses, exit_layers=[2, 4, 6, 8])
@@ -22,7 +22,6 @@ prompts whose response reaches that position.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from pathlib import Path
@@ -31,21 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from soft_ds import hf_io
 from soft_ds.data import IGNORE_INDEX, collate, load_tokenizer
 from soft_ds.inference import TOKENIZER_FILES, SoftGenerator
 from soft_ds.model import Llama
-
-
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Llama:
-    """An exported checkpoint as a `Llama` in eval mode. Raises hf_io.CheckpointError.
-
-    The one place evaluation loads a model: when `hf_io.load_model` (which also reads an ICT
-    checkpoint's exit heads) exists, this becomes a call to it."""
-    config = hf_io.load_llama_config(path)
-    model = Llama.from_weights(config, lambda names: hf_io.load_tensors(path, names))
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def load_checkpoint_tokenizer(path: str | os.PathLike):
@@ -54,15 +41,6 @@ def load_checkpoint_tokenizer(path: str | os.PathLike):
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         return load_tokenizer(path)
     return None
-
-
-def exit_logits(model: Llama, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
-    """(..., H) hidden state after layer `exit_layer` -> (..., V) logits of that exit's head."""
-    # A model with a head per exit (SFT + ICT) takes the exit; until model.py's Llama.head accepts
-    # it, every model has only the shared head.
-    if "exit_layer" in inspect.signature(model.head).parameters:
-        return model.head(hidden, exit_layer=exit_layer)
-    return model.head(hidden)
 
 
 def check_exit_layers(exit_layers, num_layers: int, what: str = "model") -> tuple[int, ...]:
@@ -106,7 +84,7 @@ def lm_metrics(model: Llama, dataset, exit_layers, pad_id: int, batch_size: int 
         counted = targets != IGNORE_INDEX  # (B, T)
         hidden = model.hidden_states(ids, exit_layers)  # {n: (B, T, H)}
         for n in exit_layers:
-            logits = exit_logits(model, hidden[n][counted], n).float()  # (N, V): counted positions only
+            logits = model.head(hidden[n][counted], n).float()  # (N, V): counted positions only
             totals[n] += F.cross_entropy(logits, targets[counted], reduction="sum").double().cpu()
         tokens += int(counted.sum())
         bar.update(len(examples))
@@ -189,9 +167,9 @@ def kl_by_position(model: Llama, reference: Llama, prompts: list[list[int]], res
         hidden = model.hidden_states(ids, wanted)  # {n: (B, T, H)}
         reference_hidden = hidden if same_model else reference.hidden_states(ids, [reference_exit])
         reference_logp = F.log_softmax(
-            exit_logits(reference, reference_hidden[reference_exit][rows, columns], reference_exit).float(), -1)
+            reference.head(reference_hidden[reference_exit][rows, columns], reference_exit).float(), -1)
         for n in exit_layers:
-            logp = F.log_softmax(exit_logits(model, hidden[n][rows, columns], n).float(), -1)  # (N, V)
+            logp = F.log_softmax(model.head(hidden[n][rows, columns], n).float(), -1)  # (N, V)
             # sum_v p_ref (log p_ref - log p_exit): exactly 0 where the two log-probabilities are equal.
             kl = F.kl_div(logp, reference_logp, log_target=True, reduction="none").sum(-1)  # (N,)
             sums[n].index_add_(0, positions.cpu(), kl.double().cpu())

@@ -12,6 +12,7 @@ from _eval_checkpoints import (NUM_LAYERS, assert_cli_refuses, load_tool, one_th
 
 from soft_ds import evaluate
 from soft_ds.data import IGNORE_INDEX, build_datasets, encode_prompt, format_prompt, load_tokenizer
+from soft_ds.hf_io import load_model
 from soft_ds.inference import SoftGenerator
 
 EXITS = list(range(1, NUM_LAYERS + 1))
@@ -26,7 +27,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(files):
-    return evaluate.load_model(files["soft"])
+    return load_model(files["soft"])
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +93,17 @@ def test_kl_is_zero_against_own_last_layer_and_positive_elsewhere(files, model, 
     for n in EXITS[:-1]:
         assert min(own[n]["kl"]) > 0 and own[n]["count"] == [4] * 6
     # The same checkpoint loaded twice is the same model: exactly 0 again.
-    twin = evaluate.kl_by_position(model, evaluate.load_model(files["soft"]), prompts, responses, EXITS)
+    twin = evaluate.kl_by_position(model, load_model(files["soft"]), prompts, responses, EXITS)
     assert twin[NUM_LAYERS]["kl"] == [0.0] * 6
     assert twin[1]["kl"] == pytest.approx(own[1]["kl"], rel=1e-5)
-    other = evaluate.kl_by_position(model, evaluate.load_model(files["other"]), prompts, responses, EXITS)
+    other = evaluate.kl_by_position(model, load_model(files["other"]), prompts, responses, EXITS)
     assert all(min(other[n]["kl"]) > 0 for n in EXITS)
 
 
 def test_kl_by_position_equals_a_hand_computation(files, model, prompts):
     """Responses of lengths 3, 5, 1, 5 (as an eos would cut them): position t averages only the
     responses that reach it, and each term is sum_v p_ref (log p_ref - log p_exit)."""
-    reference = evaluate.load_model(files["other"])
+    reference = load_model(files["other"])
     generator = torch.Generator().manual_seed(5)
     responses = [torch.randint(3, 4096, (length,), generator=generator).tolist() for length in (3, 5, 1, 5)]
     got = evaluate.kl_by_position(model, reference, prompts, responses, [2], batch_size=3)[2]
@@ -122,7 +123,7 @@ def test_kl_by_position_equals_a_hand_computation(files, model, prompts):
 
 
 def test_kl_refuses_different_vocabularies(files, model, tmp_path, prompts):
-    small = evaluate.load_model(save_checkpoint(tmp_path / "small", seed=1, vocab_size=512))
+    small = load_model(save_checkpoint(tmp_path / "small", seed=1, vocab_size=512))
     with pytest.raises(ValueError, match="vocabulary"):
         evaluate.kl_by_position(model, small, prompts[:1], [[5]], [2])
 

@@ -30,7 +30,7 @@ from soft_ds import evaluate, judge, triviaqa  # noqa: E402
 from soft_ds.config import SoftOptions  # noqa: E402
 from soft_ds.data import DataError, build_datasets, encode_prompt, load_tokenizer  # noqa: E402
 from soft_ds.exits import default_exit_layers  # noqa: E402
-from soft_ds.hf_io import CheckpointError, load_llama_config  # noqa: E402
+from soft_ds.hf_io import CheckpointError, load_llama_config, load_model  # noqa: E402
 from soft_ds.inference import SoftGenerator  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,7 +222,7 @@ def held_out(parser, args, tokenizer):
 
 def load(parser, args, path: Path):
     try:
-        return evaluate.load_model(path, dtype=DTYPES[args.dtype], device=args.device)
+        return load_model(path, dtype=DTYPES[args.dtype], device=args.device)
     except INPUT_ERRORS as error:
         parser.error(str(error))
 
