@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The paper's findings at small scale, on CPU: SFT, SoFT and SFT+ICT on an 8-layer LLaMA, every exit
+# evaluated on the held-out Alpaca records, and a report of which claims reproduce.
+#
+#     bash tools/reproduce_small.sh [OUT [train.py options...]]     (default OUT: runs/reproduce_small)
+#
+# Options after OUT go to all three training runs, after the script's own (the smoke test passes
+# --train_steps 2 to run the whole chain in minutes).
+# 1. SFT and SoFT (exits 2,4,6,8), same budget: ds_configs/reproduce_small.json (800 steps of 16
+#    sequences of 128 tokens, from the same random initialisation).
+# 2. SFT+ICT: a separate norm + head per exit 2,4,6, trained one epoch on the frozen SFT model.
+# 3. tools/evaluate.py: held-out loss/perplexity per exit (the 200 records training held out) and
+#    KL(last layer || exit) by output position; tools/reproduce_report.py: the table and claims.
+# Each finished stage is kept: running the script again continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/reproduce_small}
+shift || true
+EXTRA=("$@")
+CONFIG=ds_configs/reproduce_small.json
+PYTHON=${PYTHON:-python3}
+bash tools/setup.sh
+mkdir -p "$OUT"
+# One process per run uses both cores best on a small CPU; DeepSpeed's launcher still runs it.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+port=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+
+train() {  # train NAME [train.py options...]: train, then export the full model to $OUT/hf/NAME
+  local name=$1; shift
+  if [ -f "$OUT/hf/$name/config.json" ]; then echo "== $name: done already ($OUT/hf/$name)"; return; fi
+  echo "== $name: training ($(date +%H:%M:%S))"
+  local resume=()
+  [ -f "$OUT/$name/checkpoints/latest" ] && resume=(--resume)
+  deepspeed --num_gpus 1 --master_port "$port" soft_ds/train.py --ds_config "$CONFIG" \
+    --output_dir "$OUT/$name" "${resume[@]}" "$@" "${EXTRA[@]}"
+  "$PYTHON" tools/export_hf.py --run "$OUT/$name" --out "$OUT/hf/$name" --overwrite
+}
+
+start=$(date +%s)
+train sft --model tiny --mode sft
+train soft --model tiny --mode soft
+# One epoch of the training split, in optimizer steps of the config's batch.
+epoch=$("$PYTHON" - "$CONFIG" <<'EOF'
+import math, sys
+from soft_ds.config import load_config
+from soft_ds.data import build_datasets, load_tokenizer
+config = load_config(sys.argv[1])
+soft = config.soft
+train_set, _ = build_datasets("data/alpaca_5000.json", load_tokenizer("data/tokenizer"), soft.seq_len,
+                              soft.val_size, soft.seed)
+print(math.ceil(len(train_set) / (config.micro_batch_size * config.grad_accum)))
+EOF
+)
+train ict --model "$OUT/hf/sft" --mode ict --train_steps "$epoch" --warmup_steps 20 --eval_interval 0
+
+echo "== evaluating every exit ($(date +%H:%M:%S))"
+seq_len=$("$PYTHON" -c "from soft_ds.config import load_config; print(load_config('$CONFIG').soft.seq_len)")
+models=(--model "sft=$OUT/hf/sft" --model "soft=$OUT/hf/soft" --model "ict=$OUT/hf/ict")
+"$PYTHON" tools/evaluate.py lm "${models[@]}" --exits 2,4,6,8 --max_length "$seq_len" --out "$OUT/eval"
+"$PYTHON" tools/evaluate.py kl "${models[@]}" --exits 2,4,6,8 --num-prompts 32 --max-new-tokens 64 --out "$OUT/eval"
+"$PYTHON" tools/reproduce_report.py "$OUT"
+echo "== done in $(( ($(date +%s) - start) / 60 )) min: $OUT/report.md"
