@@ -315,7 +315,7 @@ class SoftPipelineEngine(PipelineEngine):
                         schedule.SendGrad: _exec_send_grads}
 
 
-def init_distributed(backend: str | None = None) -> None:
+def init_distributed(backend: str | None = None, port: int = 29500) -> None:
     """Start torch.distributed through DeepSpeed (the accelerator's backend by default: NCCL on
     GPUs, gloo on CPU) and release DeepSpeed's CPU shared-memory segment.
 
@@ -329,7 +329,8 @@ def init_distributed(backend: str | None = None) -> None:
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    deepspeed.init_distributed(dist_backend=backend or get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(dist_backend=backend or get_accelerator().communication_backend_name(),
+                               distributed_port=port)
     segment = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
                f"{os.environ.get('MASTER_PORT', '')}_{torch_dist.get_rank()}")
     if os.path.exists(segment):

@@ -19,7 +19,7 @@ from soft_ds import data as soft_data
 from soft_ds import hf_io
 from soft_ds.exits import make_exits
 from soft_ds.model import PRESETS, check_supported, preset_config, random_weights
-from soft_ds.monitor import Monitor, error, rank_from_env
+from soft_ds.monitor import Monitor, distributed_env, error
 from soft_ds.partition import balance_ratio, plan_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,8 +240,13 @@ def quiet_off_rank_zero(rank: int):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size = rank_from_env(), int(os.environ.get("WORLD_SIZE", "1"))
+    place = distributed_env()  # deepspeed, mpirun or srun: validation needs the world size first
+    rank, world_size = place.rank, place.world_size
     quiet_off_rank_zero(rank)
+    if place.launcher == "srun" and "MASTER_ADDR" not in os.environ and "PMIX_RANK" not in os.environ:
+        # DeepSpeed would ask MPI for rank 0's address, and MPI cannot start under srun without PMIx.
+        raise error("srun without --mpi=pmix needs MASTER_ADDR (the first node of the job) and MASTER_PORT "
+                    "in the environment; slurm/soft.sbatch sets both", rank)
     try:
         (config, tokenizer, model_config, weight_source, exits, stages, train_set,
          val_set) = validate_and_prepare(args, world_size)
@@ -253,7 +258,11 @@ def main(argv=None):
 
     from soft_ds.pipe import build_engine, build_pipeline, init_distributed
 
-    init_distributed()
+    # DeepSpeed initialises from RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; under mpirun
+    # or srun the first three come from the launcher's variables. Without MASTER_ADDR DeepSpeed asks MPI
+    # (mpi4py) for rank 0's address and uses MASTER_PORT, or its default 29500.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(place.local_rank), WORLD_SIZE=str(world_size))
+    init_distributed(port=int(os.environ.get("MASTER_PORT", 29500)))
     torch.manual_seed(soft.seed)
     cpu = get_accelerator().device_name() == "cpu"
     monitor_enabled = torch.distributed.get_rank() == 0

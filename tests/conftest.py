@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +35,51 @@ def deepspeed_launch(num_procs: int, script: str, *args, timeout=600, check=True
         leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
         assert not leaked, f"shared-memory segments left behind: {leaked}"
     return result
+
+
+def scalars(run_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the TensorBoard events a training run wrote to <run_dir>/tb."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_size, micro_batch, grad_accum,
+                           data_parallel, seed) -> dict[int, float]:
+    """{exit layer: loss} of a run's first step, computed in one process: the mean exit loss over
+    every micro-batch that all data-parallel ranks together train on at step 0 (`global_batch`),
+    which is what train.py logs after averaging over replicas."""
+    from soft_ds.data import build_datasets, global_batch
+    from soft_ds.exits import exit_loss
+
+    train_set, _ = build_datasets(str(data), tokenizer, seq_len, val_size, seed)
+    batches = global_batch(train_set, 0, micro_batch, grad_accum, data_parallel, seed, seq_len,
+                           tokenizer.pad_token_id)
+    with torch.no_grad():
+        totals = {layer: 0.0 for layer in exit_layers}
+        for ids, targets in batches:
+            hidden = model.hidden_states(ids, exit_layers)
+            for layer in exit_layers:
+                totals[layer] += exit_loss(model.head, hidden[layer], targets).item() / len(batches)
+    return totals
+
+
+def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch, grad_accum, data_parallel):
+    """A train.py run of the `debug` preset on the bundled data logged, at step 1, each exit's loss
+    and their mean (uniform weights) as one process computes them on the same weights and batch."""
+    from soft_ds.data import load_tokenizer
+    from soft_ds.model import Llama, preset_config, random_weights
+
+    tokenizer = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))
+    config = preset_config("debug", vocab_size=len(tokenizer))
+    expected = first_step_exit_losses(Llama.from_weights(config, random_weights(config, seed)), exit_layers,
+                                      tokenizer, os.path.join(REPO, "data", "alpaca_5000.json"), seq_len, 0,
+                                      micro_batch, grad_accum, data_parallel, seed)
+    logged = scalars(run_dir)
+    for layer in exit_layers:
+        assert logged[f"train/exit_{layer}/loss"][1] == pytest.approx(expected[layer], abs=1e-5), layer
+    assert logged["train/loss"][1] == pytest.approx(sum(expected.values()) / len(exit_layers), abs=1e-5)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_launch
-from test_train import scalars
+from conftest import REPO, deepspeed_launch, first_step_exit_losses, scalars
 from test_train_errors import run_validation
 
 HEADS, LAST = [2, 4, 6], 8
@@ -57,17 +56,12 @@ def test_only_the_exit_heads_train(base, ict_run):
 
 def test_first_step_losses_are_the_frozen_models_exits(base, ict_run):
     """The heads start as the model's head, so step 1's loss at exit n is the SFT model's exit n."""
-    from soft_ds.data import build_datasets, global_batch, load_tokenizer
-    from soft_ds.exits import exit_loss
+    from soft_ds.data import load_tokenizer
     from soft_ds.hf_io import load_model
     tokenizer = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))
-    train_set, _ = build_datasets(os.path.join(REPO, "data", "alpaca_5000.json"), tokenizer, SEQ_LEN, VAL, SEED)
-    batches = global_batch(train_set, 0, MICRO, ACCUM, 1, SEED, SEQ_LEN, tokenizer.pad_token_id)
-    model = load_model(base)
+    expected = first_step_exit_losses(load_model(base), [*HEADS, LAST], tokenizer,
+                                      os.path.join(REPO, "data", "alpaca_5000.json"), SEQ_LEN, VAL, MICRO, ACCUM, 1, SEED)
     logged = scalars(ict_run[0])
-    with torch.no_grad():
-        expected = {n: sum(exit_loss(model.head, model.hidden_states(ids, [n])[n], targets)
-                           for ids, targets in batches).item() / len(batches) for n in [*HEADS, LAST]}
     for n, value in expected.items():
         assert logged[f"train/exit_{n}/loss"][1] == pytest.approx(value, abs=1e-5)
     # The training loss is the mean over the heads only; the frozen last layer has weight 0.

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_launch
+from conftest import REPO, deepspeed_launch, first_step_exit_losses, scalars
 
 STEPS = 4
 EXITS = [2, 4, 6, 8]
@@ -19,13 +19,6 @@ PROCS = 4  # 2 pipeline stages x 2 data parallel: ZeRO-1 shards the optimizer st
 COMMON = ["--ds_config", "ds_configs/tiny_pp2.json", "--model", "debug", "--seq_len", 128,
           "--micro_batch_size", 2, "--grad_accum", 2, "--train_steps", STEPS, "--warmup_steps", 1,
           "--val_size", 32, "--eval_interval", 2, "--log_interval", 1, "--save_interval", 2]
-
-
-def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +170,7 @@ def test_training_starts_from_a_hugging_face_checkpoint(tmp_path):
     step's per-exit losses equal a single-process computation on those weights and that batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from soft_ds.data import build_datasets, global_batch, load_tokenizer
-    from soft_ds.exits import exit_loss
+    from soft_ds.data import load_tokenizer
     from soft_ds.hf_io import load_tensors
     from soft_ds.model import Llama
 
@@ -194,12 +186,8 @@ def test_training_starts_from_a_hugging_face_checkpoint(tmp_path):
                      "--seed", seed, "--output_dir", tmp_path / "run")
     logged = scalars(tmp_path / "run")
 
-    tokenizer = load_tokenizer("data/tokenizer")
-    train_set, _ = build_datasets(os.path.join(REPO, "data", "alpaca_5000.json"), tokenizer, seq_len, 0, seed)
-    batches = global_batch(train_set, 0, micro, accum, 1, seed, seq_len, tokenizer.pad_token_id)
     model = Llama.from_weights(config, lambda names: load_tensors(tmp_path / "ckpt", names))
-    with torch.no_grad():
-        for layer in (2, 4):
-            expected = sum(exit_loss(model.head, model.hidden_states(ids, [layer])[layer], targets)
-                           for ids, targets in batches) / len(batches)
-            assert logged[f"train/exit_{layer}/loss"][1] == pytest.approx(expected.item(), abs=1e-5)
+    expected = first_step_exit_losses(model, [2, 4], load_tokenizer("data/tokenizer"),
+                                      os.path.join(REPO, "data", "alpaca_5000.json"), seq_len, 0, micro, accum, 1, seed)
+    for layer in (2, 4):
+        assert logged[f"train/exit_{layer}/loss"][1] == pytest.approx(expected[layer], abs=1e-5)
