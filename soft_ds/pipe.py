@@ -289,8 +289,9 @@ class SoftPipelineEngine(PipelineEngine):
     def _exec_send_grads(self, buffer_id):
         # An input the stage's loss does not depend on (the hidden state entering a frozen
         # SFT+ICT stage) has no gradient; the previous stage expects one tensor per float input.
+        # Only there: anywhere else a missing gradient is a bug, and DeepSpeed's assertion stays.
         inputs = self.pipe_buffers["inputs"][buffer_id]
-        for tensor in inputs if isinstance(inputs, tuple) else (inputs,):
+        for tensor in inputs if self.module.frozen_base and isinstance(inputs, tuple) else ():
             if tensor.is_floating_point() and tensor.grad is None:
                 tensor.grad = torch.zeros_like(tensor)
         return PipelineEngine._exec_send_grads(self, buffer_id)
