@@ -119,18 +119,12 @@ def load_records(path):
     if path.suffix not in (".json", ".jsonl"):
         suffix = path.suffix or "no extension"
         raise DataError(f"data file {path}: expected a .json or .jsonl file, not {suffix!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"data file {path}: not UTF-8 text ({error})") from error
-    if not text.strip():
-        raise DataError(f"data file {path}: file is empty")
-
+    text = read_text(path)
     if path.suffix == ".json":
         raw_records = _parse_json_list(path, text)
         lines = [None] * len(raw_records)
     else:
-        raw_records, lines = _parse_json_lines(path, text)
+        raw_records, lines = parse_json_lines(path, text)
     if not raw_records:
         raise DataError(f"data file {path}: holds no records")
 
@@ -155,7 +149,19 @@ def _parse_json_list(path, text):
     return parsed
 
 
-def _parse_json_lines(path, text):
+def read_text(path: Path, label: str = "data file") -> str:
+    """A data file's UTF-8 text; DataError "<label> <path>: ..." when it is not UTF-8 or empty."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{label} {path}: not UTF-8 text ({error})") from error
+    if not text.strip():
+        raise DataError(f"{label} {path}: file is empty")
+    return text
+
+
+def parse_json_lines(path, text, label: str = "data file"):
+    """(records, their 1-based line numbers) of JSON-lines text; blank lines are skipped."""
     records, line_numbers = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -164,7 +170,7 @@ def _parse_json_lines(path, text):
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             raise DataError(
-                f"data file {path}: malformed JSON at line {line_number}, column {error.colno}: {error.msg}"
+                f"{label} {path}: malformed JSON at line {line_number}, column {error.colno}: {error.msg}"
             ) from error
         line_numbers.append(line_number)
     return records, line_numbers

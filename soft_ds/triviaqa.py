@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from soft_ds.data import DataError, encode_prompt
+from soft_ds.data import DataError, encode_prompt, parse_json_lines, read_text
 
 PROMPT_STYLES = ("qa", "alpaca")
 QA_PROMPT = "Answer these questions:\nQ: {question}\nA:"
@@ -155,19 +155,14 @@ def _rows_from_disk(path: Path, split: str | None) -> list[dict]:
 
 
 def _rows_from_json(path: Path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"TriviaQA {path}: not UTF-8 text ({error})") from error
-    if not text.strip():
-        raise DataError(f"TriviaQA {path}: file is empty")
+    text = read_text(path, "TriviaQA")
     if path.suffix == ".jsonl":
-        return _json_lines(path, text)
+        return parse_json_lines(path, text, "TriviaQA")[0]
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # `Dataset.to_json` writes one object per line even into a .json file
-            return _json_lines(path, text)
+            return parse_json_lines(path, text, "TriviaQA")[0]
         raise DataError(f"TriviaQA {path}: malformed JSON at line {error.lineno}: {error.msg}") from error
     if isinstance(parsed, dict) and isinstance(parsed.get("Data"), list):
         return parsed["Data"]  # the original release
@@ -175,17 +170,6 @@ def _rows_from_json(path: Path) -> list[dict]:
         return parsed
     raise DataError(f"TriviaQA {path}: expected a list of records or an object with a 'Data' list "
                     "(the original release)")
-
-
-def _json_lines(path: Path, text: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"TriviaQA {path}: malformed JSON at line {number}: {error.msg}") from error
-    return rows
 
 
 def _question(path: Path, index: int, row) -> Question:
