@@ -96,14 +96,6 @@ def expected_tensor_names(
     return names
 
 
-def _layer_index(name: str) -> int | None:
-    """The decoder layer a tensor name belongs to (`model.layers.7.mlp...` -> 7), else None."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return None
-
-
 def _list_names(names: Iterable[str]) -> str:
     names = sorted(names)
     shown = ", ".join(names[:_MAX_NAMES_IN_ERROR])
