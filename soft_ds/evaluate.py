@@ -23,34 +23,14 @@ prompts whose response reaches that position.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from soft_ds.data import IGNORE_INDEX, collate, load_tokenizer
-from soft_ds.inference import TOKENIZER_FILES, SoftGenerator
+from soft_ds.data import IGNORE_INDEX, collate
+from soft_ds.inference import SoftGenerator, check_exit_layers
 from soft_ds.model import Llama
-
-
-def load_checkpoint_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved in a checkpoint directory, or None when it holds none."""
-    path = Path(path)
-    if any((path / name).is_file() for name in TOKENIZER_FILES):
-        return load_tokenizer(path)
-    return None
-
-
-def check_exit_layers(exit_layers, num_layers: int, what: str = "model") -> tuple[int, ...]:
-    """Sorted, de-duplicated exits, each in 1..num_layers; ValueError naming the bad ones."""
-    layers = tuple(sorted(set(int(layer) for layer in exit_layers)))
-    bad = [layer for layer in layers if not 1 <= layer <= num_layers]
-    if not layers or bad:
-        raise ValueError(f"exit(s) {bad or '(none)'} out of range for {what}: it has {num_layers} layers, "
-                         f"so exits must be in 1..{num_layers}")
-    return layers
 
 
 def _device(model: Llama) -> torch.device:

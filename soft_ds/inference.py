@@ -49,6 +49,25 @@ CONFIDENCE_MEASURES = ("max_prob", "margin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+def check_exit_layers(exit_layers, num_layers: int, what: str = "model") -> tuple[int, ...]:
+    """Sorted, de-duplicated exits, each in 1..num_layers; ValueError naming the bad ones."""
+    layers = tuple(sorted(set(int(layer) for layer in exit_layers)))
+    bad = [layer for layer in layers if not 1 <= layer <= num_layers]
+    if not layers or bad:
+        raise ValueError(f"exit(s) {bad or '(none)'} out of range for {what}: it has {num_layers} layers, "
+                         f"so exits must be in 1..{num_layers}")
+    return layers
+
+
+def checkpoint_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a checkpoint directory, or None when it holds none."""
+    path = Path(path)
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        from soft_ds.data import load_tokenizer
+        return load_tokenizer(path)
+    return None
+
+
 class KVCache:
     """Keys and values of every decoder layer for a batch of sequences being generated.
 
@@ -329,7 +348,8 @@ class SoftGenerator:
         self.config = model.config
         self.num_layers = model.config.num_hidden_layers
         self.tokenizer = tokenizer
-        self.exits = self._check_exits(exits if exits is not None else default_exit_layers(self.num_layers))
+        self.exits = check_exit_layers(exits if exits is not None else default_exit_layers(self.num_layers),
+                                       self.num_layers)
         self.head = model.head  # head(hidden, exit_layer): the shared norm + lm_head (ICT: per exit)
         self._layers = model.model.layers
         self._rotary = model.model.layers[0].rotary  # every layer holds the same frequencies
@@ -341,21 +361,9 @@ class SoftGenerator:
         through hf_io into `soft_ds.model.Llama`; its tokenizer too when the directory holds one.
         Raises hf_io.CheckpointError for a missing or malformed directory."""
         path = Path(path)
-        model = hf_io.load_model(path, dtype=dtype, device=device)
-        tokenizer = None
-        if any((path / name).is_file() for name in TOKENIZER_FILES):
-            from soft_ds.data import load_tokenizer
-            tokenizer = load_tokenizer(path)
-        return cls(model, tokenizer, exits)
+        return cls(hf_io.load_model(path, dtype=dtype, device=device), checkpoint_tokenizer(path), exits)
 
     # --- checks ---------------------------------------------------------------------------
-
-    def _check_exits(self, exits) -> tuple[int, ...]:
-        exits = tuple(sorted(set(int(layer) for layer in exits)))
-        bad = [layer for layer in exits if not 1 <= layer <= self.num_layers]
-        if not exits or bad:
-            raise ValueError(f"exit layers {list(exits)} must be non-empty and within 1..{self.num_layers}")
-        return exits
 
     def check_exit(self, exit_layer: int, name: str = "exit", deepest: int | None = None) -> int:
         deepest = self.num_layers if deepest is None else deepest
@@ -560,7 +568,7 @@ class SoftGenerator:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if measure not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence measure {measure!r}: choose one of {CONFIDENCE_MEASURES}")
-        exits = self._check_exits(self.exits if exits is None else exits)
+        exits = check_exit_layers(self.exits if exits is None else exits, self.num_layers)
         self._check_run(prompts, max_new_tokens)
         # No confidence exceeds 1, so threshold 1 checks no exit (their heads would be wasted).
         stops = [layer for layer in exits if layer < self.num_layers] if threshold < 1 else []

@@ -31,7 +31,7 @@ from soft_ds.config import SoftOptions  # noqa: E402
 from soft_ds.data import DataError, build_datasets, encode_prompt, load_tokenizer  # noqa: E402
 from soft_ds.exits import default_exit_layers  # noqa: E402
 from soft_ds.hf_io import CheckpointError, load_llama_config, load_model  # noqa: E402
-from soft_ds.inference import SoftGenerator  # noqa: E402
+from soft_ds.inference import SoftGenerator, checkpoint_tokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO = Path(__file__).resolve().parent.parent
@@ -185,7 +185,7 @@ def read_configs(parser, models: dict[str, Path]) -> dict:
 def tokenizer_for(parser, args, name: str, path: Path):
     """--tokenizer if given, else the checkpoint's own; error if neither exists."""
     try:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else evaluate.load_checkpoint_tokenizer(path)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else checkpoint_tokenizer(path)
     except DataError as error:
         parser.error(str(error))
     if tokenizer is None:
