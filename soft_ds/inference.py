@@ -46,6 +46,8 @@ from soft_ds.exits import default_exit_layers
 from soft_ds.model import Llama, head_dim
 
 CONFIDENCE_MEASURES = ("max_prob", "margin")
+# Weight/activation dtypes the CLIs offer, by name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

@@ -31,9 +31,8 @@ from soft_ds.config import SoftOptions  # noqa: E402
 from soft_ds.data import DataError, build_datasets, encode_prompt, load_tokenizer  # noqa: E402
 from soft_ds.exits import default_exit_layers  # noqa: E402
 from soft_ds.hf_io import CheckpointError, load_llama_config, load_model  # noqa: E402
-from soft_ds.inference import SoftGenerator, checkpoint_tokenizer  # noqa: E402
+from soft_ds.inference import DTYPES, SoftGenerator, checkpoint_tokenizer  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO = Path(__file__).resolve().parent.parent
 PANDALM_INSTRUCTIONS = REPO / "data" / "pandalm_testset_inference_v1.json"
 INPUT_ERRORS = (CheckpointError, DataError, judge.JudgeError, ValueError)

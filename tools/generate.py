@@ -23,9 +23,7 @@ import torch  # noqa: E402
 
 from soft_ds.data import DataError, encode_prompt, load_tokenizer  # noqa: E402
 from soft_ds.hf_io import CheckpointError, load_llama_config  # noqa: E402
-from soft_ds.inference import CONFIDENCE_MEASURES, Sampling, SoftGenerator  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from soft_ds.inference import CONFIDENCE_MEASURES, DTYPES, Sampling, SoftGenerator  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
