@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from soft_ds.data import DataError, encode_prompt, load_tokenizer  # noqa: E402
 from soft_ds.hf_io import CheckpointError, load_llama_config  # noqa: E402
-from soft_ds.inference import CONFIDENCE_MEASURES, DTYPES, Sampling, SoftGenerator  # noqa: E402
+from soft_ds.inference import CONFIDENCE_MEASURES, DTYPES, Sampling, SoftGenerator, check_exit_layers  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +89,10 @@ def check_depths(parser, args, num_layers: int) -> list[int] | None:
         exits = [int(part) for part in args.exits.split(",") if part.strip()]
     except ValueError:
         parser.error(f"--exits must be comma-separated integers, got {args.exits!r}")
-    bad = [layer for layer in exits if not 1 <= layer <= num_layers]
-    if not exits or bad:
-        parser.error(f"--exits {args.exits!r}: every exit must be in 1..{num_layers}")
-    return exits
+    try:
+        return list(check_exit_layers(exits, num_layers))
+    except ValueError as error:
+        parser.error(f"--exits {args.exits!r}: {error}")
 
 
 def read_instructions(parser, path: str) -> list[dict]:
