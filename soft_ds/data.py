@@ -194,6 +194,42 @@ def _validate_record(path, index, line_number, raw):
     return record
 
 
+def load_instructions(path) -> list[dict]:
+    """Instructions to answer (generation, the judge, a reproduction's side-by-side answers): a JSON
+    list of {"instruction", optional "input"} records, as {"instruction", "input"} dicts.
+
+    A record whose instruction is blank but whose input is not is kept: its task is in its input
+    (PandaLM's record 161, which the paper's judge counts). A record with neither has nothing to
+    answer: it is skipped with a warning naming it, and a file of only such records is refused.
+    Raises DataError naming the file and the record."""
+    path = Path(path)
+    label = "instructions file"
+    if not path.is_file():
+        raise DataError(f"{label} {path}: no such file")
+    try:
+        records = json.loads(read_text(path, label))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{label} {path}: not valid JSON ({error})") from error
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{label} {path}: expected a non-empty JSON list of records")
+    out, blank = [], []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise DataError(f"{label} {path}: record {index} has no 'instruction' string")
+        if not isinstance(record.get("input") or "", str):
+            raise DataError(f"{label} {path}: record {index}: 'input' must be a string")
+        instruction, input_ = record["instruction"], record.get("input") or ""
+        if not instruction.strip() and not input_.strip():
+            blank.append(index)
+            continue
+        out.append({"instruction": instruction, "input": input_})
+    if not out:
+        raise DataError(f"{label} {path}: every record's instruction and input are blank")
+    if blank:
+        logger.warning("%s: skipping %d record(s) with a blank instruction and input: %s", path, len(blank), blank)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Tokens and targets
 

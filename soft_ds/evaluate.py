@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from soft_ds.data import IGNORE_INDEX, collate
-from soft_ds.inference import SoftGenerator, check_exit_layers
+from soft_ds.exits import check_exit_layers
+from soft_ds.inference import SoftGenerator
 from soft_ds.model import Llama
 
 

@@ -37,6 +37,27 @@ def default_exit_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(range(num_layers, first - 1, -step))))
 
 
+def check_exit_layer(layer, num_layers: int, name: str = "exit", deepest: int | None = None) -> int:
+    """One exit layer, an integer in 1..deepest (default: the model's depth); ValueError naming it.
+    The one range check for a single exit: training, export, inference and every command use it."""
+    deepest = num_layers if deepest is None else deepest
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= deepest:
+        raise ValueError(f"{name} {layer!r} is out of range: the model has {num_layers} layers, so it must be "
+                         f"an integer in 1..{deepest}")
+    return layer
+
+
+def check_exit_layers(layers, num_layers: int, what: str = "the model") -> tuple[int, ...]:
+    """Sorted, de-duplicated exits, each in 1..num_layers; ValueError naming the bad ones.
+    The one range check for a set of exits."""
+    layers = tuple(sorted(set(int(layer) for layer in layers)))
+    bad = [layer for layer in layers if not 1 <= layer <= num_layers]
+    if not layers or bad:
+        raise ValueError(f"exit(s) {bad or '(none)'} out of range for {what}: it has {num_layers} layers, "
+                         f"so exits must be in 1..{num_layers}")
+    return layers
+
+
 def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tuple[Exit, ...]:
     """Validated, sorted exit records. mode="sft" keeps only the last layer; mode="ict" gives every
     exit below the last layer a head of its own and keeps the last layer as a weight-0 exit."""
@@ -45,9 +66,7 @@ def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tup
     if mode == "sft":
         return (Exit(num_layers, 1.0),)
     layers = list(layers) if layers else list(default_exit_layers(num_layers))
-    bad = [n for n in layers if not 1 <= n <= num_layers]
-    if bad:
-        raise ValueError(f"exit layer(s) {bad} outside the model's depth: exits must be in 1..{num_layers}")
+    check_exit_layers(layers, num_layers)
     if len(set(layers)) != len(layers):
         raise ValueError(f"exit layers {layers} contain duplicates")
     if num_layers not in layers:

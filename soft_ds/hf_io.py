@@ -31,6 +31,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from soft_ds.exits import check_exit_layer
+
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
@@ -300,11 +302,10 @@ def load_tensors(path: str | os.PathLike, names: Iterable[str]) -> dict[str, tor
 def _check_exit_layer(exit_layer: int | None, num_layers: int) -> int:
     if exit_layer is None:
         return num_layers
-    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) \
-            or not 1 <= exit_layer <= num_layers:
-        raise CheckpointError(f"exit_layer={exit_layer!r} must be an integer in 1..{num_layers} "
-                              f"(the config has num_hidden_layers={num_layers})")
-    return exit_layer
+    try:
+        return check_exit_layer(exit_layer, num_layers, "exit_layer")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _select_tensors(state_dict: Mapping[str, torch.Tensor], config: transformers.LlamaConfig,

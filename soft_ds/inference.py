@@ -42,23 +42,13 @@ import torch
 from transformers import LlamaConfig
 
 from soft_ds import hf_io
-from soft_ds.exits import default_exit_layers
+from soft_ds.exits import check_exit_layer, check_exit_layers, default_exit_layers
 from soft_ds.model import Llama, head_dim
 
 CONFIDENCE_MEASURES = ("max_prob", "margin")
 # Weight/activation dtypes the CLIs offer, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def check_exit_layers(exit_layers, num_layers: int, what: str = "model") -> tuple[int, ...]:
-    """Sorted, de-duplicated exits, each in 1..num_layers; ValueError naming the bad ones."""
-    layers = tuple(sorted(set(int(layer) for layer in exit_layers)))
-    bad = [layer for layer in layers if not 1 <= layer <= num_layers]
-    if not layers or bad:
-        raise ValueError(f"exit(s) {bad or '(none)'} out of range for {what}: it has {num_layers} layers, "
-                         f"so exits must be in 1..{num_layers}")
-    return layers
 
 
 def checkpoint_tokenizer(path: str | os.PathLike):
@@ -368,11 +358,7 @@ class SoftGenerator:
     # --- checks ---------------------------------------------------------------------------
 
     def check_exit(self, exit_layer: int, name: str = "exit", deepest: int | None = None) -> int:
-        deepest = self.num_layers if deepest is None else deepest
-        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= deepest:
-            raise ValueError(f"{name} {exit_layer!r} is out of range: this model has {self.num_layers} "
-                             f"layers, so it must be an integer in 1..{deepest}")
-        return exit_layer
+        return check_exit_layer(exit_layer, self.num_layers, name, deepest)
 
     # --- the pieces every mode uses ---------------------------------------------------------
 

@@ -24,7 +24,6 @@ no model; `compare` takes any judge function `prompts -> texts`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -32,7 +31,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from soft_ds.data import DataError
 
 # Special tokens PandaLM removes from responses before building its prompt (pandalm_inference.py).
 SPECIAL_TOKENS = re.compile(
@@ -135,29 +133,6 @@ def compare(records: list[dict], responses_a: list[str], responses_b: list[str],
         raise JudgeError(f"the judge returned {len(texts)} outputs for {len(prompts)} prompts")
     a_first, b_first = texts[:len(records)], texts[len(records):]
     return {**score_orders(a_first, b_first), "judgements": {"a_first": a_first, "b_first": b_first}}
-
-
-def load_instructions(path: str | os.PathLike) -> list[dict]:
-    """PandaLM-style records (a JSON list of {"instruction", optional "input"}), as {"instruction",
-    "input"} dicts. Every record is kept: PandaLM's set has one blank instruction (record 161, whose
-    task is in its input) and the paper's T counts all 170. Raises DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"instructions file {path}: no such file")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"instructions file {path}: not valid JSON ({error})") from error
-    if not isinstance(records, list) or not records:
-        raise DataError(f"instructions file {path}: expected a non-empty JSON list of records")
-    out = []
-    for index, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise DataError(f"instructions file {path}: record {index} has no 'instruction' string")
-        if not isinstance(record.get("input") or "", str):
-            raise DataError(f"instructions file {path}: record {index}: 'input' must be a string")
-        out.append({"instruction": record["instruction"], "input": record.get("input") or ""})
-    return out
 
 
 class HFJudge:

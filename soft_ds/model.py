@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 
+from soft_ds.exits import check_exit_layer
+
 # Named tiny models for demos and tests. "debug" is the workhorse of every CPU test.
 PRESETS = {
     "debug": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
@@ -266,9 +268,9 @@ class Llama(nn.Module):
     def add_exit_heads(self, layers) -> None:
         """Give each exit in `layers` (below the last layer) its own head, the SFT+ICT baseline's."""
         for n in layers:
-            if not 1 <= n < self.config.num_hidden_layers:
-                raise ValueError(f"exit head at layer {n}: must be in 1..{self.config.num_hidden_layers - 1} "
-                                 "(the last layer uses the model's own head)")
+            # The last layer keeps the model's own head, so an own head sits at most one layer above it.
+            check_exit_layer(n, self.config.num_hidden_layers, "exit head at layer",
+                             deepest=self.config.num_hidden_layers - 1)
             self.exit_heads[str(n)] = SharedHead(self.config).to(self.lm_head.weight)
 
     @classmethod
@@ -290,9 +292,8 @@ class Llama(nn.Module):
         return out
 
     def forward(self, input_ids: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
-        n = self.config.num_hidden_layers if exit_layer is None else exit_layer
-        if not 1 <= n <= self.config.num_hidden_layers:
-            raise ValueError(f"exit layer {n} outside 1..{self.config.num_hidden_layers}")
+        n = self.config.num_hidden_layers if exit_layer is None else check_exit_layer(
+            exit_layer, self.config.num_hidden_layers, "exit layer")
         return self.head(self.hidden_states(input_ids, [n])[n], n)  # (B, T, V)
 
     def head(self, hidden: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:

@@ -13,10 +13,8 @@ TensorBoard tags:
 
 import json
 import math
-import os
 import sys
 import time
-from typing import NamedTuple
 
 
 def perplexity(loss: float) -> float:
@@ -96,32 +94,3 @@ def error(message: str, rank: int) -> "SystemExit":
     if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     return SystemExit(2)
-
-
-class DistributedEnv(NamedTuple):
-    rank: int
-    local_rank: int
-    world_size: int
-    launcher: str  # whose variables these are
-
-
-# Where each launcher puts a process's place, most specific first: a launcher started inside another
-# (deepspeed or mpirun in an sbatch script) sets its own variables over the outer one's. A row
-# counts only when all three of its variables are set: an sbatch script itself has SLURM_PROCID
-# but not SLURM_STEP_NUM_TASKS, which srun sets in each task of a step.
-LAUNCHER_VARIABLES = (
-    ("deepspeed/torchrun", "RANK", "LOCAL_RANK", "WORLD_SIZE"),
-    ("mpirun (Open MPI)", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
-    ("srun", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"),
-)
-
-
-def distributed_env(environ=os.environ) -> DistributedEnv:
-    """This process's rank, local rank and world size as its launcher set them, before any
-    distributed initialisation: validation and logging need them first. Rank 0 of 1 when no
-    launcher's variables are set (a plain `python soft_ds/train.py`)."""
-    for launcher, *names in LAUNCHER_VARIABLES:
-        if all(name in environ for name in names):
-            rank, local_rank, world_size = (int(environ[name]) for name in names)
-            return DistributedEnv(rank, local_rank, world_size, launcher)
-    return DistributedEnv(0, 0, 1, "no launcher")

@@ -316,29 +316,6 @@ class SoftPipelineEngine(PipelineEngine):
                         schedule.SendGrad: _exec_send_grads}
 
 
-def init_distributed(backend: str | None = None, port: int = 29500) -> None:
-    """Start torch.distributed through DeepSpeed (the accelerator's backend by default: NCCL on
-    GPUs, gloo on CPU) and release DeepSpeed's CPU shared-memory segment.
-
-    On CPU, when every rank is on one machine, DeepSpeed maps a 69 MB segment per rank,
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never unlinks it: each
-    run would leave its segments behind until /dev/shm (RAM) fills. Once every rank has mapped
-    every peer's segment (DeepSpeed's initialisation does that before returning, hence the
-    barrier), the names can go: the mappings live on until the processes exit.
-    """
-    import os
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    deepspeed.init_distributed(dist_backend=backend or get_accelerator().communication_backend_name(),
-                               distributed_port=port)
-    segment = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-               f"{os.environ.get('MASTER_PORT', '')}_{torch_dist.get_rank()}")
-    if os.path.exists(segment):
-        torch_dist.barrier()
-        os.unlink(segment)
-
-
 def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_source,
                    exit_chunk_tokens: int = 0, activation_checkpointing: bool = False) -> SoftPipelineModule:
     """The stage of the model this rank holds, with its weights loaded (distributed must be up)."""

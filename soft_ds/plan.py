@@ -37,6 +37,7 @@ The pipeline bubble of 1F1B is (pp - 1) / (grad_accum + pp - 1).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_s
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
 
 GIB = 2**30
+COMMAND_HELP = "Per-stage memory and FLOPs of a SoFT/SFT pipeline run, from the same partition training uses."
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -165,7 +167,7 @@ def bubble_fraction(pipeline_stages: int, grad_accum: int) -> float:
 
 
 def format_plan(plans: list[StagePlan], grad_accum: int) -> str:
-    """The table `tools/plan.py` prints, one row per stage, then the verdict line."""
+    """The table `soft-ds plan` prints, one row per stage, then the verdict line."""
     def gib(n):
         return f"{n / GIB:.2f}"
 
@@ -190,3 +192,51 @@ def format_plan(plans: list[StagePlan], grad_accum: int) -> str:
                 f"{plans[0].gpu_bytes / GIB:g} GiB (largest: {max(p.memory_bytes for p in plans) / GIB:.2f} GiB)")
     return "\n".join(rows)
 
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 12,16,40, got {text!r}")
+
+
+def main(argv=None):
+    """`soft-ds plan`: print the per-stage plan of a run."""
+    p = argparse.ArgumentParser(description=COMMAND_HELP,
+                                epilog="Formulas: see the docstring of soft_ds/plan.py.")
+    p.add_argument("--model", required=True,
+                   help="7B, 13B or 70B (LLaMA 2 shapes), a test preset (debug, tiny), or a Hugging Face "
+                        "config.json / checkpoint directory")
+    p.add_argument("--exits", type=layer_list, default=None,
+                   help="exit layers, comma-separated (default: exits.default_exit_layers for the depth)")
+    p.add_argument("--mode", choices=("soft", "sft"), default="soft", help="sft: one exit, the last layer")
+    p.add_argument("--pp", type=int, default=1, help="pipeline degree (stages)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel degree (ZeRO-1 shards over it)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch per GPU")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="bf16", action="store_true", default=True,
+                           help="bf16 weights/activations, fp32 master weights (default)")
+    precision.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 everything")
+    p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="ZeRO stage")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each decoder layer in backward")
+    p.add_argument("--exit-chunk-tokens", type=int, default=1024,
+                   help="chunked exit loss: tokens per logits chunk (0: whole micro-batch); as training")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory per device, GiB")
+    args = p.parse_args(argv)
+    config = load_model_config(args.model)  # errors: ValueError subclasses, one line from soft-ds
+    plans = plan(config, args.exits, mode=args.mode, pipeline_stages=args.pp, data_parallel=args.dp,
+                 micro_batch=args.micro_batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                 bf16=args.bf16, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
+                 exit_chunk_tokens=args.exit_chunk_tokens, gpu_gib=args.gpu_gib)
+    print(f"{args.model}: {config.num_hidden_layers} layers, mode {args.mode}, pp {args.pp} x dp {args.dp}, "
+          f"micro-batch {args.micro_batch} x {args.seq_len} tokens, grad_accum {args.grad_accum}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, ZeRO-{args.zero}, activation checkpointing "
+          f"{'on' if args.activation_checkpointing else 'off'}")
+    print(format_plan(plans, args.grad_accum))

@@ -19,7 +19,8 @@ from soft_ds import data as soft_data
 from soft_ds import hf_io
 from soft_ds.exits import make_exits
 from soft_ds.model import PRESETS, check_supported, preset_config, random_weights
-from soft_ds.monitor import Monitor, distributed_env, error
+from soft_ds.distributed import distributed_env
+from soft_ds.monitor import Monitor, error
 from soft_ds.partition import balance_ratio, plan_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,7 +257,8 @@ def main(argv=None):
 
     from deepspeed.accelerator import get_accelerator
 
-    from soft_ds.pipe import build_engine, build_pipeline, init_distributed
+    from soft_ds.distributed import init_distributed
+    from soft_ds.pipe import build_engine, build_pipeline
 
     # DeepSpeed initialises from RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; under mpirun
     # or srun the first three come from the launcher's variables. Without MASTER_ADDR DeepSpeed asks MPI

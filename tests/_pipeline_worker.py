@@ -81,7 +81,8 @@ def main():
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
-    from soft_ds.pipe import build_engine, build_pipeline, init_distributed
+    from soft_ds.distributed import init_distributed
+    from soft_ds.pipe import build_engine, build_pipeline
 
     init_distributed("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

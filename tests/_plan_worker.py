@@ -19,7 +19,8 @@ def main():
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
-    from soft_ds.pipe import build_pipeline, init_distributed
+    from soft_ds.distributed import init_distributed
+    from soft_ds.pipe import build_pipeline
 
     init_distributed("gloo")
     rank = torch.distributed.get_rank()

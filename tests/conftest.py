@@ -31,10 +31,29 @@ def deepspeed_launch(num_procs: int, script: str, *args, timeout=600, check=True
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     if result.returncode == 0:
-        # pipe.init_distributed unlinks DeepSpeed's CPU shared-memory segments (69 MB per rank).
+        # distributed.init_distributed unlinks DeepSpeed's CPU shared-memory segments (69 MB per rank).
         leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
         assert not leaked, f"shared-memory segments left behind: {leaked}"
     return result
+
+
+def run_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """`soft-ds args` in this process (a subprocess per case would cost seconds of imports): its
+    exit code and what it printed."""
+    from soft_ds.cli import main
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def soft_ds_command() -> str:
+    """The installed `soft-ds` console script of the interpreter running the tests."""
+    beside = os.path.join(os.path.dirname(sys.executable), "soft-ds")
+    return beside if os.path.exists(beside) else "soft-ds"
 
 
 def scalars(run_dir) -> dict[str, dict[int, float]]:

@@ -21,6 +21,7 @@ from soft_ds.data import (
     format_prompt,
     global_batch,
     global_batch_indices,
+    load_instructions,
     load_records,
     load_tokenizer,
     tokenize_record,
@@ -385,3 +386,34 @@ def test_bundled_data_end_to_end(tokenizer):
         assert targets[-1] == IGNORE_INDEX and any(t != IGNORE_INDEX for t in targets)
     input_ids, targets = next(batch_iterator(train, 4, 2, 0, 2, 0, 256, tokenizer.pad_token_id))
     assert input_ids.shape == targets.shape == (4, 256)
+
+
+def test_load_instructions(tmp_path, caplog):
+    """One loader for every instruction file: PandaLM's blank-instruction record 161 is kept (its
+    task is in its input; the paper's T is 170); a record with nothing to answer is skipped, named."""
+    records = load_instructions(REPO / "data" / "pandalm_testset_inference_v1.json")
+    assert len(records) == 170 and records[161]["instruction"].strip() == "" and records[161]["input"].strip()
+    assert sum(bool(r["input"]) for r in records) == 140
+    file = tmp_path / "instructions.json"
+    file.write_text(json.dumps([{"instruction": "Add 2 and 3."}, {"instruction": " ", "input": ""},
+                                {"instruction": " ", "input": "2 + 3"}]))
+    with caplog.at_level("WARNING"):
+        assert load_instructions(file) == [{"instruction": "Add 2 and 3.", "input": ""},
+                                           {"instruction": " ", "input": "2 + 3"}]
+    assert "skipping 1 record(s) with a blank instruction and input: [1]" in caplog.text
+
+
+@pytest.mark.parametrize("content,message", [
+    ([{"instruction": "ok"}, {"input": "no instruction"}], "record 1 has no 'instruction' string"),
+    ([{"instruction": "ok", "input": 3}], "record 0: 'input' must be a string"),
+    ([{"instruction": " "}, {"instruction": ""}], "every record's instruction and input are blank"),
+    ([], "expected a non-empty JSON list"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_instruction_files_name_the_problem(tmp_path, content, message):
+    file = tmp_path / "bad.json"
+    file.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(DataError, match=message):
+        load_instructions(file)
+    with pytest.raises(DataError, match="no such file"):
+        load_instructions(tmp_path / "missing.json")

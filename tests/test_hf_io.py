@@ -394,7 +394,7 @@ def test_failure_mid_write_leaves_existing_dir_intact(model, tmp_path, monkeypat
 @pytest.mark.parametrize("exit_layer", [0, 5, -1, 2.0, True])
 def test_bad_exit_layer_writes_nothing(model, tmp_path, exit_layer):
     out = tmp_path / "nested" / "export"
-    with pytest.raises(CheckpointError, match=r"exit_layer=.* must be an integer in 1..4"):
+    with pytest.raises(CheckpointError, match=r"exit_layer .* is out of range: .* must be an integer in 1..4"):
         save_hf_checkpoint(model.state_dict(), model.config, out, exit_layer=exit_layer)
     assert os.listdir(tmp_path) == []
 

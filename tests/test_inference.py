@@ -346,16 +346,17 @@ def test_generate_cli_modes(checkpoint, capsys, tmp_path):
     assert "tokens/s" in output.err
 
 
-def test_generate_cli_skips_blank_instructions_and_says_so(checkpoint, capsys, tmp_path):
-    """The shipped PandaLM set has one blank instruction (record 161): skipped, reported, rest answered."""
+def test_generate_cli_skips_blank_instructions_and_says_so(checkpoint, capsys, caplog, tmp_path):
+    """A record with nothing to answer is skipped and reported, the rest answered; one whose task is
+    in its input (PandaLM's record 161) is answered."""
     directory, _ = checkpoint
     file = tmp_path / "instructions.json"
-    file.write_text(json.dumps([{"instruction": "Add 2 and 3."}, {"instruction": " ", "input": "x"},
-                                {"instruction": "Name a colour."}]))
-    texts, output = run_generate(["--model", str(directory), "--max-new-tokens", "4", "--instructions", str(file)],
-                                 capsys)
+    file.write_text(json.dumps([{"instruction": "Add 2 and 3."}, {"instruction": " ", "input": " "},
+                                {"instruction": " ", "input": "Name a colour."}]))
+    texts, _ = run_generate(["--model", str(directory), "--max-new-tokens", "4", "--instructions", str(file)],
+                            capsys)
     assert len(texts) == 2
-    assert "skipping 1 record(s) with a blank instruction: [1]" in output.err
+    assert "skipping 1 record(s) with a blank instruction and input: [1]" in caplog.text
 
 
 @pytest.mark.parametrize("extra,message", [

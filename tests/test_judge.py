@@ -97,21 +97,6 @@ def test_compare_asks_both_orders_and_averages():
         judge.compare(RECORDS, better, worse, lambda prompts: ["1", "2"])
 
 
-def test_load_instructions(tmp_path):
-    records = judge.load_instructions(REPO / "data" / "pandalm_testset_inference_v1.json")
-    assert len(records) == 170 and records[161]["instruction"].strip() == ""  # kept: the paper's T is 170
-    assert sum(bool(r["input"]) for r in records) == 140
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"instruction": "ok"}, {"input": "no instruction"}]))
-    with pytest.raises(DataError, match="record 1 has no 'instruction' string"):
-        judge.load_instructions(bad)
-    with pytest.raises(DataError, match="no such file"):
-        judge.load_instructions(tmp_path / "missing.json")
-    bad.write_text("{not json")
-    with pytest.raises(DataError, match="not valid JSON"):
-        judge.load_instructions(bad)
-
-
 # --- a real (tiny, random) Hugging Face judge ----------------------------------------------------
 
 

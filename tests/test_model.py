@@ -223,5 +223,5 @@ def test_preset_config():
 def test_exit_layer_out_of_range_is_an_error(bad):
     config = preset_config("debug")
     model = Llama.from_weights(config, random_weights(config, 0))
-    with pytest.raises(ValueError, match=f"exit layer {bad} outside 1..8"):
+    with pytest.raises(ValueError, match=f"exit layer {bad} is out of range: the model has 8 layers"):
         model(torch.zeros(1, 4, dtype=torch.long), exit_layer=bad)

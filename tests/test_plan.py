@@ -1,7 +1,6 @@
-"""soft_ds.plan and tools/plan.py: numbers by hand on the debug model, parameter counts against a
+"""soft_ds.plan and `soft-ds plan`: numbers by hand on the debug model, parameter counts against a
 real DeepSpeed pipeline, the 13B paper layout, and the CLI's errors."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 
 from soft_ds.model import preset_config
 from soft_ds.plan import GIB, bubble_fraction, flops_balance, load_model_config, plan
-from conftest import REPO, deepspeed_launch
+from conftest import REPO, deepspeed_launch, run_cli, soft_ds_command
 
 # debug: H=64, I=128, 8 layers, 4 heads of 16, 2 kv heads (KV = 32), V=512; exits 2,4,6,8.
 LAYER = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q,k,v,o + mlp + 2 norms = 36992
@@ -95,26 +94,12 @@ def test_parameters_match_real_pipeline(tmp_path):
         assert built == {p.stage: p.parameters for p in planned}, mode
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("plan_tool", os.path.join(REPO, "tools", "plan.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_cli(capsys, *args):
-    """tools/plan.py's main in this process (a subprocess per case would cost seconds of imports)."""
-    try:
-        load_tool().main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
+def run_plan(capsys, *args):
+    return run_cli(capsys, "plan", *args)
 
 
 def test_cli_table_and_verdict(capsys):
-    out = run_cli(capsys, "--model", "debug", "--pp", "2", "--dp", "2", "--micro-batch", "2", "--seq-len", "16",
+    out = run_plan(capsys, "--model", "debug", "--pp", "2", "--dp", "2", "--micro-batch", "2", "--seq-len", "16",
                   "--grad-accum", "4", "--zero", "1", "--exit-chunk-tokens", "0", "--gpu-gib", "1")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -122,23 +107,23 @@ def test_cli_table_and_verdict(capsys):
     assert lines[3].split()[:4] == ["1", "5-8", "6,8", "180,800"]
     assert "1F1B bubble: 20.0%" in out.stdout
     assert lines[-1].startswith("slowest stage: 0") and "every stage fits in 1 GiB" in lines[-1]
-    tight = run_cli(capsys, "--model", "debug", "--pp", "2", "--gpu-gib", "0.001")
+    tight = run_plan(capsys, "--model", "debug", "--pp", "2", "--gpu-gib", "0.001")
     assert "do NOT fit" in tight.stdout
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "tools/plan.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([soft_ds_command(), "plan", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "--activation-checkpointing" in out.stdout and "--gpu-gib" in out.stdout
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/config.json"], "neither a named size"),
-    (["--model", "debug", "--exits", "2,9"], "outside the model's depth"),
+    (["--model", "debug", "--exits", "2,9"], "exit(s) [9] out of range for the model: it has 8 layers"),
     (["--model", "debug", "--pp", "5"], "cannot be aligned to exits"),
     (["--model", "debug", "--exits", "2,x"], "comma-separated"),
 ])
 def test_cli_errors(capsys, args, message):
-    out = run_cli(capsys, *args)
+    out = run_plan(capsys, *args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 

@@ -199,7 +199,7 @@ def test_sbatch_trains_on_two_nodes(slurm, tmp_path):
 
 WHERE_AM_I = """
 import os, socket
-from soft_ds.monitor import distributed_env
+from soft_ds.distributed import distributed_env
 place = distributed_env()
 if os.environ.get("CHECK_MPI_DISCOVERY"):
     from deepspeed.comm.comm import mpi_discovery

@@ -121,6 +121,6 @@ def test_error_printed_once_through_the_launcher(tmp_path):
                               check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert output.count("error: exit layer(s) [9] outside the model's depth") == 1
+    assert output.count("error: exit(s) [9] out of range for the model: it has 8 layers") == 1
     assert "Traceback" not in output
     assert not (tmp_path / "out").exists()

@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from benchmark_overhead import proxy_config
 from soft_ds.exits import make_exits
 from soft_ds.model import random_weights
-from soft_ds.pipe import build_engine, build_pipeline, init_distributed
+from soft_ds.distributed import init_distributed
+from soft_ds.pipe import build_engine, build_pipeline
 
 SEED = 0
 MEASURED = "measured_step"

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from soft_ds import evaluate, judge, triviaqa  # noqa: E402
 from soft_ds.config import SoftOptions  # noqa: E402
-from soft_ds.data import DataError, build_datasets, encode_prompt, load_tokenizer  # noqa: E402
+from soft_ds.data import DataError, build_datasets, encode_prompt, load_instructions, load_tokenizer  # noqa: E402
 from soft_ds.exits import default_exit_layers  # noqa: E402
 from soft_ds.hf_io import CheckpointError, load_llama_config, load_model  # noqa: E402
 from soft_ds.inference import DTYPES, SoftGenerator, checkpoint_tokenizer  # noqa: E402
@@ -422,7 +422,7 @@ def run_judge(parser, args):
              for role, (name, _) in systems.items()}
     tokenizers = {role: tokenizer_for(parser, args, name, path) for role, (name, path) in systems.items()}
     try:
-        records = judge.load_instructions(args.instructions)[:args.limit]
+        records = load_instructions(args.instructions)[:args.limit]
         judge_model = judge.HFJudge(args.judge, device=args.device, dtype=DTYPES[args.dtype],
                                     max_new_tokens=args.judge_max_new_tokens, num_beams=args.judge_beams,
                                     repetition_penalty=args.judge_repetition_penalty, batch_size=args.judge_batch_size)

@@ -21,9 +21,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from soft_ds.data import DataError, encode_prompt, load_tokenizer  # noqa: E402
+from soft_ds.data import DataError, encode_prompt, load_instructions, load_tokenizer  # noqa: E402
 from soft_ds.hf_io import CheckpointError, load_llama_config  # noqa: E402
-from soft_ds.inference import CONFIDENCE_MEASURES, DTYPES, Sampling, SoftGenerator, check_exit_layers  # noqa: E402
+from soft_ds.exits import check_exit_layer, check_exit_layers  # noqa: E402
+from soft_ds.inference import CONFIDENCE_MEASURES, DTYPES, Sampling, SoftGenerator  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +79,13 @@ def check_args(parser, args) -> None:
 
 def check_depths(parser, args, num_layers: int) -> list[int] | None:
     """Exit arguments against the model's depth; returns the --exits list (or None)."""
-    if args.exit is not None and not 1 <= args.exit <= num_layers:
-        parser.error(f"--exit {args.exit} is out of range: the model has {num_layers} layers (1..{num_layers})")
-    if args.speculative_exit is not None and not 1 <= args.speculative_exit < num_layers:
-        parser.error(f"--speculative-exit {args.speculative_exit} is out of range: the draft must be "
-                     f"shallower than the model's {num_layers} layers (1..{num_layers - 1})")
+    try:
+        if args.exit is not None:
+            check_exit_layer(args.exit, num_layers, "--exit")
+        if args.speculative_exit is not None:  # the draft must be shallower than the model
+            check_exit_layer(args.speculative_exit, num_layers, "--speculative-exit", deepest=num_layers - 1)
+    except ValueError as error:
+        parser.error(str(error))
     if args.exits is None:
         return None
     try:
@@ -95,45 +98,17 @@ def check_depths(parser, args, num_layers: int) -> list[int] | None:
         parser.error(f"--exits {args.exits!r}: {error}")
 
 
-def read_instructions(parser, path: str) -> list[dict]:
-    """Alpaca-style records from a JSON list; only instruction (required) and input are used."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except FileNotFoundError:
-        parser.error(f"--instructions {path}: no such file")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        parser.error(f"--instructions {path}: not valid JSON ({error})")
-    if not isinstance(records, list) or not records:
-        parser.error(f"--instructions {path}: expected a non-empty JSON list of records")
-    blank = []
-    for index, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            parser.error(f"--instructions {path}: record {index} has no 'instruction' string")
-        if not isinstance(record.get("input") or "", str):
-            parser.error(f"--instructions {path}: record {index}: 'input' must be a string")
-        if not record["instruction"].strip():
-            blank.append(index)
-    if len(blank) == len(records):
-        parser.error(f"--instructions {path}: every record's instruction is blank")
-    if blank:
-        # Real sets have a few (PandaLM's record 161 is ' '): say so and go on, never silently.
-        print(f"note: skipping {len(blank)} record(s) with a blank instruction: {blank}", file=sys.stderr)
-    return [record for index, record in enumerate(records) if index not in set(blank)]
-    return records
-
-
 def main(argv=None) -> list[str]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    if args.prompt is not None:
-        records = [{"instruction": args.prompt}]
-    else:
-        records = read_instructions(parser, args.instructions)
     try:
+        if args.prompt is not None:
+            records = [{"instruction": args.prompt}]
+        else:
+            records = load_instructions(args.instructions)
         config = load_llama_config(args.model)
-    except CheckpointError as error:
+    except (CheckpointError, DataError) as error:
         parser.error(str(error))
     exits = check_depths(parser, args, config.num_hidden_layers)
     try:

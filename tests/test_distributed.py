@@ -4,7 +4,7 @@ launchers: test_train.py for deepspeed, test_mpirun.py for mpirun, test_slurm.py
 
 import pytest
 
-from soft_ds.monitor import DistributedEnv, distributed_env
+from soft_ds.distributed import DistributedEnv, distributed_env
 
 DEEPSPEED = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}
 MPIRUN = {"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_LOCAL_RANK": "2", "OMPI_COMM_WORLD_SIZE": "8"}
