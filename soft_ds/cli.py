@@ -24,6 +24,8 @@ COMMANDS = {
     "train": ("soft_ds.train", "Sorted Fine-Tuning on a DeepSpeed pipeline (this process; launch ranks "
                                "with `deepspeed soft_ds/train.py`)"),
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
+    "train-tokenizer": ("soft_ds.train_tokenizer", "train the small LLaMA-style SentencePiece tokenizer bundled in "
+                                                    "data/tokenizer"),
 }
 
 

@@ -110,8 +110,9 @@ def load_records(path):
     """Read and validate an Alpaca file: `.json` (a list of objects) or `.jsonl` (one per line).
 
     Returns a `datasets.Dataset` with string columns instruction, input, output (a missing or
-    null input becomes ""); other fields are dropped. Writes nothing to disk. Raises DataError
-    naming the file, and for a bad record its 0-based index and the field.
+    null input becomes ""); other fields are dropped. Records with an empty output are kept and
+    reported by their 0-based index; a file of only such records is refused. Writes nothing to
+    disk. Raises DataError naming the file, and for a bad record its 0-based index and the field.
     """
     path = Path(path)
     if not path.is_file():
@@ -132,6 +133,14 @@ def load_records(path):
         _validate_record(path, index, line, raw)
         for index, (line, raw) in enumerate(zip(lines, raw_records))
     ]
+    # An empty output only teaches the model to stop at once: almost always a data mistake.
+    empty = [index for index, record in enumerate(records) if not record["output"].strip()]
+    if len(empty) == len(records):
+        raise DataError(f"data file {path}: every record's output is empty; there is no response to learn")
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        logger.warning("%s: %d of %d records have an empty output (records %s): they teach only the eos",
+                       path, len(empty), len(records), shown)
     return datasets.Dataset.from_list(records)
 
 

@@ -1,6 +1,5 @@
 """soft_ds.data against hand-computed references, on the bundled tokenizer and Alpaca subset."""
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -9,6 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from conftest import run_cli
 from soft_ds.data import (
     IGNORE_INDEX,
     PROMPT_NO_INPUT,
@@ -79,20 +79,27 @@ def test_tokenizer_errors_name_the_path(tmp_path):
         load_tokenizer(garbage)
 
 
-def test_train_tokenizer_tool_writes_a_loadable_tokenizer(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "tools" / "train_tokenizer.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_train_tokenizer_command_writes_a_loadable_tokenizer(tmp_path, capsys):
     small = write_records(tmp_path / "small.json", json.loads(ALPACA.read_text())[:300])
-    tool.main(["--data", str(small), "--vocab-size", "600", "--out", str(tmp_path / "tok")])
+    out = run_cli(capsys, "train-tokenizer", "--data", small, "--vocab-size", "600", "--out", tmp_path / "tok")
+    assert out.returncode == 0 and out.stdout.startswith(f"wrote {tmp_path / 'tok'} (600 pieces"), out.stderr
     tokenizer = load_tokenizer(tmp_path / "tok")
     assert len(tokenizer) == 600
     written = {path.name for path in (tmp_path / "tok").iterdir()}
     assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= written
     # Deterministic: a second run writes the same model.
-    tool.main(["--data", str(small), "--vocab-size", "600", "--out", str(tmp_path / "again")])
+    run_cli(capsys, "train-tokenizer", "--data", small, "--vocab-size", "600", "--out", tmp_path / "again")
     first, second = (tmp_path / name / "tokenizer.model" for name in ("tok", "again"))
     assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--vocab-size", "259"], "error: --vocab-size 259 is too small: byte fallback alone needs 259"),
+    (["--data", "/nonexistent.json"], "error: data file /nonexistent.json: no such file"),
+])
+def test_train_tokenizer_command_refuses_bad_input(tmp_path, capsys, args, message):
+    out = run_cli(capsys, "train-tokenizer", "--out", tmp_path / "tok", *args)
+    assert out.returncode == 2 and out.stderr.strip() == message and not (tmp_path / "tok").exists()
 
 
 def test_bundled_tokenizer_is_small():
@@ -307,6 +314,16 @@ def test_records_without_targets_are_counted_and_dropped(tmp_path, tokenizer, ca
     assert train["output"] == [RECORD["output"], long_answer["output"]]
     assert "2 of 3 train records are longer than max_length=128 and were truncated" in caplog.text
     assert "dropping 1 train records whose prompt alone fills max_length=128" in caplog.text
+
+
+def test_empty_outputs_are_reported_by_record_and_an_all_empty_file_refused(tmp_path, caplog):
+    path = write_records(tmp_path / "r.json", [RECORD, {**RECORD, "output": ""}, RECORD, {**RECORD, "output": " \n"}])
+    with caplog.at_level(logging.WARNING, logger="soft_ds.data"):
+        assert len(load_records(path)) == 4
+    assert "2 of 4 records have an empty output (records 1, 3)" in caplog.text
+    empty = write_records(tmp_path / "empty.json", [{**RECORD, "output": ""}] * 3)
+    with pytest.raises(DataError, match="every record's output is empty"):
+        load_records(empty)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,17 +6,17 @@ SentencePiece recipe (BPE, byte fallback, split digits, identity normalization, 
 <unk>=0 <s>=1 </s>=2, no pad piece) so code written against it works unchanged with a real
 LLaMA tokenizer.
 
-    python tools/train_tokenizer.py --data data/alpaca_5000.json --vocab-size 4096 --out data/tokenizer
+    soft-ds train-tokenizer --data data/alpaca_5000.json --vocab-size 4096 --out data/tokenizer
 """
 
 import argparse
 import io
-import json
-import sys
 import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
+
+from soft_ds.data import DataError, load_records
 
 # The model is shipped in the repository; keep it under this size (bytes) so clones stay light.
 MAX_TOKENIZER_DIR_BYTES = 1_000_000
@@ -30,26 +30,24 @@ STALE_TOKENIZER_FILES = (
 )
 
 
-def alpaca_lines(data_path):
-    """Yield the training text of an Alpaca JSON list: instruction, input and output, one line each.
+def alpaca_lines(records):
+    """Yield the training text of Alpaca records: instruction, input and output, one line each.
 
     Text is split on newlines so no piece ever contains "\\n": as in LLaMA, a newline is then
     encoded through byte fallback as <0x0A>.
     """
-    with open(data_path, encoding="utf-8") as handle:
-        records = json.load(handle)
     for record in records:
         for field in ("instruction", "input", "output"):
-            for line in (record.get(field) or "").split("\n"):
+            for line in record[field].split("\n"):
                 if line.strip():
                     yield line
 
 
-def train_sentencepiece(data_path, vocab_size):
+def train_sentencepiece(records, vocab_size):
     """Return the serialized SentencePiece model (bytes) trained on the Alpaca text."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=alpaca_lines(data_path),
+        sentence_iterator=alpaca_lines(records),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -98,7 +96,7 @@ def write_tokenizer_dir(model_bytes, out_dir):
     return tokenizer
 
 
-def check_tokenizer_dir(out_dir, vocab_size, data_path):
+def check_tokenizer_dir(out_dir, vocab_size, record):
     """Reload out_dir as a user would and fail loudly if it is not the tokenizer we trained."""
     from transformers import AutoTokenizer
 
@@ -115,8 +113,6 @@ def check_tokenizer_dir(out_dir, vocab_size, data_path):
             f"{(tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)}, "
             "expected (0, 1, 2)"
         )
-    with open(data_path, encoding="utf-8") as handle:
-        record = json.load(handle)[0]
     samples = [
         record["instruction"] + "\n" + record["output"],
         "Tabs\tand  double spaces, digits 12345, accents café, emoji 🦙.",
@@ -137,7 +133,7 @@ def check_tokenizer_dir(out_dir, vocab_size, data_path):
     if size > MAX_TOKENIZER_DIR_BYTES:
         problems.append(f"{out_dir} holds {size} bytes, more than {MAX_TOKENIZER_DIR_BYTES}")
     if problems:
-        raise SystemExit("tokenizer check failed:\n  " + "\n  ".join(problems))
+        raise DataError(f"the tokenizer written to {out_dir} failed its check: " + "; ".join(problems))
     return size
 
 
@@ -171,17 +167,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """`soft-ds train-tokenizer`: train, write, reload and check; DataError on bad input."""
     args = parse_args(argv)
     # 3 special pieces + 256 byte pieces must fit, with room for merges.
     if args.vocab_size <= 259:
-        raise SystemExit(f"--vocab-size {args.vocab_size} is too small: byte fallback alone needs 259")
-    if not Path(args.data).is_file():
-        raise SystemExit(f"--data {args.data}: no such file")
-    model_bytes = train_sentencepiece(args.data, args.vocab_size)
+        raise DataError(f"--vocab-size {args.vocab_size} is too small: byte fallback alone needs 259")
+    records = load_records(args.data)  # checked before any training
+    model_bytes = train_sentencepiece(records, args.vocab_size)
     write_tokenizer_dir(model_bytes, args.out)
-    size = check_tokenizer_dir(args.out, args.vocab_size, args.data)
+    size = check_tokenizer_dir(args.out, args.vocab_size, records[0])
     print(f"wrote {args.out} ({args.vocab_size} pieces, {size} bytes)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
