@@ -24,6 +24,8 @@ COMMANDS = {
     "train": ("soft_ds.train", "Sorted Fine-Tuning on a DeepSpeed pipeline (this process; launch ranks "
                                "with `deepspeed soft_ds/train.py`)"),
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
+    "generate": ("soft_ds.inference.generate", "text from an exported checkpoint: any exit, speculative, dynamic"),
+    "bench": ("soft_ds.bench", "benchmarks: SoFT's training overhead over SFT, inference speed per exit"),
 }
 
 
