@@ -26,6 +26,8 @@ COMMANDS = {
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
     "train-tokenizer": ("soft_ds.train_tokenizer", "train the small LLaMA-style SentencePiece tokenizer bundled in "
                                                     "data/tokenizer"),
+    "generate": ("soft_ds.inference.generate", "text from an exported checkpoint: any exit, speculative, dynamic"),
+    "bench": ("soft_ds.bench", "benchmarks: SoFT's training overhead over SFT, inference speed per exit"),
 }
 
 

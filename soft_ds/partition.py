@@ -46,10 +46,13 @@ def head_to_layer_ratio(config, seq_len: int) -> float:
     return head_flops(config) / decoder_layer_flops(config, seq_len)
 
 
-def vocab_for_ratio(config, ratio: float, seq_len: int) -> int:
-    """The vocabulary at which `config`'s shape has head/layer FLOPs `ratio` (head FLOPs are
-    linear in the vocabulary; a layer's do not depend on it): how cost proxies match a big model."""
-    return round(ratio * decoder_layer_flops(config, seq_len) / (2.0 * config.hidden_size))
+def exit_flop_ratio(config, exit_layer: int, context: float) -> float:
+    """FLOPs per decoded token of the full model / of exit n (its n layers and the head), at
+    `context` tokens of context: the most that decoding at exit n can gain over the full model."""
+    # Decoding one token at context c attends over c keys: decoder_layer_flops counts the causal
+    # half of its seq_len, so seq_len = 2c gives the per-token attention at context c.
+    layer, head = decoder_layer_flops(config, 2 * context), head_flops(config)
+    return (config.num_hidden_layers * layer + head) / (exit_layer * layer + head)
 
 
 def partition(num_layers: int, exit_layers, num_stages: int, layer_cost: float = 1.0,

@@ -1,17 +1,16 @@
-"""Smoke test of tools/benchmark_overhead.py: a very small run prints both ratios, the analytic
+"""Smoke test of `soft-ds bench overhead`: a very small run prints both ratios, the analytic
 FLOP share and a verdict per goal. (Its figures are not checked: speed is judged by running the
 benchmark, never by a timed test.)"""
 
 import re
 import subprocess
-import sys
 
-from conftest import REPO
+from conftest import REPO, soft_ds_command
 
 
 def test_benchmark_prints_ratios_and_verdicts():
     result = subprocess.run(
-        [sys.executable, "tools/benchmark_overhead.py", "--layers", "10", "--hidden", "64", "--intermediate", "172",
+        [soft_ds_command(), "bench", "overhead", "--layers", "10", "--hidden", "64", "--intermediate", "172",
          "--seq-len", "32", "--grad-accum", "2", "--warmup", "1", "--repeats", "2", "--steps", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

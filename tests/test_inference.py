@@ -1,7 +1,6 @@
-"""soft_ds.inference and its CLIs on the "debug" tiny model, in float64 so that token equality with
+"""soft_ds.inference and its commands on the "debug" tiny model, in float64 so that token equality with
 a reference cannot be broken by rounding (the batched and cached kernels sum in other orders)."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -9,22 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import run_cli
 from test_model import hf_reference
 
 from soft_ds import inference
+from soft_ds.bench import inference as benchmark_inference
+from soft_ds.inference import generate
 from soft_ds.inference import Sampling, SoftGenerator, speculative_accept
 from soft_ds.inference import KVCache
 from soft_ds.model import Llama, preset_config
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW = 10
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def hf_model(config, seed=0) -> transformers.LlamaForCausalLM:
@@ -245,7 +240,7 @@ def test_dynamic_exit_fills_deeper_caches_exactly(peaked, monkeypatch, batch):
             super().__init__(*args, **kwargs)
             caches.append(self)
 
-    monkeypatch.setattr(inference, "KVCache", RecordingCache)
+    monkeypatch.setattr(inference.core, "KVCache", RecordingCache)
     prompts, threshold = random_prompts(batch, seed=11), 0.5
     result = peaked.generate_dynamic(prompts, threshold, max_new_tokens=16)
     cache = caches[0]
@@ -259,7 +254,7 @@ def test_dynamic_exit_fills_deeper_caches_exactly(peaked, monkeypatch, batch):
     caches.clear()
     fed = [prompt + tokens[:-1] for prompt, tokens in zip(prompts, result.tokens)]
     with torch.inference_mode():
-        reference, _, _ = peaked._prefill(fed, 8, 0)
+        reference, _, _ = peaked.prefill(fed, 8, 0)
     assert reference.columns == cache.columns
     valid = cache.valid[:, :cache.columns]
     assert sum(cache.lengths) > 0
@@ -314,7 +309,7 @@ def test_from_pretrained_matches_hf(checkpoint):
 
 
 def run_generate(args, capsys):
-    texts = load_tool("generate").main(args)
+    texts = generate.main(args)
     return texts, capsys.readouterr()
 
 
@@ -370,11 +365,9 @@ def test_generate_cli_skips_blank_instructions_and_says_so(checkpoint, capsys, c
 ])
 def test_generate_cli_rejects_bad_numbers(checkpoint, capsys, extra, message):
     directory, _ = checkpoint
-    with pytest.raises(SystemExit) as raised:
-        run_generate(["--model", str(directory), "--prompt", "hi"] + extra, capsys)
-    assert raised.value.code == 2
-    error = capsys.readouterr().err
-    assert message in error and "Traceback" not in error
+    result = run_cli(capsys, "generate", "--model", directory, "--prompt", "hi", *extra)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_generate_cli_rejects_bad_inputs(checkpoint, capsys, tmp_path):
@@ -388,16 +381,15 @@ def test_generate_cli_rejects_bad_inputs(checkpoint, capsys, tmp_path):
         (["--model", str(directory), "--instructions", str(bad_records)], "record 1 has no 'instruction' string"),
     ]
     for args, message in cases:
-        with pytest.raises(SystemExit) as raised:
-            run_generate(args, capsys)
-        assert raised.value.code == 2
-        assert message in capsys.readouterr().err
+        result = run_cli(capsys, "generate", *args)
+        assert result.returncode == 2
+        assert message in result.stderr
 
 
 def test_benchmark_smoke(checkpoint, capsys, tmp_path):
     directory, _ = checkpoint
     plot = tmp_path / "speed.png"
-    goals = load_tool("benchmark_inference").main([
+    goals = benchmark_inference.main([
         "--model", str(directory), "--num-prompts", "2", "--max-new-tokens", "3", "--repeats", "1",
         "--draft-tokens", "2", "--thresholds", "0,1", "--exits", "2,4,8",
         "--proxy-layers", "4", "--proxy-hidden", "64", "--proxy-intermediate", "172", "--proxy-draft-exits", "2",

@@ -1,4 +1,5 @@
-"""One rank of tools/benchmark_overhead.py (started by the `deepspeed` launcher, one rank per stage).
+"""One rank of `soft-ds bench overhead` (overhead.py starts it by file path with the `deepspeed`
+launcher, one rank per stage).
 
 Builds SFT and SoFT engines, each with the exit loss whole (chunk 0) and chunked, on the same
 pipeline. Per engine: build, warm up and run one measured step under the profiler's memory events
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmark_overhead import proxy_config
+from soft_ds.bench.proxy import proxy_config
 from soft_ds.exits import make_exits
 from soft_ds.model import random_weights
 from soft_ds.distributed import init_distributed
@@ -138,7 +139,7 @@ def main():
     init_distributed("gloo")
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     assert world == args.stages, f"one rank per stage: world {world} != stages {args.stages}"
-    config = proxy_config(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len)
+    config = proxy_config(args.layers, args.hidden, args.intermediate, args.heads, args.vocab, args.seq_len)
     batches = make_batches(args)
     variants = [f"{mode}/{chunk}" for chunk in (0, args.chunk_tokens) for mode in ("sft", "soft")]
 

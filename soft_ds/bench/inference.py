@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Inference speed of a SoFT model, in one run on the same prompts: every exit, self-speculative
 decoding per draft exit and k, dynamic exit per threshold; goals PASS/MISS; a PNG of speed vs exit.
 
-    python tools/benchmark_inference.py --model exported/full       # a SoFT checkpoint (HF directory)
-    python tools/benchmark_inference.py                             # random stand-ins (see below)
+    soft-ds bench inference --model exported/full       # a SoFT checkpoint (HF directory)
+    soft-ds bench inference                             # random stand-ins (see below)
 
 Prompts: the first --num-prompts PandaLM test instructions (data/pandalm_testset_inference_v1.json)
 formatted with the training template (`data.encode_prompt`). Every configuration generates exactly
@@ -17,10 +16,9 @@ Two models are measured:
   1. --model DIR, or without it a random "tiny"-preset model (the shape of the SoFT demo model).
      A random model's exits do not agree with its full model, so its acceptance and agreement
      numbers (and the speculative and dynamic goals) say nothing about a trained SoFT model.
-  2. A cost proxy of LLaMA 2 13B: its depth (40 layers) and exits {12, 16, ..., 40}, a smaller
-     width, and the vocabulary chosen so that head FLOPs / decoder-layer FLOPs equals the 13B's
-     (0.512 at sequence length 512, from partition.decoder_layer_flops / head_flops): exit speed
-     vs FLOPs then has the 13B's proportions. Its weights are random with every residual branch
+  2. The cost proxy of LLaMA 2 13B (proxy.py): its depth (40 layers) and exits {12, 16, ..., 40},
+     a smaller width, and the vocabulary chosen so that head FLOPs / decoder-layer FLOPs equals the
+     13B's (0.512 at sequence length 512): exit speed vs FLOPs then has the 13B's proportions. Its weights are random with every residual branch
      (o_proj, down_proj) scaled by --proxy-damping, 0 by default: the branches still cost their
      full FLOPs, but every exit then predicts exactly what the full model predicts, so its
      speculative and dynamic rows show what the mechanics give at full agreement (a synthetic
@@ -28,51 +26,36 @@ Two models are measured:
 
 Goals (from the issue), checked on each model:
   exit n tokens/s / full tokens/s >= 0.9 x FLOP ratio, FLOP ratio = FLOPs/token(full) / FLOPs/token(exit n)
-      at the run's mean context length;
+      at the run's mean context length (`partition.exit_flop_ratio`);
   self-speculative >= 1.8x plain full-model greedy, among draft exits with acceptance >= 0.8;
   dynamic exit >= 1.5x at >= 97% token agreement with full-model greedy (same token at the same
       position of the same prompt).
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
+import torch
+from transformers import LlamaConfig
 
-from soft_ds.data import encode_prompt, load_tokenizer  # noqa: E402
-from soft_ds.exits import PAPER_EXITS_40, default_exit_layers  # noqa: E402
-from soft_ds.hf_io import CheckpointError  # noqa: E402
-from soft_ds.inference import SoftGenerator  # noqa: E402
-from soft_ds.model import Llama, llama2_config, preset_config, random_weights  # noqa: E402
-from soft_ds.partition import decoder_layer_flops, head_flops, head_to_layer_ratio, vocab_for_ratio  # noqa: E402
+from soft_ds.bench.proxy import LLAMA2_13B, LLAMA2_13B_SEQ_LEN, head_layer_ratio, proxy_config
+from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
+from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers
+from soft_ds.inference import SoftGenerator
+from soft_ds.inference.core import CONFIDENCE_MEASURES, check_positive_integer
+from soft_ds.inference.dynamic import check_threshold
+from soft_ds.model import Llama, preset_config, random_weights
+from soft_ds.partition import exit_flop_ratio
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PANDALM = REPO / "data" / "pandalm_testset_inference_v1.json"
 TOKENIZER = REPO / "data" / "tokenizer"
-LLAMA2_13B = llama2_config("13B")
-RATIO_SEQ_LEN = 512  # sequence length at which the proxy matches the 13B's head/layer FLOP ratio
 GOAL_EXIT_FRACTION, GOAL_SPECULATIVE, GOAL_DYNAMIC, GOAL_AGREEMENT = 0.9, 1.8, 1.5, 0.97
 GOOD_ACCEPTANCE = 0.8  # "where the draft exit agrees well"
-
-
-def head_layer_ratio(config) -> float:
-    return head_to_layer_ratio(config, RATIO_SEQ_LEN)
-
-
-def proxy_config(layers: int, hidden: int, intermediate: int, heads: int) -> LlamaConfig:
-    """LLaMA 2 13B's depth and proportions at a smaller width; the vocabulary makes the head/layer
-    FLOP ratio the 13B's (head FLOPs are linear in the vocabulary, so it is solved for directly)."""
-    shape = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                 num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096)
-    vocab = vocab_for_ratio(LlamaConfig(**shape), head_layer_ratio(LLAMA2_13B), RATIO_SEQ_LEN)
-    return LlamaConfig(**shape, vocab_size=vocab)
 
 
 def build_random(config: LlamaConfig, seed: int, damping: float = 1.0) -> Llama:
@@ -86,7 +69,7 @@ def build_random(config: LlamaConfig, seed: int, damping: float = 1.0) -> Llama:
 
 
 def load_prompts(tokenizer, count: int) -> list[list[int]]:
-    records = json.loads(PANDALM.read_text())[:count]
+    records = load_instructions(PANDALM)[:count]
     return [encode_prompt(record, tokenizer) for record in records]
 
 
@@ -151,9 +134,6 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits) -> di
     num_tokens = sum(map(len, full_tokens))
     speed = {key: num_tokens / statistics.median(times) for key, times in seconds.items()}
     context = statistics.mean(len(prompt) for prompt in prompts) + args.max_new_tokens / 2
-    # Decoding one token at context c attends over c keys: decoder_layer_flops counts the causal
-    # half of its seq_len, so seq_len = 2c gives the per-token attention at context c.
-    layer, head = decoder_layer_flops(generator.config, 2 * context), head_flops(generator.config)
 
     def agreement(key):
         pairs = [(a, b) for ours, full in zip(tokens_of(key), full_tokens) for a, b in zip(ours, full)]
@@ -161,9 +141,9 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits) -> di
 
     rows = {"exits": [], "speculative": [], "dynamic": []}
     for n in exits:
-        flop_ratio = (L * layer + head) / (n * layer + head)
         rows["exits"].append(dict(exit=n, tokens_per_s=speed[("exit", n)],
-                                  speed_ratio=speed[("exit", n)] / speed[("exit", L)], flop_ratio=flop_ratio,
+                                  speed_ratio=speed[("exit", n)] / speed[("exit", L)],
+                                  flop_ratio=exit_flop_ratio(generator.config, n, context),
                                   agreement=agreement(("exit", n))))
     for n in draft_exits:
         for k in args.draft_tokens:
@@ -271,7 +251,9 @@ def plot(path: Path, curves) -> str:
     return f"plot written to {path}"
 
 
-def main(argv=None):
+def main(argv=None) -> dict[str, list[str]]:
+    """`soft-ds bench inference`: print the tables and goal lines, write the plot; return the goal
+    lines per model."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="exported SoFT checkpoint (HF directory); default: a random tiny model")
     p.add_argument("--num-prompts", type=int, default=8, help="PandaLM instructions used (of 170)")
@@ -281,7 +263,7 @@ def main(argv=None):
     p.add_argument("--exits", help="comma-separated exits (default: the training default for the depth)")
     p.add_argument("--draft-tokens", default="2,4,6", help="k values for self-speculative decoding")
     p.add_argument("--thresholds", default="0,0.2,0.4,0.6,0.8,0.9,0.95,1", help="dynamic-exit thresholds")
-    p.add_argument("--confidence", default="max_prob", choices=("max_prob", "margin"))
+    p.add_argument("--confidence", default="max_prob", choices=CONFIDENCE_MEASURES)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto: process CPU time on a CPU with one thread, else wall time")
@@ -301,25 +283,23 @@ def main(argv=None):
                         "full model does)")
     p.add_argument("--plot", default="runs/benchmark_inference.png", help="PNG of speed vs exit")
     args = p.parse_args(argv)
+    # The library's own checks, under the options' names, before any model is built.
     for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats", "threads"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer")
+        check_positive_integer(getattr(args, name), f"--{name.replace('_', '-')}")
     args.draft_tokens = parse_list(args.draft_tokens)
     args.thresholds = parse_list(args.thresholds, float)
     args.proxy_thresholds = parse_list(args.proxy_thresholds, float)
-    if any(k <= 0 for k in args.draft_tokens):
-        p.error("--draft-tokens must be positive integers")
-    if not all(0 <= t <= 1 for t in args.thresholds + args.proxy_thresholds):
-        p.error("--thresholds and --proxy-thresholds must lie in [0, 1]")
+    for k in args.draft_tokens:
+        check_positive_integer(k, "each of --draft-tokens")
+    for name in ("thresholds", "proxy_thresholds"):
+        for threshold in getattr(args, name):
+            check_threshold(threshold, f"each of --{name.replace('_', '-')}")
     torch.set_num_threads(args.threads)
     if args.clock == "auto":
         args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
 
     if args.model:
-        try:
-            generator = SoftGenerator.from_pretrained(args.model, device=args.device)
-        except CheckpointError as error:
-            p.error(str(error))
+        generator = SoftGenerator.from_pretrained(args.model, device=args.device)
         title = f"model {args.model}"
         note = "SoFT checkpoint"
     else:
@@ -332,20 +312,15 @@ def main(argv=None):
     config = generator.config
     L = config.num_hidden_layers
     exits = parse_list(args.exits) if args.exits else list(default_exit_layers(L))
-    if L not in exits:
-        exits.append(L)
-    if not all(1 <= n <= L for n in exits):
-        p.error(f"--exits must lie in 1..{L}")
-    exits = sorted(set(exits))
+    exits = list(check_exit_layers(exits + [L], L))  # the full model is always measured
     prompts = load_prompts(tokenizer, args.num_prompts)
-    if max(map(max, prompts)) >= config.vocab_size:
-        p.error(f"the tokenizer ({len(tokenizer)} pieces) does not fit the model's vocabulary ({config.vocab_size})")
+    generator.check_prompts(prompts, args.max_new_tokens)
     print(f"soft-ds inference benchmark: {len(prompts)} PandaLM prompts (training template), "
           f"{args.max_new_tokens} new tokens each, batch {args.batch_size}, greedy, "
           f"{next(generator.model.parameters()).dtype} on {args.device}, {args.threads} CPU thread(s), "
           f"{args.clock} clock, median of {args.repeats} interleaved rounds")
     shape = (f"{L} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
-             f"head/layer FLOPs {head_layer_ratio(config):.2f} at seq {RATIO_SEQ_LEN}")
+             f"head/layer FLOPs {head_layer_ratio(config):.2f} at seq {LLAMA2_13B_SEQ_LEN}")
     rows = run_suite(generator, prompts, args, exits, [n for n in exits if n < L])
     goals = {"model": report(f"{title}: {shape}", rows, note)}
     curves = [(f"model ({L} layers)", rows)]
@@ -378,7 +353,3 @@ def main(argv=None):
             print(f"   [{name}] {line}")
     print(f"   {plot(Path(args.plot), curves)}")
     return goals
-
-
-if __name__ == "__main__":
-    main()

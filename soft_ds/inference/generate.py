@@ -1,10 +1,10 @@
-#!/usr/bin/env python
-"""Generate text with an exported SoFT checkpoint: any exit, self-speculative, or dynamic exit.
+"""`soft-ds generate`: text from an exported SoFT checkpoint, at any exit, self-speculative, or
+with dynamic exit.
 
-    python tools/generate.py --model exported/full --prompt "Name three primary colors."
-    python tools/generate.py --model exported/full --prompt "..." --exit 4
-    python tools/generate.py --model exported/full --prompt "..." --speculative-exit 4 --draft-tokens 3
-    python tools/generate.py --model exported/full --instructions data/pandalm_testset_inference_v1.json \\
+    soft-ds generate --model exported/full --prompt "Name three primary colors."
+    soft-ds generate --model exported/full --prompt "..." --exit 4
+    soft-ds generate --model exported/full --prompt "..." --speculative-exit 4 --draft-tokens 3
+    soft-ds generate --model exported/full --instructions data/pandalm_testset_inference_v1.json \\
         --dynamic-threshold 0.9 --output answers.json
 
 A prompt is formatted with the training template (`data.encode_prompt`: [bos] + the Alpaca
@@ -12,23 +12,31 @@ prompt), as an instruction with --prompt or as Alpaca-style records ({"instructi
 with --instructions; --raw feeds the --prompt text as it is. Greedy unless --temperature > 0.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
+import torch
 
-from soft_ds.data import DataError, encode_prompt, load_instructions, load_tokenizer  # noqa: E402
-from soft_ds.hf_io import CheckpointError, load_llama_config  # noqa: E402
-from soft_ds.exits import check_exit_layer, check_exit_layers  # noqa: E402
-from soft_ds.inference import CONFIDENCE_MEASURES, DTYPES, Sampling, SoftGenerator  # noqa: E402
+from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
+from soft_ds.exits import check_exit_layer, check_exit_layers
+from soft_ds.hf_io import CheckpointError, load_llama_config
+from soft_ds.inference.core import (CONFIDENCE_MEASURES, DTYPES, Sampling, check_positive_integer, check_temperature,
+                                    check_top_p)
+from soft_ds.inference.dynamic import check_threshold
+from soft_ds.inference.generator import SoftGenerator
+from soft_ds.inference.speculative import check_draft_exit
+from soft_ds.plan import layer_list
+
+COMMAND_HELP = "Generate text with an exported SoFT checkpoint: any exit, self-speculative, or dynamic exit."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=COMMAND_HELP, epilog="Examples: see the docstring of "
+                                "soft_ds/inference/generate.py.")
     p.add_argument("--model", required=True, help="exported Hugging Face checkpoint directory (tools/export_hf.py)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one instruction (formatted with the training template unless --raw)")
@@ -43,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (--speculative-exit)")
     p.add_argument("--confidence", choices=CONFIDENCE_MEASURES, default="max_prob",
                    help="confidence measure for --dynamic-threshold")
-    p.add_argument("--exits", help="comma-separated exits --dynamic-threshold may stop at "
-                                   "(default: the training default for the model's depth)")
+    p.add_argument("--exits", type=layer_list, help="comma-separated exits --dynamic-threshold may stop at "
+                                                    "(default: the training default for the model's depth)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
@@ -58,77 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(parser, args) -> None:
-    if args.prompt is not None and not args.prompt.strip():
-        parser.error("--prompt is empty")
-    if args.raw and args.prompt is None:
-        parser.error("--raw applies to --prompt only")
-    if args.draft_tokens <= 0:
-        parser.error(f"--draft-tokens must be a positive integer, got {args.draft_tokens}")
-    if args.dynamic_threshold is not None and not 0 <= args.dynamic_threshold <= 1:
-        parser.error(f"--dynamic-threshold must be in [0, 1], got {args.dynamic_threshold}")
-    if args.max_new_tokens <= 0:
-        parser.error(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    if args.batch_size <= 0:
-        parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-
-
-def check_depths(parser, args, num_layers: int) -> list[int] | None:
-    """Exit arguments against the model's depth; returns the --exits list (or None)."""
-    try:
-        if args.exit is not None:
-            check_exit_layer(args.exit, num_layers, "--exit")
-        if args.speculative_exit is not None:  # the draft must be shallower than the model
-            check_exit_layer(args.speculative_exit, num_layers, "--speculative-exit", deepest=num_layers - 1)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.exits is None:
-        return None
-    try:
-        exits = [int(part) for part in args.exits.split(",") if part.strip()]
-    except ValueError:
-        parser.error(f"--exits must be comma-separated integers, got {args.exits!r}")
-    try:
-        return list(check_exit_layers(exits, num_layers))
-    except ValueError as error:
-        parser.error(f"--exits {args.exits!r}: {error}")
-
-
 def main(argv=None) -> list[str]:
+    """`soft-ds generate`: print (and with --output write) the answers; return their texts."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
-    try:
-        if args.prompt is not None:
-            records = [{"instruction": args.prompt}]
-        else:
-            records = load_instructions(args.instructions)
-        config = load_llama_config(args.model)
-    except (CheckpointError, DataError) as error:
-        parser.error(str(error))
-    exits = check_depths(parser, args, config.num_hidden_layers)
-    try:
-        generator = SoftGenerator.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                                  exits=exits)
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else generator.tokenizer
-    except (CheckpointError, DataError, ValueError) as error:  # ValueError: an unsupported LLaMA variant
-        parser.error(str(error))
+    if args.raw and args.prompt is None:
+        parser.error("--raw applies to --prompt only")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    # The library's own checks, under the options' names, before anything is loaded.
+    for value, name in ((args.max_new_tokens, "--max-new-tokens"), (args.batch_size, "--batch-size"),
+                        (args.draft_tokens, "--draft-tokens")):
+        check_positive_integer(value, name)
+    if args.dynamic_threshold is not None:
+        check_threshold(args.dynamic_threshold, "--dynamic-threshold")
+    sampling = Sampling(check_temperature(args.temperature, "--temperature"), check_top_p(args.top_p, "--top-p"),
+                        args.seed)
+    records = [{"instruction": args.prompt}] if args.prompt is not None else load_instructions(args.instructions)
+    config = load_llama_config(args.model)
+    num_layers = config.num_hidden_layers
+    if args.exit is not None:
+        check_exit_layer(args.exit, num_layers, "--exit")
+    if args.speculative_exit is not None:
+        check_draft_exit(args.speculative_exit, num_layers, "--speculative-exit")
+    exits = None if args.exits is None else check_exit_layers(args.exits, num_layers)
+
+    generator = SoftGenerator.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, exits=exits)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else generator.tokenizer
     if tokenizer is None:
-        parser.error(f"{args.model} holds no tokenizer; pass --tokenizer")
+        raise CheckpointError(f"{args.model} holds no tokenizer; pass --tokenizer")
     if args.raw:
         prompts = [[tokenizer.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False)]
     else:
         prompts = [encode_prompt(record, tokenizer) for record in records]
-    too_big = [i for i, prompt in enumerate(prompts) if max(prompt) >= config.vocab_size]
-    if too_big:
-        parser.error(f"the tokenizer produces ids beyond the model's vocabulary ({config.vocab_size}) "
-                     f"for prompt(s) {too_big[:5]}: tokenizer and model do not match")
+    generator.check_prompts(prompts, args.max_new_tokens)  # every prompt, before the first batch runs
 
-    sampling = Sampling(args.temperature, args.top_p, args.seed)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
     texts, results, start = [], [], time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
@@ -160,10 +132,6 @@ def main(argv=None) -> list[str]:
             line += f"; draft acceptance {accepted}/{drafted} = {accepted / max(drafted, 1):.3f}"
         if args.dynamic_threshold is not None:
             layers = [layer for result in results for sequence in result.exit_layers for layer in sequence]
-            line += f"; mean exit layer {sum(layers) / max(len(layers), 1):.2f} of {config.num_hidden_layers}"
+            line += f"; mean exit layer {sum(layers) / max(len(layers), 1):.2f} of {num_layers}"
         print(line, file=sys.stderr)
     return texts
-
-
-if __name__ == "__main__":
-    main()

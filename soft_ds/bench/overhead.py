@@ -1,18 +1,18 @@
 """What SoFT's exits cost over plain SFT: optimizer-step time and peak memory per pipeline rank,
 measured side by side on one DeepSpeed pipeline, next to the exit heads' analytic FLOP share.
 
-    python tools/benchmark_overhead.py                 # the default proxy: about 5 minutes on 2 cores
-    python tools/benchmark_overhead.py --repeats 24 --micro-batch 4
+    soft-ds bench overhead                  # the default proxy: about 5 minutes on 2 cores
+    soft-ds bench overhead --repeats 24 --micro-batch 4
 
-One `deepspeed` launch (CPU ranks, gloo, fp32, ZeRO-1, torch AdamW) builds four engines on the
-same pipeline: SFT and SoFT, each with the exit loss whole (`exit_chunk_tokens=0`, every exit's
-logits alive until backward, as in the paper's setup) and chunked under recompute (the project's
-default). Timing interleaves them round by round, SFT and SoFT of one setting back to back in
-alternating order (A B, B A), so machine noise falls on both alike; the report gives medians and
-the median over rounds of each round's SoFT / SFT. Rounds in which other processes took more than
-5% of the machine's CPU (from /proc/stat) are dropped, and the report says when too few are left
-for the wall times to mean anything; the ranks' CPU seconds per step are reported beside them, as
-they count the work done whoever else shares the machine.
+One `deepspeed` launch of overhead_worker.py (CPU ranks, gloo, fp32, ZeRO-1, torch AdamW) builds
+four engines on the same pipeline: SFT and SoFT, each with the exit loss whole
+(`exit_chunk_tokens=0`, every exit's logits alive until backward, as in the paper's setup) and
+chunked under recompute (the project's default). Timing interleaves them round by round, SFT and
+SoFT of one setting back to back in alternating order (A B, B A), so machine noise falls on both
+alike; the report gives medians and the median over rounds of each round's SoFT / SFT. Rounds in
+which other processes took more than 5% of the machine's CPU (from /proc/stat) are dropped, and the
+report says when too few are left for the wall times to mean anything; the ranks' CPU seconds per
+step are reported beside them, as they count the work done whoever else shares the machine.
 
 Peak memory is the peak of live tensor bytes on the rank, taken from `torch.profiler` memory events
 (every CPU allocation and free, in order) from just before the engine is built to the end of one
@@ -21,12 +21,15 @@ activations, without allocator caching or the Python/DeepSpeed process overhead 
 ZeRO's gradient buckets are scaled down with the model (its 5e8-element default is two 2 GB buffers
 per rank, sized for billions of parameters, which would swamp the proxy's 190 MiB).
 
-The proxy keeps LLaMA 2 13B's depth (40 layers) and exit set {12, 16, ..., 40}, and shrinks the
-width so that head FLOPs / decoder-layer FLOPs is the 13B's (0.512 at sequence length 512). The
-depth is kept because the overhead is (exits - 1) x head / (layers x layer + head): with the ratio
-fixed, a shallower proxy with the same 8 exits (e.g. 10 layers, exits 3..10) would put 34% of the
-FLOPs in the extra heads instead of the 13B's 8.9%.
+The model is the 13B cost proxy (proxy.py), its vocabulary matched at the run's sequence length:
+LLaMA 2 13B's depth (40 layers) and exit set {12, 16, ..., 40}, a smaller width, and head FLOPs /
+decoder-layer FLOPs the 13B's (0.512 at sequence length 512). The depth is kept because the overhead
+is (exits - 1) x head / (layers x layer + head): with the ratio fixed, a shallower proxy with the
+same 8 exits (e.g. 10 layers, exits 3..10) would put 34% of the FLOPs in the extra heads instead of
+the 13B's 8.9%.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -39,36 +42,18 @@ import tempfile
 
 from transformers import LlamaConfig
 
+from soft_ds.bench.proxy import LLAMA2_13B, head_layer_ratio, matched_vocab_size, proxy_config
 from soft_ds.config import SoftOptions
 from soft_ds.exits import make_exits
-from soft_ds.model import hf_shapes, llama2_config
-from soft_ds.partition import head_to_layer_ratio, plan_stages, vocab_for_ratio
+from soft_ds.model import hf_shapes
+from soft_ds.partition import head_to_layer_ratio, plan_stages
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join("tools", "_benchmark_worker.py")
-
-# LLaMA 2 13B as the paper fine-tunes it.
-LLAMA2_13B_SEQ_LEN = 512
+# One rank of the benchmark, started by the `deepspeed` launcher by its file path.
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead_worker.py")
 
 GOAL_MEMORY_RATIO = 1.05  # SoFT peak memory per rank <= 1.05 x SFT's
 OTHER_LOAD_LIMIT = 0.05  # a timing round in which other processes took more of the CPU is dropped
 MIN_CLEAN_ROUNDS = 3
-
-
-def llama2_13b_config() -> LlamaConfig:
-    return llama2_config("13B")
-
-
-def matched_vocab_size(hidden: int, intermediate: int, heads: int, layers: int, seq_len: int) -> int:
-    """The vocabulary that gives the proxy LLaMA 2 13B's head / decoder-layer FLOP ratio."""
-    target = head_to_layer_ratio(llama2_13b_config(), LLAMA2_13B_SEQ_LEN)
-    return vocab_for_ratio(proxy_config(hidden, intermediate, heads, layers, 32000, seq_len), target, seq_len)
-
-
-def proxy_config(hidden: int, intermediate: int, heads: int, layers: int, vocab: int, seq_len: int) -> LlamaConfig:
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                       max_position_embeddings=max(seq_len, 128), tie_word_embeddings=False)
 
 
 def zero_bucket_elements(proxy: LlamaConfig) -> int:
@@ -76,7 +61,7 @@ def zero_bucket_elements(proxy: LlamaConfig) -> int:
     def count(config):
         return sum(shape.numel() for shape in hf_shapes(config).values())
     # A multiple of 1024: ZeRO wants buckets aligned to its communication alignment factor.
-    return max(1024, round(5e8 * count(proxy) / count(llama2_13b_config()) / 1024) * 1024)
+    return max(1024, round(5e8 * count(proxy) / count(LLAMA2_13B) / 1024) * 1024)
 
 
 def extra_exit_share(config: LlamaConfig, head_cost: float) -> float:
@@ -160,8 +145,12 @@ def parse_args(argv=None):
     if args.chunk_tokens <= 0:
         p.error("--chunk-tokens must be > 0 (the whole-loss runs already use 0)")
     if args.vocab == 0:
-        args.vocab = matched_vocab_size(args.hidden, args.intermediate, args.heads, args.layers, args.seq_len)
+        args.vocab = matched_vocab_size(args.layers, args.hidden, args.intermediate, args.heads, args.seq_len)
     return args
+
+
+def args_proxy(args) -> LlamaConfig:
+    return proxy_config(args.layers, args.hidden, args.intermediate, args.heads, args.vocab, args.seq_len)
 
 
 def run_worker(args, out_dir: str) -> None:
@@ -169,8 +158,7 @@ def run_worker(args, out_dir: str) -> None:
                    "--intermediate", args.intermediate, "--heads", args.heads, "--seq-len", args.seq_len,
                    "--vocab", args.vocab, "--micro-batch", args.micro_batch, "--grad-accum", args.grad_accum,
                    "--chunk-tokens", args.chunk_tokens, "--warmup", args.warmup, "--repeats", args.repeats,
-                   "--steps", args.steps, "--bucket-elements", zero_bucket_elements(proxy_config(
-                       args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len))]
+                   "--steps", args.steps, "--bucket-elements", zero_bucket_elements(args_proxy(args))]
     cmd = ["deepspeed", "--num_gpus", str(args.stages), "--master_port", str(free_port()), WORKER,
            *map(str, worker_args)]
     # One thread per rank: the ranks share the machine's cores, as GPUs would not.
@@ -178,8 +166,7 @@ def run_worker(args, out_dir: str) -> None:
     log_path = os.path.join(out_dir, "launch.log")
     print(f"launching: {' '.join(cmd)}", flush=True)
     with open(log_path, "w") as log:
-        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=args.timeout)
+        result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
     if result.returncode != 0:
         with open(log_path) as log:
             sys.exit(f"the benchmark launch exited {result.returncode}; last lines of its log:\n"
@@ -191,9 +178,9 @@ def verdict(ok: bool) -> str:
 
 
 def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
-    big = llama2_13b_config()
-    proxy = proxy_config(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len)
-    share_13b = extra_exit_share(big, head_to_layer_ratio(big, LLAMA2_13B_SEQ_LEN))
+    big = LLAMA2_13B  # the model whose overhead the proxy stands for
+    proxy = args_proxy(args)
+    share_13b = extra_exit_share(big, head_layer_ratio(big))
     flop_ratio = head_to_layer_ratio(proxy, args.seq_len)
     tokens = args.micro_batch * args.seq_len
     # (chunk tokens, label, exit cost in layers from FLOPs, from timing): the chunked loss runs one more
@@ -203,7 +190,7 @@ def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
 
     print("\n== shapes")
     print(f"LLaMA 2 13B: hidden 5120, intermediate 13824, 40 layers, 40 heads, vocab 32000, seq 512; "
-          f"head/layer FLOPs {head_to_layer_ratio(big, LLAMA2_13B_SEQ_LEN):.4f}")
+          f"head/layer FLOPs {head_layer_ratio(big):.4f}")
     print(f"proxy:       hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{args.heads} heads, vocab {args.vocab}, seq {args.seq_len}; "
           f"head/layer FLOPs {head_to_layer_ratio(proxy, args.seq_len):.4f}")
@@ -285,8 +272,9 @@ def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
 
 
 def main(argv=None):
+    """`soft-ds bench overhead`: launch the ranks, then print the report."""
     args = parse_args(argv)
-    proxy = proxy_config(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, args.seq_len)
+    proxy = args_proxy(args)
     timed_exit = time_exit_in_layers(proxy, args.micro_batch, args.seq_len, args.chunk_tokens)
     with tempfile.TemporaryDirectory(prefix="soft_bench_") as out_dir:
         run_worker(args, out_dir)
@@ -295,7 +283,3 @@ def main(argv=None):
             with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
                 results.append(json.load(f))
     report(args, results, timed_exit)
-
-
-if __name__ == "__main__":
-    main()
