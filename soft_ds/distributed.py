@@ -1,10 +1,20 @@
 """Where this process runs and how the job's processes find each other.
 
-Launcher detection (deepspeed/torchrun, mpirun, srun, or none), starting torch.distributed through
-DeepSpeed, and the release of DeepSpeed's CPU shared-memory segments.
+A job starts in two steps, with the run's validation between them (it needs the world size, and
+must finish before any distributed work):
+
+    place = distributed_env()                        # rank, local rank, world size, launcher
+    environment = deepspeed_environment(place)       # how the ranks meet; LaunchError if they cannot
+    ...validate the run against place.world_size...
+    init_distributed(environment=environment)        # torch.distributed through DeepSpeed
+
+Launchers: deepspeed/torchrun, mpirun, srun, or none (a plain `python soft_ds/train.py` is one
+process on 127.0.0.1 and a free port, and never touches MPI). init_distributed also releases
+DeepSpeed's CPU shared-memory segment.
 """
 
 import os
+import socket
 from typing import NamedTuple
 
 import torch.distributed as torch_dist
@@ -39,9 +49,53 @@ def distributed_env(environ=os.environ) -> DistributedEnv:
     return DistributedEnv(0, 0, 1, "no launcher")
 
 
-def init_distributed(backend: str | None = None, port: int = 29500) -> None:
+class LaunchError(ValueError):
+    """The job's processes have no way to find rank 0."""
+
+
+DEFAULT_PORT = 29500  # DeepSpeed's and torch's default rendezvous port
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_environment(place: DistributedEnv, environ=os.environ, pick_port=free_port) -> dict[str, str]:
+    """The variables DeepSpeed starts torch.distributed from: RANK, LOCAL_RANK, WORLD_SIZE (this
+    process's place) and MASTER_ADDR, MASTER_PORT (where rank 0 listens).
+
+    Rank 0's address: MASTER_ADDR when set (deepspeed/torchrun set it; slurm/soft.sbatch exports it).
+    One process needs nobody's address: 127.0.0.1 and MASTER_PORT, or a free port. Otherwise
+    MASTER_ADDR is left out and DeepSpeed asks MPI (mpi4py) for rank 0's address, as under mpirun
+    or srun --mpi=pmix; plain srun cannot start MPI without PMIx, so that is a LaunchError.
+    Every rank must agree on the port: with more than one process it is MASTER_PORT or 29500.
+    """
+    environment = {"RANK": str(place.rank), "LOCAL_RANK": str(place.local_rank),
+                   "WORLD_SIZE": str(place.world_size)}
+    port = environ.get("MASTER_PORT")
+    if "MASTER_ADDR" in environ:
+        environment["MASTER_ADDR"] = environ["MASTER_ADDR"]
+    elif place.world_size == 1:
+        environment["MASTER_ADDR"] = "127.0.0.1"
+        port = port or str(pick_port())
+    elif place.launcher == "srun" and "PMIX_RANK" not in environ:
+        # DeepSpeed would ask MPI for rank 0's address, and MPI cannot start under srun without PMIx.
+        raise LaunchError("srun without --mpi=pmix needs MASTER_ADDR (the first node of the job) and MASTER_PORT "
+                          "in the environment; slurm/soft.sbatch sets both")
+    environment["MASTER_PORT"] = port or str(DEFAULT_PORT)
+    return environment
+
+
+def init_distributed(backend: str | None = None, environment: dict[str, str] | None = None) -> None:
     """Start torch.distributed through DeepSpeed (the accelerator's backend by default: NCCL on
     GPUs, gloo on CPU) and release DeepSpeed's CPU shared-memory segment.
+
+    `environment` (deepspeed_environment's) goes into os.environ first; None: the launcher set
+    every variable (the deepspeed launcher). With all five set DeepSpeed does not look for MPI;
+    without MASTER_ADDR it asks MPI for the address (its port stays MASTER_PORT).
 
     On CPU, when every rank is on one machine, DeepSpeed maps a 69 MB segment per rank,
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never unlinks it: each
@@ -51,8 +105,9 @@ def init_distributed(backend: str | None = None, port: int = 29500) -> None:
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+    os.environ.update(environment or {})
     deepspeed.init_distributed(dist_backend=backend or get_accelerator().communication_backend_name(),
-                               distributed_port=port)
+                               distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)))
     segment = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
                f"{os.environ.get('MASTER_PORT', '')}_{torch_dist.get_rank()}")
     if os.path.exists(segment):

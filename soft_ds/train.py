@@ -1,6 +1,7 @@
 """Sorted Fine-Tuning of a LLaMA model on a DeepSpeed pipeline.
 
     deepspeed --num_gpus N soft_ds/train.py --ds_config ds_configs/tiny_pp2.json [options]
+    python soft_ds/train.py --ds_config ds_configs/tiny_pp2.json --pipeline_stages 1 [options]   # one process
 
 Reads top to bottom: parse -> validate everything (before any distributed work) -> tokenizer and
 data -> pipeline model -> engine -> loop (step, log, validate, save) -> per-exit summary.
@@ -13,13 +14,14 @@ import os
 import time
 
 import torch
+import transformers
 
 from soft_ds import config as run_config
 from soft_ds import data as soft_data
 from soft_ds import hf_io
+from soft_ds.distributed import deepspeed_environment, distributed_env, init_distributed
 from soft_ds.exits import make_exits
 from soft_ds.model import PRESETS, check_supported, preset_config, random_weights
-from soft_ds.distributed import distributed_env
 from soft_ds.monitor import Monitor, error
 from soft_ds.partition import balance_ratio, plan_stages
 
@@ -241,30 +243,23 @@ def quiet_off_rank_zero(rank: int):
 
 def main(argv=None):
     args = parse_args(argv)
-    place = distributed_env()  # deepspeed, mpirun or srun: validation needs the world size first
+    place = distributed_env()  # deepspeed, mpirun, srun or none: validation needs the world size first
     rank, world_size = place.rank, place.world_size
     quiet_off_rank_zero(rank)
-    if place.launcher == "srun" and "MASTER_ADDR" not in os.environ and "PMIX_RANK" not in os.environ:
-        # DeepSpeed would ask MPI for rank 0's address, and MPI cannot start under srun without PMIx.
-        raise error("srun without --mpi=pmix needs MASTER_ADDR (the first node of the job) and MASTER_PORT "
-                    "in the environment; slurm/soft.sbatch sets both", rank)
     try:
+        environment = deepspeed_environment(place)  # how the ranks meet, checked before the long validation
         (config, tokenizer, model_config, weight_source, exits, stages, train_set,
          val_set) = validate_and_prepare(args, world_size)
     except (run_config.ConfigError, soft_data.DataError, hf_io.CheckpointError, ValueError) as e:
         raise error(str(e), rank) from None
     soft = config.soft
 
+    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from soft_ds.distributed import init_distributed
     from soft_ds.pipe import build_engine, build_pipeline
 
-    # DeepSpeed initialises from RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; under mpirun
-    # or srun the first three come from the launcher's variables. Without MASTER_ADDR DeepSpeed asks MPI
-    # (mpi4py) for rank 0's address and uses MASTER_PORT, or its default 29500.
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(place.local_rank), WORLD_SIZE=str(world_size))
-    init_distributed(port=int(os.environ.get("MASTER_PORT", 29500)))
+    init_distributed(environment=environment)
     torch.manual_seed(soft.seed)
     cpu = get_accelerator().device_name() == "cpu"
     monitor_enabled = torch.distributed.get_rank() == 0
@@ -274,6 +269,8 @@ def main(argv=None):
                  f"{soft.pipeline_stages} stages x "
                  f"{config.data_parallel_size(world_size)} data parallel | train batch "
                  f"{config.train_batch_size(world_size)} | {len(train_set)} train / {len(val_set)} val records")
+    monitor.info(f"  {place.launcher}, world size {world_size} | torch {torch.__version__}, deepspeed "
+                 f"{deepspeed.__version__}, transformers {transformers.__version__}")
     for i, stage in enumerate(stages):
         monitor.info(f"  stage {i}: layers {stage.first_layer}-{stage.last_layer}, exits {list(stage.exits)}")
     monitor.info(f"  stage balance (slowest / mean cost): {balance_ratio(stages):.3f}")

@@ -1,19 +1,14 @@
 import glob
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from soft_ds.distributed import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_cli() -> str:

@@ -1,10 +1,18 @@
 """distributed_env: each launcher's variables give the process's place, the innermost launcher
-wins, and an sbatch script's own environment is not mistaken for an srun step. (The real
-launchers: test_train.py for deepspeed, test_mpirun.py for mpirun, test_slurm.py for srun.)"""
+wins, and an sbatch script's own environment is not mistaken for an srun step.
+deepspeed_environment: what DeepSpeed starts from under each launcher, and when MPI is asked.
+A run without a launcher trains as one process and never touches MPI. (The real launchers:
+test_train.py for deepspeed, test_mpirun.py for mpirun, test_slurm.py for srun.)"""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from soft_ds.distributed import DistributedEnv, distributed_env
+from conftest import REPO, soft_ds_command
+from soft_ds.distributed import DistributedEnv, LaunchError, deepspeed_environment, distributed_env
 
 DEEPSPEED = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}
 MPIRUN = {"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_LOCAL_RANK": "2", "OMPI_COMM_WORLD_SIZE": "8"}
@@ -26,3 +34,75 @@ SBATCH_SCRIPT = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "32"
         "partial-torch-vars"])
 def test_distributed_env(environ, expected):
     assert distributed_env(environ) == expected
+
+
+def environment_for(environ, port=41234):
+    return deepspeed_environment(distributed_env(environ), environ, pick_port=lambda: port)
+
+
+RENDEZVOUS_SET = {"MASTER_ADDR": "gpu001", "MASTER_PORT": "29512"}
+
+
+@pytest.mark.parametrize("environ, expected", [
+    # One process meets itself on this machine, on a free port (or the one asked for): no MPI.
+    ({}, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "41234"}),
+    ({"MASTER_PORT": "29512"},
+     {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"},
+     {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "41234"}),
+    # The launcher's (or the batch script's) rendezvous wins.
+    ({**DEEPSPEED, **RENDEZVOUS_SET}, {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", **RENDEZVOUS_SET}),
+    ({**SRUN_STEP, **RENDEZVOUS_SET}, {"RANK": "13", "LOCAL_RANK": "5", "WORLD_SIZE": "32", **RENDEZVOUS_SET}),
+    ({**SRUN_STEP, "MASTER_ADDR": "gpu001"},
+     {"RANK": "13", "LOCAL_RANK": "5", "WORLD_SIZE": "32", "MASTER_ADDR": "gpu001", "MASTER_PORT": "29500"}),
+    # Under an MPI launcher, no MASTER_ADDR: DeepSpeed asks MPI; every rank uses the same port.
+    (MPIRUN, {"RANK": "6", "LOCAL_RANK": "2", "WORLD_SIZE": "8", "MASTER_PORT": "29500"}),
+    ({**MPIRUN, "MASTER_PORT": "29512"}, {"RANK": "6", "LOCAL_RANK": "2", "WORLD_SIZE": "8", "MASTER_PORT": "29512"}),
+    ({**SRUN_STEP, "PMIX_RANK": "13"}, {"RANK": "13", "LOCAL_RANK": "5", "WORLD_SIZE": "32", "MASTER_PORT": "29500"}),
+], ids=["none", "none-port-set", "mpirun-np-1", "deepspeed", "srun-sbatch", "srun-addr-only", "mpirun",
+        "mpirun-port-set", "srun-pmix"])
+def test_deepspeed_environment(environ, expected):
+    assert environment_for(environ) == expected
+
+
+def test_srun_without_pmix_or_rendezvous_is_a_launch_error():
+    with pytest.raises(LaunchError, match=r"srun without --mpi=pmix needs MASTER_ADDR \(the first node of the job\) "
+                                          r"and MASTER_PORT in the environment; slurm/soft.sbatch sets both"):
+        environment_for(SRUN_STEP)
+
+
+def test_a_port_is_picked_only_for_one_process_without_one():
+    def no_pick():
+        raise AssertionError("picked a port")
+    for environ in ({"MASTER_PORT": "29512"}, MPIRUN, {**DEEPSPEED, **RENDEZVOUS_SET}):
+        deepspeed_environment(distributed_env(environ), environ, pick_port=no_pick)
+
+
+# --- no launcher: one process, never MPI -----------------------------------------------------
+
+# Variables a launcher or a job sets; none may reach a launcher-less run, nor mpi4py's own settings.
+LAUNCHER_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_", "MPI4PY_", "MV2_", "I_MPI_", "HYDRA_")
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TINY = ["--ds_config", "ds_configs/tiny_pp2.json", "--pipeline_stages", 1, "--model", "debug", "--seq_len", 128,
+        "--micro_batch_size", 2, "--grad_accum", 1, "--train_steps", 2, "--warmup_steps", 1, "--val_size", 32,
+        "--log_interval", 1]
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "soft_ds/train.py"], [soft_ds_command(), "train"]],
+                         ids=["python-train.py", "soft-ds-train"])
+def test_no_launcher_is_one_process_without_mpi(tmp_path, command):
+    """A bare `python soft_ds/train.py` (or `soft-ds train`) trains as world size 1 on 127.0.0.1 and
+    a free port. MPI is never asked: mpi4py is pointed at a libmpi that does not exist, as on a
+    machine with mpi4py installed but no MPI library, where DeepSpeed's MPI discovery dies."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(LAUNCHER_PREFIXES) and key not in RENDEZVOUS}
+    env.update(MPI4PY_LIBMPI=str(tmp_path / "no-mpi" / "libmpi.so.40"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([*command, *map(str, TINY), "--output_dir", str(tmp_path / "run")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert "1 stages x 1 data parallel" in log and "no launcher, world size 1" in log, log[-6000:]
+    assert "Per-exit results" in log and "step 2/2 | loss" in log
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert [row["exit"] for row in summary["exits"]] == [2, 4, 6, 8]
+    assert all(row["val_loss"] is not None for row in summary["exits"])
