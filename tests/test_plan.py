@@ -2,9 +2,7 @@
 real DeepSpeed pipeline, the 13B paper layout, and the CLI's errors."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
