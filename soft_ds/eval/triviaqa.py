@@ -114,6 +114,10 @@ def extract_answer(text: str) -> str:
     return ""
 
 
+# --------------------------------------------------------------------------------------------
+# Every exit of several checkpoints
+
+
 def triviaqa_by_exit(checkpoints: list[Checkpoint], questions: list[Question], prompt_style: str,
                      max_new_tokens: int, batch_size: int, dtype: torch.dtype,
                      device: str | torch.device) -> tuple[dict[str, dict], dict[str, dict]]:
