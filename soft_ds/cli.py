@@ -23,11 +23,12 @@ import sys
 COMMANDS = {
     "train": ("soft_ds.train", "Sorted Fine-Tuning on a DeepSpeed pipeline (this process; launch ranks "
                                "with `deepspeed soft_ds/train.py`)"),
+    "generate": ("soft_ds.inference.generate", "text from an exported checkpoint: any exit, speculative, dynamic"),
+    "eval": ("soft_ds.eval.command", "score every exit of exported checkpoints: loss, KL, judge, TriviaQA, claims"),
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
+    "bench": ("soft_ds.bench", "benchmarks: SoFT's training overhead over SFT, inference speed per exit"),
     "train-tokenizer": ("soft_ds.train_tokenizer", "train the small LLaMA-style SentencePiece tokenizer bundled in "
                                                     "data/tokenizer"),
-    "generate": ("soft_ds.inference.generate", "text from an exported checkpoint: any exit, speculative, dynamic"),
-    "bench": ("soft_ds.bench", "benchmarks: SoFT's training overhead over SFT, inference speed per exit"),
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_inference import load_tool  # noqa: F401  (re-exported for the evaluation tests)
+from conftest import run_cli
 from test_model import hf_reference
 
 from soft_ds.model import preset_config
@@ -49,11 +49,10 @@ def one_thread():
 
 
 def assert_cli_refuses(args, capsys, out: Path, message: str) -> None:
-    """`tools/evaluate.py args` stops with exit code 2 and one `error:` line holding message, no
+    """`soft-ds eval args` stops with exit code 2 and one `error:` line holding message, no
     traceback, and writes nothing to out."""
-    with pytest.raises(SystemExit) as raised:
-        load_tool("evaluate").main(args)
-    error = capsys.readouterr().err
-    assert raised.value.code == 2 and message in error and "Traceback" not in error, error
+    result = run_cli(capsys, "eval", *args)
+    error = result.stderr
+    assert result.returncode == 2 and message in error and "Traceback" not in error, error
     assert [line for line in error.splitlines() if "error:" in line] == [error.splitlines()[-1]]
     assert not out.exists()

@@ -1,4 +1,4 @@
-"""soft_ds.evaluate (per-exit loss/perplexity, KL by position) and `tools/evaluate.py lm|kl`, on tiny
+"""soft_ds.eval.metrics (per-exit loss/perplexity, KL by position) and `soft-ds eval lm|kl`, on tiny
 random checkpoints, against hand computations."""
 
 import json
@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _eval_checkpoints import (NUM_LAYERS, assert_cli_refuses, load_tool, one_thread,  # noqa: F401
-                               save_checkpoint, write_alpaca)
+from _eval_checkpoints import NUM_LAYERS, assert_cli_refuses, one_thread, save_checkpoint, write_alpaca  # noqa: F401
+from conftest import run_cli
 
-from soft_ds import evaluate
 from soft_ds.data import IGNORE_INDEX, build_datasets, encode_prompt, format_prompt, load_tokenizer
+from soft_ds.eval import metrics
+from soft_ds.exits import check_exit_layers
 from soft_ds.hf_io import load_model
 from soft_ds.inference import SoftGenerator
 
@@ -46,7 +47,7 @@ def val_set(files, tokenizer):
 
 def test_lm_metrics_equal_a_hand_computation(model, tokenizer, val_set):
     """Batched, padded, all exits from one forward == one record at a time, one token at a time."""
-    metrics = evaluate.lm_metrics(model, val_set, EXITS, tokenizer.pad_token_id, batch_size=4)  # batches of 4 and 1
+    by_exit = metrics.lm_metrics(model, val_set, EXITS, tokenizer.pad_token_id, batch_size=4)  # batches of 4 and 1
     expected_tokens = 0
     for record in val_set:
         # Counted tokens from the text alone: response + eos, after the cut at max_length.
@@ -62,18 +63,18 @@ def test_lm_metrics_equal_a_hand_computation(model, tokenizer, val_set):
                 if target != IGNORE_INDEX:
                     total += F.cross_entropy(logits[position:position + 1], torch.tensor([target])).item()
                     tokens += 1
-        assert tokens == expected_tokens == metrics[n]["tokens"]
-        assert metrics[n]["loss"] == pytest.approx(total / tokens, abs=1e-5)
-        assert metrics[n]["ppl"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
-    assert len({round(metrics[n]["loss"], 6) for n in EXITS}) == len(EXITS), "the exits should differ"
+        assert tokens == expected_tokens == by_exit[n]["tokens"]
+        assert by_exit[n]["loss"] == pytest.approx(total / tokens, abs=1e-5)
+        assert by_exit[n]["ppl"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+    assert len({round(by_exit[n]["loss"], 6) for n in EXITS}) == len(EXITS), "the exits should differ"
 
 
 def test_exit_checks_name_the_problem(model, val_set):
     with pytest.raises(ValueError, match=r"exit\(s\) \[5\] out of range .* 1..4"):
-        evaluate.lm_metrics(model, val_set, [2, 5], pad_id=0)
+        metrics.lm_metrics(model, val_set, [2, 5], pad_id=0)
     with pytest.raises(ValueError, match="out of range"):
-        evaluate.check_exit_layers([0], 4)
-    assert evaluate.check_exit_layers([4, 2, 2], 4) == (2, 4)
+        check_exit_layers([0], 4)
+    assert check_exit_layers([4, 2, 2], 4) == (2, 4)
 
 
 # --- KL by position ------------------------------------------------------------------------------
@@ -85,19 +86,19 @@ def prompts(val_set, tokenizer):
 
 
 def test_kl_is_zero_against_own_last_layer_and_positive_elsewhere(files, model, prompts):
-    responses = evaluate.generate_responses(SoftGenerator(model), prompts, None, max_new_tokens=6,
+    responses = metrics.generate_responses(SoftGenerator(model), prompts, None, max_new_tokens=6,
                                             eos_token_id=None, batch_size=3)
     assert [len(r) for r in responses] == [6] * 4
-    own = evaluate.kl_by_position(model, model, prompts, responses, EXITS, batch_size=3)
+    own = metrics.kl_by_position(model, model, prompts, responses, EXITS, batch_size=3)
     assert own[NUM_LAYERS]["kl"] == [0.0] * 6 and own[NUM_LAYERS]["mean"] == 0.0
     for n in EXITS[:-1]:
         assert min(own[n]["kl"]) > 0 and own[n]["count"] == [4] * 6
     # The same checkpoint loaded twice is the same model: exactly 0 again.
     # Same batch size as `own`: kernels of other shapes sum in other orders (fp32 rounding).
-    twin = evaluate.kl_by_position(model, load_model(files["soft"]), prompts, responses, EXITS, batch_size=3)
+    twin = metrics.kl_by_position(model, load_model(files["soft"]), prompts, responses, EXITS, batch_size=3)
     assert twin[NUM_LAYERS]["kl"] == [0.0] * 6
     assert twin[1]["kl"] == pytest.approx(own[1]["kl"], rel=1e-5)
-    other = evaluate.kl_by_position(model, load_model(files["other"]), prompts, responses, EXITS)
+    other = metrics.kl_by_position(model, load_model(files["other"]), prompts, responses, EXITS)
     assert all(min(other[n]["kl"]) > 0 for n in EXITS)
 
 
@@ -107,7 +108,7 @@ def test_kl_by_position_equals_a_hand_computation(files, model, prompts):
     reference = load_model(files["other"])
     generator = torch.Generator().manual_seed(5)
     responses = [torch.randint(3, 4096, (length,), generator=generator).tolist() for length in (3, 5, 1, 5)]
-    got = evaluate.kl_by_position(model, reference, prompts, responses, [2], batch_size=3)[2]
+    got = metrics.kl_by_position(model, reference, prompts, responses, [2], batch_size=3)[2]
     sums, counts = [0.0] * 5, [0] * 5
     for prompt, response in zip(prompts, responses):
         ids = torch.tensor([prompt + response])
@@ -126,42 +127,39 @@ def test_kl_by_position_equals_a_hand_computation(files, model, prompts):
 def test_kl_refuses_different_vocabularies(files, model, tmp_path, prompts):
     small = load_model(save_checkpoint(tmp_path / "small", seed=1, vocab_size=512))
     with pytest.raises(ValueError, match="vocabulary"):
-        evaluate.kl_by_position(model, small, prompts[:1], [[5]], [2])
+        metrics.kl_by_position(model, small, prompts[:1], [[5]], [2])
 
 
 # --- the CLI -------------------------------------------------------------------------------------
 
 
-def run_cli(args):
-    return load_tool("evaluate").main(args)
-
-
-def test_lm_cli_writes_json_table_and_plot(files, model, tokenizer, tmp_path):
+def test_lm_cli_writes_json_table_and_plot(files, model, tokenizer, tmp_path, capsys):
     out = tmp_path / "out"
-    report = run_cli(["lm", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
-                      "--exits", "2,4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0",
-                      "--max_length", "96", "--batch-size", "4", "--out", str(out)])
+    result = run_cli(capsys, "eval", "lm", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
+                     "--exits", "2,4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0",
+                     "--max_length", "96", "--batch-size", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
     written = json.loads((out / "lm.json").read_text())
-    assert written == json.loads(json.dumps(report))
     assert set(written["models"]) == {"soft", "other"} and set(written["models"]["soft"]["exits"]) == {"2", "4"}
     # The CLI's held-out split is training's: the same build_datasets call gives the same numbers
     # (6 held out, one dropped: its prompt alone fills max_length 96).
     val_set = build_datasets(files["data"], tokenizer, max_length=96, val_size=6, seed=0)[1]
     assert written["records"] == len(val_set) == 5
-    direct = evaluate.lm_metrics(model, val_set, [2, 4], tokenizer.pad_token_id)
+    direct = metrics.lm_metrics(model, val_set, [2, 4], tokenizer.pad_token_id)
     for n in (2, 4):
         assert written["models"]["soft"]["exits"][str(n)]["loss"] == pytest.approx(direct[n]["loss"], rel=1e-6)
     table = (out / "lm.md").read_text()
+    assert table in result.stdout  # what it prints is what it writes
     assert "| exit | soft loss | soft ppl | other loss | other ppl |" in table
     assert f"{written['models']['other']['exits']['4']['ppl']:.4f}" in table
     assert (out / "ppl_vs_exit.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_kl_cli_default_and_shared_reference(files, tmp_path):
+def test_kl_cli_default_and_shared_reference(files, tmp_path, capsys):
     out = tmp_path / "own"
     common = ["--data", str(files["data"]), "--val_size", "6", "--seed", "0", "--num-prompts", "3",
               "--max-new-tokens", "4", "--exits", "2,4"]
-    run_cli(["kl", "--model", f"soft={files['soft']}", "--out", str(out)] + common)
+    assert run_cli(capsys, "eval", "kl", "--model", f"soft={files['soft']}", "--out", out, *common).returncode == 0
     own = json.loads((out / "kl.json").read_text())
     exits = own["models"]["soft"]["exits"]
     assert own["prompts"] == 3 and exits["4"]["kl"] == [0.0] * 4 and exits["4"]["count"] == [3] * 4
@@ -171,8 +169,8 @@ def test_kl_cli_default_and_shared_reference(files, tmp_path):
     assert (out / "kl_vs_position.png").read_bytes()[:4] == b"\x89PNG"
 
     out = tmp_path / "shared"
-    run_cli(["kl", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
-             "--reference", f"other={files['other']}", "--out", str(out)] + common)
+    assert run_cli(capsys, "eval", "kl", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
+                   "--reference", f"other={files['other']}", "--out", out, *common).returncode == 0
     shared = json.loads((out / "kl.json").read_text())
     assert shared["reference"]["name"] == "other"
     assert shared["models"]["other"]["exits"]["4"]["kl"] == [0.0] * 4  # the reference against itself
@@ -210,9 +208,7 @@ def test_kl_cli_bad_input(files, tmp_path, capsys):
 
 
 def test_help_lists_the_sub_commands(capsys):
-    with pytest.raises(SystemExit) as raised:
-        run_cli(["--help"])
-    assert raised.value.code == 0
-    text = capsys.readouterr().out
-    for command in ("lm", "kl", "judge", "triviaqa"):
-        assert command in text
+    result = run_cli(capsys, "eval", "--help")
+    assert result.returncode == 0
+    for command in ("lm", "kl", "judge", "triviaqa", "claims"):
+        assert command in result.stdout

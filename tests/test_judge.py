@@ -1,14 +1,14 @@
-"""soft_ds.judge (PandaLM prompt, verdict parsing, order swapping, scoring) on fixed judge outputs,
-a tiny random Hugging Face judge for the plumbing, and `tools/evaluate.py judge`."""
+"""soft_ds.eval.judge (PandaLM prompt, verdict parsing, order swapping, scoring) on fixed judge outputs,
+a tiny random Hugging Face judge for the plumbing, and `soft-ds eval judge`."""
 
 import json
 
 import pytest
 import transformers
-from _eval_checkpoints import REPO, assert_cli_refuses, load_tool, one_thread, save_checkpoint  # noqa: F401
+from _eval_checkpoints import assert_cli_refuses, one_thread, save_checkpoint  # noqa: F401
+from conftest import run_cli
 
-from soft_ds import judge
-from soft_ds.data import DataError
+from soft_ds.eval import judge
 
 RECORDS = [{"instruction": "Name a colour.", "input": ""},
            {"instruction": "Translate to French.", "input": "cat"},
@@ -137,12 +137,11 @@ def test_judge_cli_grid(files, tmp_path, capsys):
     out = tmp_path / "out"
     instructions = tmp_path / "instructions.json"
     instructions.write_text(json.dumps(RECORDS))
-    report = load_tool("evaluate").main([
-        "judge", "--a", f"soft={files['a']}", "--b", f"sft={files['b']}", "--a-exits", "2,4", "--judge",
-        str(files["judge"]), "--instructions", str(instructions), "--limit", "2", "--max-new-tokens", "3",
-        "--judge-max-new-tokens", "2", "--out", str(out)])
+    result = run_cli(capsys, "eval", "judge", "--a", f"soft={files['a']}", "--b", f"sft={files['b']}", "--a-exits",
+                     "2,4", "--judge", files["judge"], "--instructions", instructions, "--limit", "2",
+                     "--max-new-tokens", "3", "--judge-max-new-tokens", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
     written = json.loads((out / "judge.json").read_text())
-    assert written == json.loads(json.dumps(report))
     assert written["records"] == 2 and written["a"]["exits"] == [2, 4] and written["b"]["exits"] == [4]
     assert [(c["a_exit"], c["b_exit"]) for c in written["cells"]] == [(2, 4), (4, 4)]
     outputs = json.loads((out / "judge_outputs.json").read_text())
@@ -153,10 +152,11 @@ def test_judge_cli_grid(files, tmp_path, capsys):
         assert cell["a_first"]["total"] == cell["b_first"]["total"] == 2
     responses = json.loads((out / "judge_responses.json").read_text())
     assert set(responses["a"]) == {"2", "4"} and len(responses["b"]["4"]) == 2
-    assert "| soft exit | sft exit | score |" in (out / "judge.md").read_text()
+    table = (out / "judge.md").read_text()
+    assert table in result.stdout and "| soft exit | sft exit | score |" in table
     assert (out / "judge_grid.png").read_bytes()[:4] == b"\x89PNG"
     if written["unparsed"]:
-        assert "could not be parsed" in capsys.readouterr().err
+        assert "could not be parsed" in result.stderr
 
 
 @pytest.mark.parametrize("extra,message", [

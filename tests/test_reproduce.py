@@ -1,17 +1,16 @@
 """tools/reproduce_small.sh end to end on a 2-step budget (SFT, SoFT, SFT+ICT through the real
-launcher, export, evaluation, report), and the report's claim verdicts on fixed numbers."""
+launcher, export, evaluation, report), the report's claim verdicts on fixed numbers, and
+`soft-ds eval claims` refusing an unfinished run."""
 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import reproduce_report  # noqa: E402
+from soft_ds.eval.claims import check_claims
 
 
 def test_whole_chain_on_a_two_step_budget(tmp_path):
@@ -46,6 +45,14 @@ def test_whole_chain_on_a_two_step_budget(tmp_path):
 ])
 def test_claim_verdicts(soft, verdicts):
     ppl = {"sft": {2: 400.0, 4: 200.0, 6: 90.0, 8: 23.0}, "ict": {2: 60.0, 4: 45.0, 6: 35.0, 8: 23.0}, "soft": soft}
-    lines = reproduce_report.claims(ppl, extra_parameters=123)
+    lines = check_claims(ppl, extra_parameters=123)
     assert [line.rsplit("**", 2)[-2] for line in lines] == verdicts
     assert "exit 6 of 8" in lines[2] and "123" in lines[3]
+
+
+def test_claims_of_an_unfinished_run_is_one_error_line(tmp_path, capsys):
+    out = run_cli(capsys, "eval", "claims", tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"error: {tmp_path / 'eval' / 'lm.json'}: ") and "did tools/reproduce_small.sh" in \
+        out.stderr
+    assert not (tmp_path / "report.md").exists()

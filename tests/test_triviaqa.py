@@ -1,15 +1,16 @@
-"""soft_ds.triviaqa (both released formats, normalisation, EM/F1, prompts) on fixtures written here,
-and `tools/evaluate.py triviaqa` on a tiny checkpoint."""
+"""soft_ds.eval.triviaqa (both released formats, normalisation, EM/F1, prompts) on fixtures written here,
+and `soft-ds eval triviaqa` on a tiny checkpoint."""
 
 import json
 
 import datasets
 import pytest
-from _eval_checkpoints import REPO, assert_cli_refuses, load_tool, one_thread, save_checkpoint  # noqa: F401
+from _eval_checkpoints import REPO, assert_cli_refuses, one_thread, save_checkpoint  # noqa: F401
+from conftest import run_cli
 
-from soft_ds import triviaqa
 from soft_ds.data import DataError, encode_prompt, load_tokenizer
-from soft_ds.triviaqa import Question, exact_match, f1_score, normalize_answer
+from soft_ds.eval import triviaqa
+from soft_ds.eval.triviaqa import Question, exact_match, f1_score, normalize_answer
 
 # Three questions as the Hugging Face `trivia_qa` (rc.nocontext) records hold them...
 HF_RECORDS = [
@@ -153,15 +154,14 @@ def test_prompts_and_answer_extraction():
 # --- the CLI -------------------------------------------------------------------------------------
 
 
-def test_triviaqa_cli(formats, tmp_path):
+def test_triviaqa_cli(formats, tmp_path, capsys):
     checkpoint = save_checkpoint(tmp_path / "soft", seed=8)
     out = tmp_path / "out"
-    report = load_tool("evaluate").main([
-        "triviaqa", "--model", f"soft={checkpoint}", "--exits", "2,4", "--data", str(formats / "dataset_dict"),
-        "--split", "validation", "--limit", "2", "--max-new-tokens", "3", "--prompt-style", "alpaca",
-        "--out", str(out)])
+    result = run_cli(capsys, "eval", "triviaqa", "--model", f"soft={checkpoint}", "--exits", "2,4", "--data",
+                     formats / "dataset_dict", "--split", "validation", "--limit", "2", "--max-new-tokens", "3",
+                     "--prompt-style", "alpaca", "--out", out)
+    assert result.returncode == 0, result.stderr
     written = json.loads((out / "triviaqa.json").read_text())
-    assert written == json.loads(json.dumps(report))
     assert written["questions"] == 2 and set(written["models"]["soft"]["exits"]) == {"2", "4"}
     predictions = json.loads((out / "triviaqa_predictions.json").read_text())["soft"]
     for n in ("2", "4"):
@@ -170,7 +170,8 @@ def test_triviaqa_cli(formats, tmp_path):
         # The written scores are the scoring of the written predictions.
         rescored = triviaqa.score_predictions(EXPECTED[:2], [row["prediction"] for row in rows])
         assert written["models"]["soft"]["exits"][n] == {"em": rescored["em"], "f1": rescored["f1"], "n": 2}
-    assert "| exit | soft EM | soft F1 |" in (out / "triviaqa.md").read_text()
+    table = (out / "triviaqa.md").read_text()
+    assert table in result.stdout and "| exit | soft EM | soft F1 |" in table
     assert (out / "triviaqa_vs_exit.png").read_bytes()[:4] == b"\x89PNG"
 
 

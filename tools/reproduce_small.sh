@@ -9,8 +9,8 @@
 # 1. SFT and SoFT (exits 2,4,6,8), same budget: ds_configs/reproduce_small.json (800 steps of 16
 #    sequences of 128 tokens, from the same random initialisation).
 # 2. SFT+ICT: a separate norm + head per exit 2,4,6, trained one epoch on the frozen SFT model.
-# 3. tools/evaluate.py: held-out loss/perplexity per exit (the 200 records training held out) and
-#    KL(last layer || exit) by output position; tools/reproduce_report.py: the table and claims.
+# 3. soft-ds eval lm / kl: held-out loss/perplexity per exit (the 200 records training held out) and
+#    KL(last layer || exit) by output position; soft-ds eval claims: the table and claims.
 # Each finished stage is kept: running the script again continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,7 @@ train ict --model "$OUT/hf/sft" --mode ict --train_steps "$epoch" --warmup_steps
 echo "== evaluating every exit ($(date +%H:%M:%S))"
 seq_len=$("$PYTHON" -c "from soft_ds.config import load_config; print(load_config('$CONFIG').soft.seq_len)")
 models=(--model "sft=$OUT/hf/sft" --model "soft=$OUT/hf/soft" --model "ict=$OUT/hf/ict")
-"$PYTHON" tools/evaluate.py lm "${models[@]}" --exits 2,4,6,8 --max_length "$seq_len" --out "$OUT/eval"
-"$PYTHON" tools/evaluate.py kl "${models[@]}" --exits 2,4,6,8 --num-prompts 32 --max-new-tokens 64 --out "$OUT/eval"
-"$PYTHON" tools/reproduce_report.py "$OUT"
+soft-ds eval lm "${models[@]}" --exits 2,4,6,8 --max_length "$seq_len" --out "$OUT/eval"
+soft-ds eval kl "${models[@]}" --exits 2,4,6,8 --num-prompts 32 --max-new-tokens 64 --out "$OUT/eval"
+soft-ds eval claims "$OUT"
 echo "== done in $(( ($(date +%s) - start) / 60 )) min: $OUT/report.md"

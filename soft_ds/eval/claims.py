@@ -1,17 +1,16 @@
-#!/usr/bin/env python
 """The report of tools/reproduce_small.sh: the per-exit table of SFT, SFT+ICT and SoFT, and the
-paper's four claims checked against the measured numbers.
+paper's four claims checked against the measured numbers (`soft-ds eval claims OUT`).
 
-    python tools/reproduce_report.py runs/reproduce_small      -> runs/reproduce_small/report.md
+    reproduction_report(Path("runs/reproduce_small"))   -> the text of runs/reproduce_small/report.md
 
-Reads OUT/eval/lm.json and OUT/eval/kl.json (tools/evaluate.py) and OUT/{sft,soft,ict}/summary.json
-(training). The claims are qualitative in the paper; the thresholds that turn them into PASS/MISS
-are ours and printed beside each verdict.
+Reads OUT/eval/lm.json and OUT/eval/kl.json (`soft-ds eval lm` and `kl` of the models named sft,
+ict and soft) and OUT/ict/summary.json (SFT+ICT's training run). The claims are qualitative in the
+paper; the thresholds that turn them into PASS/MISS are ours and printed beside each verdict.
 """
 
-import argparse
+from __future__ import annotations
+
 import json
-import sys
 from pathlib import Path
 
 MUCH_WORSE = 2.0  # claim 1: SFT's intermediate exits' perplexity >= this x SoFT's
@@ -23,14 +22,16 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        sys.exit(f"error: {path}: {error} (did tools/reproduce_small.sh finish that stage?)")
+        raise ValueError(f"{path}: {error} (did tools/reproduce_small.sh finish that stage?)") from None
 
 
 def verdict(ok: bool) -> str:
     return "**PASS**" if ok else "**MISS**"
 
 
-def claims(ppl: dict[str, dict[int, float]], extra_parameters: int) -> list[str]:
+def check_claims(ppl: dict[str, dict[int, float]], extra_parameters: int) -> list[str]:
+    """The four claims, one line each ending in **PASS** or **MISS**: ppl[model][exit] is the
+    held-out perplexity of "sft", "ict" and "soft"; extra_parameters, what SFT+ICT's heads add."""
     exits = sorted(ppl["soft"])
     last, inner = exits[-1], exits[:-1]
     deep = min(exits, key=lambda n: abs(n / last - 0.8))  # the exit nearest 80% depth
@@ -55,18 +56,15 @@ def claims(ppl: dict[str, dict[int, float]], extra_parameters: int) -> list[str]
     return lines
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="the output folder of tools/reproduce_small.sh")
-    args = p.parse_args(argv)
-    out = Path(args.out)
+def reproduction_report(out: Path) -> str:
+    """The markdown report of the reproduction in folder `out`; ValueError if a result is missing."""
     lm = read_json(out / "eval" / "lm.json")
     kl = read_json(out / "eval" / "kl.json")
     ict = read_json(out / "ict" / "summary.json")
     names = ["sft", "ict", "soft"]
     missing = [name for name in names if name not in lm["models"]]
     if missing:
-        sys.exit(f"error: {out / 'eval' / 'lm.json'} lacks model(s) {missing}")
+        raise ValueError(f"{out / 'eval' / 'lm.json'} lacks model(s) {missing}")
     ppl = {name: {int(n): v["ppl"] for n, v in lm["models"][name]["exits"].items()} for name in names}
     loss = {name: {int(n): v["loss"] for n, v in lm["models"][name]["exits"].items()} for name in names}
     mean_kl = {name: {int(n): v["mean"] for n, v in kl["models"][name]["exits"].items()} for name in names}
@@ -82,11 +80,6 @@ def main(argv=None):
         f"Held-out perplexity and loss over the response tokens of {lm['records']} records of {lm['data']} that "
         f"training held out (val_size {lm['val_size']}, seed {lm['seed']}, {lm['max_length']} tokens per record); "
         f"mean KL(last layer || exit) over greedy responses to {kl['prompts']} held-out prompts.", "",
-        header, *rows, "", "## The paper's claims", "", *claims(ppl, ict["extra_parameters"]), "",
+        header, *rows, "", "## The paper's claims", "", *check_claims(ppl, ict["extra_parameters"]), "",
         "Plots: `eval/ppl_vs_exit.png`, `eval/kl_vs_position.png`.", ""]
-    (out / "report.md").write_text("\n".join(report))
-    print("\n".join(report))
-
-
-if __name__ == "__main__":
-    main()
+    return "\n".join(report)

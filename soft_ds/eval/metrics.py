@@ -1,9 +1,9 @@
 """How good is each exit: language-model loss and perplexity, and KL to a reference by output position.
 
-Works on exported Hugging Face checkpoints (tools/export_hf.py) of any training mode: SFT, SoFT,
-or SFT + ICT (separate exit heads). Exit n is always `model.head(layers[:n] output, exit n)`, so a
-model with its own head per exit is evaluated through that head and a SoFT model through its one
-shared head, by the same code.
+Works on exported Hugging Face checkpoints of any training mode: SFT, SoFT, or SFT + ICT
+(separate exit heads). Exit n is always `model.head(layers[:n] output, exit n)`, so a model with
+its own head per exit is evaluated through that head and a SoFT model through its one shared
+head, by the same code.
 
     model = hf_io.load_model("runs/soft/hf-full")
     lm_metrics(model, val_set, exit_layers=[2, 4, 6, 8], pad_id=0)
@@ -18,6 +18,9 @@ tokens of the set; every exit comes from one forward per batch (`Llama.hidden_st
 `kl_by_position` is the paper's Figure 2: on responses a reference model generated, the
 KL(reference || exit) of the next-token distributions at each response position, averaged over the
 prompts whose response reaches that position.
+
+`lm_by_exit` and `kl_by_exit` run them over several checkpoints (`soft-ds eval lm` and `kl`),
+loading one model at a time; `kl_by_exit` also chooses what each model is compared with.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from soft_ds.data import IGNORE_INDEX, collate
+from soft_ds.eval.inputs import Checkpoint
 from soft_ds.exits import check_exit_layers
 from soft_ds.inference import SoftGenerator
 from soft_ds.model import Llama
@@ -98,6 +102,20 @@ def generate_responses(generator: SoftGenerator, prompts: list[list[int]], exit_
     return responses
 
 
+def responses_by_exit(checkpoint: Checkpoint, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                      dtype: torch.dtype, device: str | torch.device) -> dict[int, list[str]]:
+    """Each of the checkpoint's exits answers every prompt greedily: {exit: decoded responses}.
+    The model is loaded once for all its exits."""
+    model, tokenizer = checkpoint.load(dtype, device), checkpoint.tokenizer
+    generator = SoftGenerator(model, tokenizer)
+    texts = {}
+    for n in checkpoint.exits:
+        tokens = generate_responses(generator, prompts, n, max_new_tokens, tokenizer.eos_token_id, batch_size,
+                                    desc=f"{checkpoint.name} exit {n}")
+        texts[n] = [tokenizer.decode(response, skip_special_tokens=True) for response in tokens]
+    return texts
+
+
 def _response_positions(prompts, responses, pad_id: int, device):
     """Right-padded prompt + response ids (B, T) and, for every response token, the (row, column)
     whose logits predict it and its response position: three (N,) index tensors."""
@@ -160,3 +178,80 @@ def kl_by_position(model: Llama, reference: Llama, prompts: list[list[int]], res
     total_tokens = int(counts.sum())
     return {n: {"kl": (sums[n] / counts).tolist(), "count": counts.tolist(),
                 "mean": float(sums[n].sum()) / total_tokens} for n in exit_layers}
+
+
+# --------------------------------------------------------------------------------------------
+# Over several checkpoints, one model in memory at a time
+
+
+def lm_by_exit(checkpoints: list[Checkpoint], records, pad_id: int, batch_size: int, dtype: torch.dtype,
+               device: str | torch.device) -> dict[str, dict]:
+    """`lm_metrics` of every checkpoint's exits on the same records:
+    {name: {"path", "num_layers", "exits": {"n": {"loss", "ppl", "tokens"}}}}."""
+    results = {}
+    for checkpoint in checkpoints:
+        model = checkpoint.load(dtype, device)
+        metrics = lm_metrics(model, records, checkpoint.exits, pad_id, batch_size, desc=f"loss {checkpoint.name}")
+        results[checkpoint.name] = {"path": str(checkpoint.path), "num_layers": checkpoint.num_layers,
+                                    "exits": {str(n): values for n, values in metrics.items()}}
+        del model
+    return results
+
+
+def check_reference(checkpoints: list[Checkpoint], reference: Checkpoint | None) -> None:
+    """A KL reference must be comparable with every checkpoint: one vocabulary, and its name may
+    name a checkpoint only if it is the same directory."""
+    if reference is None:
+        return
+    for checkpoint in checkpoints:
+        if checkpoint.name == reference.name and checkpoint.path != reference.path:
+            raise ValueError(f"--reference {reference.name}={reference.path}: the name {reference.name!r} is a "
+                             "--model with another path")
+    different = [c.name for c in checkpoints if c.config.vocab_size != reference.config.vocab_size]
+    if different:
+        raise ValueError(f"{', '.join(different)}: vocabulary size differs from the reference {reference.name}'s "
+                         f"({reference.config.vocab_size}); KL needs one vocabulary")
+
+
+def kl_by_exit(checkpoints: list[Checkpoint], reference: Checkpoint | None, prompts: list[list[int]], tokenizer,
+               max_new_tokens: int, batch_size: int, dtype: torch.dtype,
+               device: str | torch.device) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """`kl_by_position` of every checkpoint's exits along greedy responses to `prompts`.
+
+    With a reference (one `check_reference` accepts), the reference answers once and every
+    checkpoint is compared with the reference's last layer along those responses; a checkpoint in
+    the reference's directory is read from the very same model object (its last exit's KL is then
+    exactly 0). Without one, each checkpoint answers for itself and is compared with its own last
+    layer. Returns ({name: {"path", "reference", "exits": {"n": {"kl", "count", "mean"}}}},
+    {name of each model that answered: its decoded responses}).
+    """
+    def respond(model, name):
+        return generate_responses(SoftGenerator(model, tokenizer), prompts, None, max_new_tokens,
+                                  tokenizer.eos_token_id, batch_size, desc=f"responses of {name}")
+
+    def decode(responses):
+        return [tokenizer.decode(response, skip_special_tokens=True) for response in responses]
+
+    reference_model = reference_responses = None
+    texts = {}
+    if reference is not None:
+        reference_model = reference.load(dtype, device)
+        reference_responses = respond(reference_model, reference.name)
+        texts[reference.name] = decode(reference_responses)
+    results = {}
+    for checkpoint in checkpoints:
+        if reference is None:
+            model = against = checkpoint.load(dtype, device)
+            responses = respond(model, checkpoint.name)
+            texts[checkpoint.name] = decode(responses)
+        else:
+            model = reference_model if checkpoint.path == reference.path else checkpoint.load(dtype, device)
+            against, responses = reference_model, reference_responses
+        kl = kl_by_position(model, against, prompts, responses, checkpoint.exits, batch_size=batch_size,
+                            pad_id=tokenizer.pad_token_id, desc=f"KL {checkpoint.name}")
+        results[checkpoint.name] = {
+            "path": str(checkpoint.path),
+            "reference": reference.name if reference is not None else f"{checkpoint.name} (own last layer)",
+            "exits": {str(n): values for n, values in kl.items()}}
+        del model, against
+    return results, texts

@@ -18,6 +18,8 @@ Scoring follows the official evaluation script (mandarjoshi90/triviaqa,
 evaluation/triviaqa_evaluation.py): answers are normalised (lower case, underscores and
 punctuation to spaces, articles a/an/the dropped, whitespace collapsed); exact match and token F1
 (SQuAD's) take the best over the gold answers: the value, its aliases and normalised aliases.
+
+`triviaqa_by_exit` (`soft-ds eval triviaqa`) has every exit of several checkpoints answer and scores it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from soft_ds.data import DataError, encode_prompt, parse_json_lines, read_text
+from soft_ds.eval.inputs import Checkpoint
+from soft_ds.eval.metrics import responses_by_exit
 
 PROMPT_STYLES = ("qa", "alpaca")
 QA_PROMPT = "Answer these questions:\nQ: {question}\nA:"
@@ -106,6 +112,33 @@ def extract_answer(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Every exit of several checkpoints
+
+
+def triviaqa_by_exit(checkpoints: list[Checkpoint], questions: list[Question], prompt_style: str,
+                     max_new_tokens: int, batch_size: int, dtype: torch.dtype,
+                     device: str | torch.device) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every exit of every checkpoint answers the questions closed-book (greedy, up to
+    max_new_tokens; the answer is the first line) and is scored.
+
+    Returns ({name: {"path", "exits": {"n": {"em", "f1", "n"}}}},
+             {name: {"n": [{"id", "prediction", "em", "f1"} per question]}})."""
+    results, predictions = {}, {}
+    for checkpoint in checkpoints:
+        prompts = [prompt_ids(q.question, checkpoint.tokenizer, prompt_style) for q in questions]
+        texts = responses_by_exit(checkpoint, prompts, max_new_tokens, batch_size, dtype, device)
+        results[checkpoint.name] = {"path": str(checkpoint.path), "exits": {}}
+        predictions[checkpoint.name] = {}
+        for n, exit_texts in texts.items():
+            answers = [extract_answer(text) for text in exit_texts]
+            scores = score_predictions(questions, answers)
+            results[checkpoint.name]["exits"][str(n)] = {"em": scores["em"], "f1": scores["f1"], "n": scores["n"]}
+            predictions[checkpoint.name][str(n)] = [{"id": q.id, "prediction": answer, **score} for q, answer, score
+                                                    in zip(questions, answers, scores["per_question"])]
+    return results, predictions
 
 
 # --------------------------------------------------------------------------------------------

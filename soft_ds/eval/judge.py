@@ -19,7 +19,8 @@ tokenizer as saved, so check its bos token when the judge is PandaLM-7B-v1.
     result["score"], result["a_first"]["wins"], result["unparsed"]
 
 The scoring (`parse_verdict`, `outcome_for_a`, `count_outcomes`, `score_orders`) is pure and needs
-no model; `compare` takes any judge function `prompts -> texts`.
+no model; `compare` takes any judge function `prompts -> texts`. `judge_grid` (`soft-ds eval
+judge`) has each exit of A and of B answer once, then compares every exit of A with every exit of B.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from soft_ds.data import encode_prompt
+from soft_ds.eval.inputs import Checkpoint
+from soft_ds.eval.metrics import responses_by_exit
 
 
 # Special tokens PandaLM removes from responses before building its prompt (pandalm_inference.py).
@@ -188,3 +193,31 @@ class HFJudge:
             output = model.generate(**batch, **self.generation)
             texts += self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return texts
+
+
+def judge_grid(a: Checkpoint, b: Checkpoint, records: list[dict], judge, max_new_tokens: int, batch_size: int,
+               dtype: torch.dtype, device: str | torch.device) -> dict:
+    """Every exit of A against every exit of B on the instructions `records`, by `judge`
+    (prompts, desc -> texts, e.g. an HFJudge). Each exit answers once (greedy, up to
+    max_new_tokens) for the whole grid.
+
+    Returns {"responses": {"a": {exit: texts}, "b": {exit: texts}}, "cells": [{"a_exit", "b_exit",
+    "score", "a_first", "b_first", "unparsed"}, ...] (A's exits outer, B's inner),
+    "judgements": [{"a_exit", "b_exit", "a_first", "b_first": raw judge texts, "outcomes_for_a"}, ...]}.
+    """
+    responses = {}
+    for role, system in (("a", a), ("b", b)):
+        prompts = [encode_prompt(record, system.tokenizer) for record in records]
+        texts = responses_by_exit(system, prompts, max_new_tokens, batch_size, dtype, device)
+        responses[role] = {n: [text.strip() for text in exit_texts] for n, exit_texts in texts.items()}
+    cells, judgements = [], []
+    for a_exit in a.exits:
+        for b_exit in b.exits:
+            label = f"{a.name}@{a_exit} vs {b.name}@{b_exit}"
+            result = compare(records, responses["a"][a_exit], responses["b"][b_exit],
+                             lambda prompts: judge(prompts, desc=f"judging {label}"))
+            cells.append({"a_exit": a_exit, "b_exit": b_exit, "score": result["score"],
+                          "a_first": result["a_first"], "b_first": result["b_first"], "unparsed": result["unparsed"]})
+            judgements.append({"a_exit": a_exit, "b_exit": b_exit, **result["judgements"],
+                               "outcomes_for_a": result["outcomes"]})
+    return {"responses": responses, "cells": cells, "judgements": judgements}
