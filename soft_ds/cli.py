@@ -32,6 +32,16 @@ COMMANDS = {
 }
 
 
+def parse_list(text: str, flag: str, kind=int) -> list:
+    """A comma-separated command-line list ("12,16,40"); ValueError naming the flag. The one parser
+    of such lists: exits, exit weights, draft exits."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{flag} must be comma-separated {what}, got {text!r}") from None
+
+
 def fail(message: str) -> SystemExit:
     """One `error:` line on stderr; the caller raises the returned SystemExit (exit code 2)."""
     print(f"error: {message}", file=sys.stderr, flush=True)

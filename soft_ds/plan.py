@@ -43,6 +43,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig
 
+from soft_ds.cli import parse_list
 from soft_ds.exits import make_exits
 from soft_ds.hf_io import CheckpointError, expected_tensor_names, read_llama_config_file
 from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
@@ -197,13 +198,6 @@ def format_plan(plans: list[StagePlan], grad_accum: int) -> str:
 # The command
 
 
-def layer_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 12,16,40, got {text!r}")
-
-
 def main(argv=None):
     """`soft-ds plan`: print the per-stage plan of a run."""
     p = argparse.ArgumentParser(description=COMMAND_HELP,
@@ -211,7 +205,7 @@ def main(argv=None):
     p.add_argument("--model", required=True,
                    help="7B, 13B or 70B (LLaMA 2 shapes), a test preset (debug, tiny), or a Hugging Face "
                         "config.json / checkpoint directory")
-    p.add_argument("--exits", type=layer_list, default=None,
+    p.add_argument("--exits", default=None,
                    help="exit layers, comma-separated (default: exits.default_exit_layers for the depth)")
     p.add_argument("--mode", choices=("soft", "sft"), default="soft", help="sft: one exit, the last layer")
     p.add_argument("--pp", type=int, default=1, help="pipeline degree (stages)")
@@ -231,7 +225,8 @@ def main(argv=None):
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory per device, GiB")
     args = p.parse_args(argv)
     config = load_model_config(args.model)  # errors: ValueError subclasses, one line from soft-ds
-    plans = plan(config, args.exits, mode=args.mode, pipeline_stages=args.pp, data_parallel=args.dp,
+    exits = parse_list(args.exits, "--exits") if args.exits else None
+    plans = plan(config, exits, mode=args.mode, pipeline_stages=args.pp, data_parallel=args.dp,
                  micro_batch=args.micro_batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
                  bf16=args.bf16, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
                  exit_chunk_tokens=args.exit_chunk_tokens, gpu_gib=args.gpu_gib)

@@ -43,6 +43,7 @@ import torch
 from transformers import LlamaConfig
 
 from soft_ds.bench.proxy import LLAMA2_13B, LLAMA2_13B_SEQ_LEN, head_layer_ratio, proxy_config
+from soft_ds.cli import parse_list
 from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
 from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers
 from soft_ds.inference import SoftGenerator
@@ -71,10 +72,6 @@ def build_random(config: LlamaConfig, seed: int, damping: float = 1.0) -> Llama:
 def load_prompts(tokenizer, count: int) -> list[list[int]]:
     records = load_instructions(PANDALM)[:count]
     return [encode_prompt(record, tokenizer) for record in records]
-
-
-def parse_list(text: str, kind=int) -> list:
-    return [kind(part) for part in text.split(",") if part.strip()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,9 +283,9 @@ def main(argv=None) -> dict[str, list[str]]:
     # The library's own checks, under the options' names, before any model is built.
     for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats", "threads"):
         check_positive_integer(getattr(args, name), f"--{name.replace('_', '-')}")
-    args.draft_tokens = parse_list(args.draft_tokens)
-    args.thresholds = parse_list(args.thresholds, float)
-    args.proxy_thresholds = parse_list(args.proxy_thresholds, float)
+    args.draft_tokens = parse_list(args.draft_tokens, "--draft-tokens")
+    args.thresholds = parse_list(args.thresholds, "--thresholds", float)
+    args.proxy_thresholds = parse_list(args.proxy_thresholds, "--proxy-thresholds", float)
     for k in args.draft_tokens:
         check_positive_integer(k, "each of --draft-tokens")
     for name in ("thresholds", "proxy_thresholds"):
@@ -311,7 +308,7 @@ def main(argv=None) -> dict[str, list[str]]:
     tokenizer = generator.tokenizer or load_tokenizer(TOKENIZER)
     config = generator.config
     L = config.num_hidden_layers
-    exits = parse_list(args.exits) if args.exits else list(default_exit_layers(L))
+    exits = parse_list(args.exits, "--exits") if args.exits else list(default_exit_layers(L))
     exits = list(check_exit_layers(exits + [L], L))  # the full model is always measured
     prompts = load_prompts(tokenizer, args.num_prompts)
     generator.check_prompts(prompts, args.max_new_tokens)
@@ -332,7 +329,7 @@ def main(argv=None) -> dict[str, list[str]]:
         proxy_generator = SoftGenerator(build_random(proxy, args.seed, args.proxy_damping).to(args.device),
                                         exits=proxy_exits)
         proxy_prompts = [[token % proxy.vocab_size for token in prompt] for prompt in prompts]
-        draft_exits = [n for n in parse_list(args.proxy_draft_exits)
+        draft_exits = [n for n in parse_list(args.proxy_draft_exits, "--proxy-draft-exits")
                        if n in proxy_exits and n < proxy.num_hidden_layers]
         proxy_args = argparse.Namespace(**{**vars(args), "thresholds": args.proxy_thresholds})
         proxy_rows = run_suite(proxy_generator, proxy_prompts, proxy_args, proxy_exits, draft_exits)

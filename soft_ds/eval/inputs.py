@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
+from soft_ds.cli import parse_list
 from soft_ds.data import build_datasets
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.hf_io import load_llama_config, load_model
@@ -70,10 +71,7 @@ def parse_exits(text: str | None, num_layers: int, what: str, flag: str = "--exi
         return (num_layers,) if last_by_default else default_exit_layers(num_layers)
     if text.strip() == "all":
         return tuple(range(1, num_layers + 1))
-    try:
-        layers = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers or 'all', got {text!r}") from None
+    layers = parse_list(text, flag)
     try:
         return check_exit_layers(layers, num_layers, what)
     except ValueError as error:

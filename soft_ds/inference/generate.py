@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from soft_ds.cli import parse_list
 from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
 from soft_ds.exits import check_exit_layer, check_exit_layers
 from soft_ds.hf_io import CheckpointError, load_llama_config
@@ -29,7 +30,6 @@ from soft_ds.inference.core import (CONFIDENCE_MEASURES, DTYPES, Sampling, check
 from soft_ds.inference.dynamic import check_threshold
 from soft_ds.inference.generator import SoftGenerator
 from soft_ds.inference.speculative import check_draft_exit
-from soft_ds.plan import layer_list
 
 COMMAND_HELP = "Generate text with an exported SoFT checkpoint: any exit, self-speculative, or dynamic exit."
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (--speculative-exit)")
     p.add_argument("--confidence", choices=CONFIDENCE_MEASURES, default="max_prob",
                    help="confidence measure for --dynamic-threshold")
-    p.add_argument("--exits", type=layer_list, help="comma-separated exits --dynamic-threshold may stop at "
+    p.add_argument("--exits", help="comma-separated exits --dynamic-threshold may stop at "
                                                     "(default: the training default for the model's depth)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
@@ -89,7 +89,7 @@ def main(argv=None) -> list[str]:
         check_exit_layer(args.exit, num_layers, "--exit")
     if args.speculative_exit is not None:
         check_draft_exit(args.speculative_exit, num_layers, "--speculative-exit")
-    exits = None if args.exits is None else check_exit_layers(args.exits, num_layers)
+    exits = None if args.exits is None else check_exit_layers(parse_list(args.exits, "--exits"), num_layers)
 
     generator = SoftGenerator.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, exits=exits)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else generator.tokenizer
