@@ -24,6 +24,7 @@ COMMANDS = {
     "train": ("soft_ds.train", "Sorted Fine-Tuning on a DeepSpeed pipeline (this process; launch ranks "
                                "with `deepspeed soft_ds/train.py`)"),
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
+    "export": ("soft_ds.checkpoint", "a training checkpoint as a Hugging Face LLaMA directory (full model or exit N)"),
 }
 
 
