@@ -47,7 +47,7 @@ KNOWN_FORMATS = (FORMAT_VERSION,)
 
 META_FILE = "soft_meta.json"
 HEAD_FILE = "shared_head-model_states.pt"  # the shared exit head, written once per checkpoint
-LATEST_FILE = "latest"  # DeepSpeed's name for it: engine.load_checkpoint finds it without a tag
+LATEST_FILE = "latest"  # DeepSpeed's name, so its own tools (zero_to_fp32.py) find the checkpoint too
 TOKENIZER_DIR = "tokenizer"
 
 
