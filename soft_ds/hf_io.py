@@ -17,7 +17,6 @@ uses exit N's own head as the sub-model's norm + lm_head.
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import shutil
@@ -104,6 +103,19 @@ def _list_names(names: Iterable[str]) -> str:
     if len(names) > _MAX_NAMES_IN_ERROR:
         shown += f" (and {len(names) - _MAX_NAMES_IN_ERROR} more)"
     return shown
+
+
+def hf_name(kind: str, number: int, local_name: str) -> str:
+    """Hugging Face name of a pipeline layer's parameter (kinds as in `pipe.layer_layout`; the
+    shared head is kind "exit", an SFT+ICT exit's own head "exit_head"). Training loads and
+    export writes through this one map."""
+    if kind == "embed":
+        return f"model.{local_name}"
+    if kind == "decoder":
+        return f"model.layers.{number - 1}.{local_name}"
+    if kind == "exit_head":
+        return f"{EXIT_HEAD_PREFIX}{number}.{local_name}"
+    return {"norm.weight": "model.norm.weight"}.get(local_name, local_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,74 +462,3 @@ def _replace_directory(new: Path, target: Path) -> None:
         backup.rename(target)
         raise
     shutil.rmtree(backup, ignore_errors=True)
-
-
-# --- soft-ds training checkpoints (DeepSpeed pipeline layout) -> Hugging Face names ---------------
-
-HEAD_FILE = "shared_head-model_states.pt"  # the shared exit head, written once per checkpoint
-
-
-def hf_name(kind: str, number: int, local_name: str) -> str:
-    """Hugging Face name of a pipeline layer's parameter (kinds as in `pipe.layer_layout`; the
-    shared head is kind "exit", an SFT+ICT exit's own head "exit_head"). Training loads and
-    export writes through this one map."""
-    if kind == "embed":
-        return f"model.{local_name}"
-    if kind == "decoder":
-        return f"model.layers.{number - 1}.{local_name}"
-    if kind == "exit_head":
-        return f"{EXIT_HEAD_PREFIX}{number}.{local_name}"
-    return {"norm.weight": "model.norm.weight"}.get(local_name, local_name)
-
-
-META_FILE = "soft_meta.json"  # in each checkpoint folder: step, exits, layout, model config, ...
-
-
-def _latest_folder(run_dir, step=None) -> str:
-    ckpt = os.path.join(run_dir, "checkpoints")
-    latest = os.path.join(ckpt, "latest")
-    if step is None:
-        if not os.path.isfile(latest):
-            raise CheckpointError(f"{run_dir}: no soft-ds checkpoint ({latest} missing)")
-        with open(latest) as f:
-            tag = f.read().strip()
-    else:
-        tag = f"step{step}"
-    folder = os.path.join(ckpt, tag)
-    if not os.path.isdir(folder):
-        steps = (os.path.basename(p).removeprefix("step") for p in glob.glob(os.path.join(ckpt, "step*")))
-        have = [f"step{n}" for n in sorted(int(n) for n in steps if n.isdigit())]
-        raise CheckpointError(f"{run_dir}: checkpoint {tag} not found (have: {have})")
-    return folder
-
-
-def read_checkpoint_meta(run_dir, step=None) -> dict:
-    """The metadata a training checkpoint was saved with (the latest unless step is given)."""
-    return _read_meta(_latest_folder(run_dir, step))
-
-
-def _read_meta(folder) -> dict:
-    path = os.path.join(folder, META_FILE)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e}); was the save interrupted?") from None
-
-
-def read_training_checkpoint(run_dir, step=None):
-    """(HF state dict, LlamaConfig, meta) of a run's checkpoint (the latest unless step is given)."""
-    folder = _latest_folder(run_dir, step)
-    meta = _read_meta(folder)
-    state = {}
-    for index, (kind, number) in enumerate(meta["layout"]):
-        if kind == "exit":
-            continue  # the shared head is saved once, in HEAD_FILE
-        files = glob.glob(os.path.join(folder, f"layer_{index:02d}-*model_states.pt"))
-        if len(files) != 1:
-            raise CheckpointError(f"{folder}: expected one file for layer {index} ({kind} {number}), found {files}")
-        for local, tensor in torch.load(files[0], map_location="cpu", weights_only=True).items():
-            state[hf_name(kind, number, local)] = tensor
-    for local, tensor in torch.load(os.path.join(folder, HEAD_FILE), map_location="cpu", weights_only=True).items():
-        state[hf_name("exit", 0, local)] = tensor
-    return state, transformers.LlamaConfig.from_dict(meta["model_config"]), meta

@@ -28,8 +28,9 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import nn
 
+from soft_ds.checkpoint import HEAD_FILE
 from soft_ds.exits import exit_loss
-from soft_ds.hf_io import EXIT_HEAD_PREFIX, HEAD_FILE, hf_name
+from soft_ds.hf_io import EXIT_HEAD_PREFIX, hf_name
 from soft_ds.model import DecoderLayer, SharedHead, check_supported
 from soft_ds.partition import plan_stages
 

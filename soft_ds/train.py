@@ -9,13 +9,13 @@ Runs unchanged on GPUs (NCCL) and on CPU (DeepSpeed's CPU accelerator, gloo).
 """
 
 import argparse
-import json
 import os
 import time
 
 import torch
 import transformers
 
+from soft_ds import checkpoint
 from soft_ds import config as run_config
 from soft_ds import data as soft_data
 from soft_ds import hf_io
@@ -28,7 +28,6 @@ from soft_ds.partition import balance_ratio, plan_stages
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "data", "alpaca_5000.json")
 DEFAULT_TOKENIZER = os.path.join(REPO, "data", "tokenizer")
-CHECKPOINT_FORMAT = 1
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -124,10 +123,6 @@ def build_model_source(args, tokenizer_vocab: int, seed: int):
     return model_config, (lambda names: hf_io.load_tensors(args.model, names))
 
 
-def checkpoint_dir(output_dir):
-    return os.path.join(output_dir, "checkpoints")
-
-
 def validate_and_prepare(args, world_size: int):
     """Everything that can be wrong with the input, checked before any distributed work."""
     config = build_run_config(args)
@@ -143,7 +138,7 @@ def validate_and_prepare(args, world_size: int):
     tokenizer = soft_data.load_tokenizer(tokenizer_path)
     if soft.mode == "ict" and args.model in PRESETS:
         raise run_config.ConfigError(f"--mode ict trains exit heads on a frozen fine-tuned model: --model must be a "
-                                     f"checkpoint directory (e.g. an SFT run exported with tools/export_hf.py), "
+                                     f"checkpoint directory (e.g. an SFT run exported with `soft-ds export`), "
                                      f"not the random preset {args.model!r}")
     model_config, weight_source = build_model_source(args, len(tokenizer), soft.seed)
     if soft.mode == "ict":
@@ -177,37 +172,8 @@ def validate_and_prepare(args, world_size: int):
             f"records whose prompt fills seq_len {soft.seq_len}), fewer than one validation pass needs: micro batch "
             f"{config.micro_batch_size} x eval_batches {soft.eval_batches} x data parallel {dp}; raise val_size "
             f"or seq_len, lower eval_batches, or set val_size to 0")
-    ckpt = checkpoint_dir(args.output_dir)
-    has_checkpoint = os.path.isfile(os.path.join(ckpt, "latest"))
-    if has_checkpoint and not args.resume:
-        raise run_config.ConfigError(f"{args.output_dir} already holds checkpoints: pass --resume to continue "
-                                     f"that run, or choose another --output_dir (nothing was overwritten)")
-    if has_checkpoint:
-        meta = hf_io.read_checkpoint_meta(args.output_dir)
-        now = {"exits": [[e.layer, e.weight] for e in exits], "pipeline_stages": soft.pipeline_stages,
-               "data_parallel": dp}
-        for key, value in now.items():
-            if meta[key] != value:
-                raise run_config.ConfigError(f"--resume: checkpoint in {ckpt} has {key}={meta[key]}, "
-                                             f"this run has {value}")
+    checkpoint.check_resume(args.output_dir, args.resume, checkpoint.run_shape(exits, soft.pipeline_stages, dp))
     return config, tokenizer, model_config, weight_source, exits, stages, train_set, val_set
-
-
-def save(engine, module, args, config, model_config, exits, tokenizer, step, monitor):
-    ckpt = checkpoint_dir(args.output_dir)
-    engine.save_checkpoint(ckpt, tag=f"step{step}", client_state={"step": step})
-    if engine.global_rank == 0:
-        # Checkpoints describe themselves; export_hf.py reads this file.
-        meta = {"format_version": CHECKPOINT_FORMAT, "step": step, "exits": [[e.layer, e.weight] for e in exits],
-                "pipeline_stages": config.soft.pipeline_stages,
-                "data_parallel": config.data_parallel_size(torch.distributed.get_world_size()),
-                "layout": module.layout, "model_config": model_config.to_dict(), "soft": vars(config.soft)}
-        with open(os.path.join(ckpt, f"step{step}", hf_io.META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        tokenizer_out = os.path.join(args.output_dir, "tokenizer")
-        if not os.path.isdir(tokenizer_out):
-            tokenizer.save_pretrained(tokenizer_out)
-    monitor.info(f"saved checkpoint step {step} to {ckpt}")
 
 
 def data_iterator(dataset, config, engine, pad_id, start_step, eval_batches=None):
@@ -263,7 +229,7 @@ def main(argv=None):
     torch.manual_seed(soft.seed)
     cpu = get_accelerator().device_name() == "cpu"
     monitor_enabled = torch.distributed.get_rank() == 0
-    resume = args.resume and os.path.isfile(os.path.join(checkpoint_dir(args.output_dir), "latest"))
+    resume = args.resume and checkpoint.has_checkpoint(args.output_dir)
     monitor = Monitor(os.path.join(args.output_dir, "tb"), monitor_enabled, soft.train_steps)
     monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {'bf16' if config.bf16 else 'fp32'} | "
                  f"{soft.pipeline_stages} stages x "
@@ -287,11 +253,10 @@ def main(argv=None):
 
     step = 0
     if resume:
-        _, client_state = engine.load_checkpoint(checkpoint_dir(args.output_dir))
-        step = client_state["step"]
+        step = checkpoint.load(engine, args.output_dir)
         monitor.info(f"resumed from step {step}")
     elif args.resume:
-        monitor.info(f"--resume: no checkpoint in {checkpoint_dir(args.output_dir)}, starting fresh")
+        monitor.info(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(args.output_dir)}, starting fresh")
     monitor.start(step)
 
     train_iter = data_iterator(train_set, config, engine, tokenizer.pad_token_id, start_step=step)
@@ -319,7 +284,10 @@ def main(argv=None):
             monitor.info(f"validation at step {step}: " +
                          " ".join(f"exit {n}: {v:.4f}" for n, v in val_exits.items()))
         if (soft.save_interval and step % soft.save_interval == 0) or step == last_step:
-            save(engine, module, args, config, model_config, exits, tokenizer, step, monitor)
+            shape = checkpoint.run_shape(exits, soft.pipeline_stages, config.data_parallel_size(world_size))
+            saved = checkpoint.save(engine, args.output_dir, step, tokenizer, shape=shape, layout=module.layout,
+                                    model_config=model_config, soft=soft)
+            monitor.info(f"saved checkpoint step {step} to {saved}")
 
     if step == soft.train_steps:
         monitor.summary(exits, train_exits, val_exits, os.path.join(args.output_dir, "summary.json"), extra)

@@ -5,13 +5,11 @@ model's own exits), and the export keeps the heads so every exit evaluates like 
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_launch, first_step_exit_losses, scalars
+from conftest import REPO, deepspeed_launch, first_step_exit_losses, run_cli, scalars
 from test_train_errors import run_validation
 
 HEADS, LAST = [2, 4, 6], 8
@@ -42,7 +40,8 @@ def ict_run(base, tmp_path_factory):
 
 
 def test_only_the_exit_heads_train(base, ict_run):
-    from soft_ds.hf_io import load_tensors, read_training_checkpoint
+    from soft_ds.checkpoint import read_training_checkpoint
+    from soft_ds.hf_io import load_tensors
     state, _, meta = read_training_checkpoint(ict_run[0])
     before = load_tensors(base, [name for name in state if not name.startswith("exit_heads.")])
     for name, tensor in before.items():
@@ -79,14 +78,15 @@ def test_reports_the_extra_parameters(ict_run):
     assert all(row["val_loss"] > 0 for row in summary["exits"])
 
 
-def test_export_keeps_the_heads_and_exit_exports_use_their_own(ict_run, tmp_path):
+def test_export_keeps_the_heads_and_exit_exports_use_their_own(ict_run, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
-    from soft_ds.hf_io import EXIT_HEADS_FILE, load_model, read_training_checkpoint
+    from soft_ds.checkpoint import read_training_checkpoint
+    from soft_ds.hf_io import EXIT_HEADS_FILE, load_model
     state, _, _ = read_training_checkpoint(ict_run[0])
-    export = [sys.executable, "tools/export_hf.py", "--run", ict_run[0]]
-    subprocess.run([*export, "--out", tmp_path / "full"], cwd=REPO, check=True, capture_output=True)
-    subprocess.run([*export, "--exit", "4", "--out", tmp_path / "exit4"], cwd=REPO, check=True, capture_output=True)
+    for args in (["--out", tmp_path / "full"], ["--exit", 4, "--out", tmp_path / "exit4"]):
+        exported = run_cli(capsys, "export", "--run", ict_run[0], *args)
+        assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "full" / EXIT_HEADS_FILE).is_file()
     assert not (tmp_path / "exit4" / EXIT_HEADS_FILE).exists()
 

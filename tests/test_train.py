@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_launch, first_step_exit_losses, scalars
+from conftest import REPO, deepspeed_launch, first_step_exit_losses, run_cli, scalars
 
 STEPS = 4
 EXITS = [2, 4, 6, 8]
@@ -127,15 +127,15 @@ torch.save({"ids": ids, "full": full_logits, "sub": sub_logits, "layers": sub.co
 """
 
 
-def test_export_hf_full_and_exit(straight, tmp_path):
+def test_export_hf_full_and_exit(straight, tmp_path, capsys):
     from soft_ds.hf_io import load_tensors
     from soft_ds.model import Llama
     from transformers import AutoConfig
 
     run = straight[0]
     for args in (["--out", tmp_path / "full"], ["--exit", 4, "--out", tmp_path / "exit4"]):
-        subprocess.run([sys.executable, "tools/export_hf.py", "--run", str(run), *map(str, args)],
-                       cwd=REPO, check=True, capture_output=True, timeout=300)
+        exported = run_cli(capsys, "export", "--run", run, *args)
+        assert exported.returncode == 0, exported.stderr
     result_file = tmp_path / "logits.pt"
     subprocess.run([sys.executable, "-c", LOAD_WITHOUT_SOFT_DS, str(tmp_path / "full"), str(tmp_path / "exit4"),
                     "4", str(result_file)], check=True, timeout=300)
@@ -148,8 +148,7 @@ def test_export_hf_full_and_exit(straight, tmp_path):
         assert (model(got["ids"], exit_layer=4) - got["sub"]).abs().max() <= 1e-5
         assert (model(got["ids"]) - got["full"]).abs().max() <= 1e-5
     # An existing export is never overwritten.
-    again = subprocess.run([sys.executable, "tools/export_hf.py", "--run", str(run), "--out", str(tmp_path / "full")],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = run_cli(capsys, "export", "--run", run, "--out", tmp_path / "full")
     assert again.returncode != 0 and "not empty" in again.stderr
 
 

@@ -11,4 +11,4 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "${PYTHON:-python3}" -m deepspeed.launcher.runner --num_gpus 2 soft_ds/train.py --ds_config ds_configs/tiny_pp2.json --output_dir "$out" "$@"
 echo
 echo "TensorBoard: tensorboard --logdir $out/tb"
-echo "Export:      python tools/export_hf.py --run $out --exit 4 --out $out/hf-exit4"
+echo "Export:      soft-ds export --run $out --exit 4 --out $out/hf-exit4"

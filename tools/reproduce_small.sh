@@ -33,7 +33,7 @@ train() {  # train NAME [train.py options...]: train, then export the full model
   [ -f "$OUT/$name/checkpoints/latest" ] && resume=(--resume)
   deepspeed --num_gpus 1 --master_port "$port" soft_ds/train.py --ds_config "$CONFIG" \
     --output_dir "$OUT/$name" "${resume[@]}" "$@" "${EXTRA[@]}"
-  "$PYTHON" tools/export_hf.py --run "$OUT/$name" --out "$OUT/hf/$name" --overwrite
+  "$PYTHON" -m soft_ds.cli export --run "$OUT/$name" --out "$OUT/hf/$name" --overwrite
 }
 
 start=$(date +%s)
