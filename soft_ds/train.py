@@ -19,6 +19,7 @@ from soft_ds import checkpoint
 from soft_ds import config as run_config
 from soft_ds import data as soft_data
 from soft_ds import hf_io
+from soft_ds.cli import parse_list
 from soft_ds.distributed import deepspeed_environment, distributed_env, init_distributed
 from soft_ds.exits import make_exits
 from soft_ds.model import PRESETS, check_supported, preset_config, random_weights
@@ -85,26 +86,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def int_list(text, name):
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise run_config.ConfigError(f"--{name} must be comma-separated integers, got {text!r}") from None
-
-
 def build_run_config(args) -> run_config.RunConfig:
     config = run_config.load_config(args.ds_config)
-    weights = None
-    if args.exit_weights is not None:
-        try:
-            weights = [float(x) for x in args.exit_weights.split(",")]
-        except ValueError:
-            raise run_config.ConfigError(f"--exit_weights must be comma-separated numbers, got "
-                                         f"{args.exit_weights!r}") from None
+    exits = None if args.exits is None else parse_list(args.exits, "--exits")
+    weights = None if args.exit_weights is None else parse_list(args.exit_weights, "--exit_weights", float)
     return run_config.override(
-        config, mode=args.mode, exits=int_list(args.exits, "exits"), exit_weights=weights,
+        config, mode=args.mode, exits=exits, exit_weights=weights,
         pipeline_stages=args.pipeline_stages, seq_len=args.seq_len, train_steps=args.train_steps,
         warmup_steps=args.warmup_steps, val_size=args.val_size, eval_interval=args.eval_interval,
         save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed,

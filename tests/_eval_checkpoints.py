@@ -1,6 +1,6 @@
 """Tiny exported checkpoints and data files for the evaluation tests (test_evaluate, test_judge,
 test_triviaqa): the "debug" model at 4 layers with the bundled 4,096-piece tokenizer, saved as
-tools/export_hf.py saves one."""
+`soft-ds export` saves one."""
 
 import json
 import shutil

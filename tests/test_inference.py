@@ -288,7 +288,7 @@ def test_dynamic_exit_fills_deeper_caches_exactly(peaked, monkeypatch, batch):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny HF checkpoint with the bundled 4,096-piece tokenizer, as tools/export_hf.py writes one."""
+    """A tiny HF checkpoint with the bundled 4,096-piece tokenizer, as `soft-ds export` writes one."""
     directory = tmp_path_factory.mktemp("ckpt") / "soft"
     config = preset_config("debug", vocab_size=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = hf_model(config, seed=2).float()

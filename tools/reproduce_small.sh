@@ -19,6 +19,7 @@ shift || true
 EXTRA=("$@")
 CONFIG=ds_configs/reproduce_small.json
 PYTHON=${PYTHON:-python3}
+soft-ds() { "$PYTHON" -m soft_ds.cli "$@"; }  # the soft-ds command of the Python that setup.sh installs into
 bash tools/setup.sh
 mkdir -p "$OUT"
 # One process per run uses both cores best on a small CPU; DeepSpeed's launcher still runs it.
@@ -33,7 +34,7 @@ train() {  # train NAME [train.py options...]: train, then export the full model
   [ -f "$OUT/$name/checkpoints/latest" ] && resume=(--resume)
   deepspeed --num_gpus 1 --master_port "$port" soft_ds/train.py --ds_config "$CONFIG" \
     --output_dir "$OUT/$name" "${resume[@]}" "$@" "${EXTRA[@]}"
-  "$PYTHON" -m soft_ds.cli export --run "$OUT/$name" --out "$OUT/hf/$name" --overwrite
+  soft-ds export --run "$OUT/$name" --out "$OUT/hf/$name" --overwrite
 }
 
 start=$(date +%s)

@@ -3,7 +3,7 @@
 Exit n of a SoFT model is `layers[:n] -> model.norm -> lm_head`; every strategy runs the one
 `soft_ds.model.Llama` and its one shared head (`Llama.head`), so no weight is ever copied:
 
-    generator = SoftGenerator.from_pretrained("runs/soft/hf-full")  # an export_hf.py directory
+    generator = SoftGenerator.from_pretrained("runs/soft/hf-full")  # a `soft-ds export` directory
     generator.generate(prompts, exit_layer=12)                      # the 12-layer sub-model
     generator.generate_speculative(prompts, draft_exit=12, draft_tokens=4)
     generator.generate_dynamic(prompts, threshold=0.9)              # first confident exit per token

@@ -37,7 +37,7 @@ COMMAND_HELP = "Generate text with an exported SoFT checkpoint: any exit, self-s
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=COMMAND_HELP, epilog="Examples: see the docstring of "
                                 "soft_ds/inference/generate.py.")
-    p.add_argument("--model", required=True, help="exported Hugging Face checkpoint directory (tools/export_hf.py)")
+    p.add_argument("--model", required=True, help="exported Hugging Face checkpoint directory (`soft-ds export`)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one instruction (formatted with the training template unless --raw)")
     source.add_argument("--instructions", help="JSON list of Alpaca-style records: instruction, optional input")

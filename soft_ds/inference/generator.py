@@ -34,7 +34,7 @@ class SoftGenerator(CachedModel):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", exits=None) -> "SoftGenerator":
-        """Load an exported SoFT checkpoint (a Hugging Face LLaMA directory, see tools/export_hf.py)
+        """Load an exported SoFT checkpoint (a Hugging Face LLaMA directory, see `soft-ds export`)
         through hf_io into `soft_ds.model.Llama`; its tokenizer too when the directory holds one.
         Raises hf_io.CheckpointError for a missing or malformed directory."""
         path = Path(path)
