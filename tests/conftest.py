@@ -60,14 +60,14 @@ def scalars(run_dir) -> dict[str, dict[int, float]]:
 
 
 def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_size, micro_batch, grad_accum,
-                           data_parallel, seed) -> dict[int, float]:
+                           data_parallel, seed, template="alpaca") -> dict[int, float]:
     """{exit layer: loss} of a run's first step, computed in one process: the mean exit loss over
     every micro-batch that all data-parallel ranks together train on at step 0 (`global_batch`),
     which is what train.py logs after averaging over replicas."""
     from soft_ds.data import build_datasets, global_batch
     from soft_ds.exits import exit_loss
 
-    train_set, _ = build_datasets(str(data), tokenizer, seq_len, val_size, seed)
+    train_set, _ = build_datasets(str(data), tokenizer, seq_len, val_size, seed, template)
     batches = global_batch(train_set, 0, micro_batch, grad_accum, data_parallel, seed, seq_len,
                            tokenizer.pad_token_id)
     with torch.no_grad():
