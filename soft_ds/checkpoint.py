@@ -23,7 +23,8 @@ that step replaces.
 
 With --exit N the export is the standalone N-layer sub-model: layers[:N] -> the shared final norm
 -> lm_head, whose logits equal exit N's. Both load with plain transformers (AutoModelForCausalLM /
-AutoTokenizer); this package is not needed to use them.
+AutoTokenizer); this package is not needed to use them. Their config.json records the run's prompt
+template under "soft_ds_template" (alpaca or chat), which `soft-ds generate` and `eval` default to.
 """
 
 import argparse
@@ -37,7 +38,7 @@ import tempfile
 import torch
 import transformers
 
-from soft_ds.config import ConfigError
+from soft_ds.config import TEMPLATE_KEY, ConfigError
 from soft_ds.hf_io import CheckpointError, hf_name, save_hf_checkpoint
 
 # Bump when a file or a metadata field changes meaning; readers refuse versions they do not know
@@ -222,6 +223,9 @@ def main(argv=None):
     exits = [layer for layer, _ in meta["exits"]]
     if args.exit is not None and args.exit not in exits:
         print(f"note: layer {args.exit} was not a training exit (exits: {exits})", file=sys.stderr)
+    # The prompt template training used, for `soft-ds generate` and `eval` to default to (data.checkpoint_template);
+    # runs saved before the template existed were Alpaca.
+    setattr(config, TEMPLATE_KEY, meta["soft"].get("template", "alpaca"))
     out = save_hf_checkpoint(state, config, args.out, tokenizer_dir=os.path.join(args.run, TOKENIZER_DIR),
                              exit_layer=args.exit, overwrite=args.overwrite)
     what = f"exit {args.exit} ({args.exit} layers)" if args.exit else f"full model ({config.num_hidden_layers} layers)"

@@ -28,6 +28,8 @@ COMMANDS = {
     "eval": ("soft_ds.eval.command", "score every exit of exported checkpoints: loss, KL, judge, TriviaQA, claims"),
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
     "bench": ("soft_ds.bench", "benchmarks: SoFT's training overhead over SFT, inference speed per exit"),
+    "import-gguf": ("soft_ds.gguf_import", "a LLaMA GGUF file (default: the packaged SmolLM2-135M-Instruct) as a "
+                                           "Hugging Face LLaMA directory"),
     "train-tokenizer": ("soft_ds.train_tokenizer", "train the small LLaMA-style SentencePiece tokenizer bundled in "
                                                     "data/tokenizer"),
 }

@@ -28,6 +28,11 @@ DEEPSPEED_KEYS = {
     "fp16",  # accepted only to be refused with a clear message
 }
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
+# Prompt templates (soft_ds.data renders them): Stanford Alpaca's text, or the tokenizer's chat template.
+TEMPLATES = ("alpaca", "chat")
+# The key of an exported config.json that records the template its model was trained with
+# (`soft-ds export` writes it; generation and evaluation default to it: data.checkpoint_template).
+TEMPLATE_KEY = "soft_ds_template"
 
 
 class ConfigError(ValueError):
@@ -48,6 +53,7 @@ class SoftOptions:
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     exit_chunk_tokens: int = 1024  # exit loss in token chunks under recompute (0: whole batch)
     val_size: int = 200  # held-out records for validation
+    template: str = "alpaca"  # prompt template: "alpaca" text or the tokenizer's "chat" template
     eval_interval: int = 50  # validation every N steps (0: only at the end)
     eval_batches: int = 4  # validation micro-batches per data-parallel rank
     save_interval: int = 0  # checkpoint every N steps (0: only at the end)
@@ -212,6 +218,8 @@ def validate(config: RunConfig):
     s = config.soft
     if s.mode not in ("soft", "sft", "ict"):
         raise ConfigError(f"mode must be 'soft', 'sft' or 'ict', got {s.mode!r}")
+    if s.template not in TEMPLATES:
+        raise ConfigError(f"template must be one of {', '.join(TEMPLATES)}, got {s.template!r}")
     for name in ("pipeline_stages", "seq_len", "train_steps", "log_interval", "eval_batches"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")

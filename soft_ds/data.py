@@ -3,7 +3,7 @@
 The pipeline, from file to micro-batch:
 
     load_records(path)                    validated Alpaca records, a `datasets.Dataset`
-    tokenize_record(record, tokenizer)    [bos] + prompt + response + [eos] and shifted targets
+    tokenize_record(record, tokenizer)    prompt + response + end of turn, and shifted targets
     build_datasets(...)                   the two above plus a seeded train/validation split
     global_batch_indices(step, ...)       which examples every rank reads at an optimizer step
     batch_iterator(...)                   this rank's micro-batches, step after step, resumable
@@ -11,7 +11,12 @@ The pipeline, from file to micro-batch:
 Targets are already shifted for next-token prediction: `targets[t]` is the id the model must
 predict at position t, so the loss is a plain cross-entropy of logits[:, t] against targets[:, t]
 with IGNORE_INDEX skipped. Only response tokens and the closing eos are predicted; the prompt is
-context. Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses
+context.
+
+Two prompt templates (TEMPLATES): "alpaca", Stanford Alpaca's text template, and "chat", the
+tokenizer's own chat template with the instruction (+ input) as the user turn and the response as
+the assistant turn. Special tokens are the tokenizer's: a prompt starts with whatever the
+tokenizer itself puts before a text (LLaMA's <s>; nothing for SmolLM2's byte-level BPE). Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses
 its inter-stage receive buffers, which fixes the activation shape after the first micro-batch.
 """
 
@@ -26,6 +31,8 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import AutoTokenizer, LlamaTokenizer
+
+from soft_ds.config import TEMPLATE_KEY, TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ PROMPT_NO_INPUT = (
 )
 
 RECORD_FIELDS = ("instruction", "input", "output")
+
 
 
 class DataError(ValueError):
@@ -240,7 +248,28 @@ def load_instructions(path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokens and targets
+# Templates, tokens and targets
+
+
+def check_template(template, tokenizer=None):
+    """The template's name if it is one of TEMPLATES and the tokenizer (when given) can render it;
+    else DataError."""
+    if template not in TEMPLATES:
+        raise DataError(f"template {template!r}: choose one of {', '.join(TEMPLATES)}")
+    if template == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"template 'chat' needs a tokenizer with a chat template, and "
+                        f"{tokenizer.name_or_path or 'this tokenizer'} has none; use --template alpaca")
+    return template
+
+
+def checkpoint_template(path, override=None):
+    """The template to prompt an exported model with: `override` if given, else the one its
+    config.json records (TEMPLATE_KEY), else "alpaca" (a model soft-ds did not train)."""
+    if override is not None:
+        return check_template(override)
+    config_file = Path(path) / "config.json"
+    recorded = json.loads(config_file.read_text()).get(TEMPLATE_KEY) if config_file.is_file() else None
+    return check_template(recorded or "alpaca")
 
 
 def format_prompt(record):
@@ -250,29 +279,73 @@ def format_prompt(record):
     return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
-def encode_prompt(record, tokenizer):
-    """[bos] + prompt tokens: the exact context a trained model answers, for generation too."""
-    return [tokenizer.bos_token_id] + tokenizer.encode(format_prompt(record), add_special_tokens=False)
+def _chat(record, tokenizer, response=None):
+    """The record as chat-template text: the user turn, then the assistant's response, or (None)
+    the header that opens the assistant's turn."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    messages = [{"role": "user", "content": user}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
 
 
-def tokenize_record(record, tokenizer, max_length):
+def leading_special_ids(tokenizer):
+    """The ids the tokenizer itself puts before a text ([bos] for LLaMA's tokenizers, [] for
+    SmolLM2's): what `tokenizer(text)` adds in front of `tokenizer(text, add_special_tokens=False)`."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def encode_text(text, tokenizer):
+    """A raw prompt text as the tokenizer encodes a text, its own leading special tokens included."""
+    return leading_special_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_prompt(record, tokenizer, template="alpaca"):
+    """The prompt's tokens: the exact context a trained model answers, for generation too.
+
+    alpaca: the tokenizer's leading special tokens + the Alpaca prompt. chat: the chat template's
+    text up to the opening of the assistant's turn (the template writes its own special tokens).
+    """
+    if check_template(template, tokenizer) == "chat":
+        return tokenizer.encode(_chat(record, tokenizer), add_special_tokens=False)
+    return encode_text(format_prompt(record), tokenizer)
+
+
+def _encode_sequence(record, tokenizer, template):
+    """Prompt + response + the end of the response: the eos appended (alpaca), or the chat
+    template's assistant turn up to and including its first eos (SmolLM2's <|im_end|>; the eos
+    appended if the turn has none), so text a template puts after the turn's end is not learnt."""
+    eos = tokenizer.eos_token_id
+    if template == "alpaca":
+        return encode_text(format_prompt(record) + record["output"], tokenizer) + [eos]
+    sequence = tokenizer.encode(_chat(record, tokenizer, record["output"]), add_special_tokens=False)
+    start = len(encode_prompt(record, tokenizer, template))
+    if eos in sequence[start:]:
+        return sequence[:sequence.index(eos, start) + 1]
+    return sequence + [eos]
+
+
+def tokenize_record(record, tokenizer, max_length, template="alpaca"):
     """Tokenize one record into input_ids and next-token targets, at most max_length tokens.
 
-    input_ids = [bos] + prompt + response + [eos]. targets[t] = input_ids[t + 1] where token t+1
-    is a response token or the eos, else IGNORE_INDEX; the last position has no next token.
+    input_ids = prompt + response + end (`encode_prompt`; for alpaca [bos] + prompt + response +
+    [eos] with LLaMA's tokenizers). targets[t] = input_ids[t + 1] where token t+1 is a response
+    token or the closing eos, else IGNORE_INDEX; the last position has no next token. The targets
+    are built here, before padding, so an eos that is also the pad id (SmolLM2) is still learnt.
     A sequence longer than max_length loses its end: the eos first (a cut response must not teach
     the model to stop there), then the response, then the prompt, leaving no target at all.
 
     Also returns untruncated_length, so callers can count truncated records.
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (bos and one more token), got {max_length}")
-    prompt_ids = encode_prompt(record, tokenizer)
-    sequence = (
-        [tokenizer.bos_token_id]
-        + tokenizer.encode(format_prompt(record) + record["output"], add_special_tokens=False)
-        + [tokenizer.eos_token_id]
-    )
+        raise ValueError(f"max_length must be at least 2 (a prompt token and one more), got {max_length}")
+    prompt_ids = encode_prompt(record, tokenizer, template)
+    sequence = _encode_sequence(record, tokenizer, template)
     if sequence[: len(prompt_ids)] != prompt_ids:
         # Otherwise a token straddles prompt and response and no mask is right.
         raise DataError(
@@ -302,8 +375,9 @@ def tokenized_stats(dataset):
     }
 
 
-def build_datasets(data_path, tokenizer, max_length, val_size, seed):
-    """Load, split and tokenize an Alpaca file into (train, validation) `datasets.Dataset`s.
+def build_datasets(data_path, tokenizer, max_length, val_size, seed, template="alpaca"):
+    """Load, split and tokenize an Alpaca file into (train, validation) `datasets.Dataset`s, each
+    record in `template` (see tokenize_record).
 
     The validation set is val_size records drawn with torch.Generator().manual_seed(seed); both
     splits keep file order. Records whose prompt fills max_length have nothing to learn from and
@@ -311,6 +385,7 @@ def build_datasets(data_path, tokenizer, max_length, val_size, seed):
     dropped records are counted in the log. Rows keep the raw fields next to input_ids, targets
     and untruncated_length. Nothing is written to disk.
     """
+    check_template(template, tokenizer)
     records = load_records(data_path)
     if not 0 <= val_size < len(records):
         raise DataError(
@@ -324,10 +399,10 @@ def build_datasets(data_path, tokenizer, max_length, val_size, seed):
     # the tokenizer captured by the function.
     tokenized = records.map(
         tokenize_record,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template},
         keep_in_memory=True,
         load_from_cache_file=False,
-        new_fingerprint=f"tokenized-{max_length}",
+        new_fingerprint=f"tokenized-{template}-{max_length}",
         desc="tokenizing",
     )
     splits = []

@@ -66,6 +66,10 @@ def parse_args(argv=None):
     o.add_argument("--exit_weights", default=None, help="comma-separated per-exit loss weights (default uniform)")
     o.add_argument("--pipeline_stages", type=int, default=None, help="pipeline degree")
     o.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (padded/truncated)")
+    o.add_argument("--template", choices=run_config.TEMPLATES, default=None,
+                   help="prompt template: alpaca (Stanford Alpaca's text; the file's default) or chat (the "
+                        "tokenizer's chat template: the instruction is the user turn, the output the assistant's); "
+                        "recorded in the checkpoint and its export")
     o.add_argument("--train_steps", type=int, default=None, help="optimizer steps")
     o.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up steps before cosine decay")
     o.add_argument("--val_size", type=int, default=None, help="held-out validation records")
@@ -92,7 +96,8 @@ def build_run_config(args) -> run_config.RunConfig:
     weights = None if args.exit_weights is None else parse_list(args.exit_weights, "--exit_weights", float)
     return run_config.override(
         config, mode=args.mode, exits=exits, exit_weights=weights,
-        pipeline_stages=args.pipeline_stages, seq_len=args.seq_len, train_steps=args.train_steps,
+        pipeline_stages=args.pipeline_stages, seq_len=args.seq_len, template=args.template,
+        train_steps=args.train_steps,
         warmup_steps=args.warmup_steps, val_size=args.val_size, eval_interval=args.eval_interval,
         save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed,
         activation_checkpointing=args.activation_checkpointing, micro_batch_size=args.micro_batch_size,
@@ -151,7 +156,8 @@ def validate_and_prepare(args, world_size: int):
     if soft.seq_len > model_config.max_position_embeddings:
         raise run_config.ConfigError(f"seq_len {soft.seq_len} exceeds the model's max_position_embeddings "
                                      f"{model_config.max_position_embeddings}")
-    train_set, val_set = soft_data.build_datasets(args.data, tokenizer, soft.seq_len, soft.val_size, soft.seed)
+    train_set, val_set = soft_data.build_datasets(args.data, tokenizer, soft.seq_len, soft.val_size, soft.seed,
+                                                  soft.template)
     soft_data.global_batch_indices(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed)
     if soft.val_size and len(val_set) < config.micro_batch_size * soft.eval_batches * dp:
         raise run_config.ConfigError(

@@ -31,6 +31,28 @@ def save_checkpoint(directory: Path, seed: int, **overrides) -> Path:
     return directory
 
 
+# A minimal chat template for the bundled tokenizer (which has none): each turn ends with its eos.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _update_json(file: Path, **values) -> None:
+    file.write_text(json.dumps({**json.loads(file.read_text()), **values}))
+
+
+def add_chat_template(tokenizer_dir: Path) -> Path:
+    """Give the copy of the bundled tokenizer in tokenizer_dir the chat template CHAT_TEMPLATE."""
+    _update_json(tokenizer_dir / "tokenizer_config.json", chat_template=CHAT_TEMPLATE)
+    return tokenizer_dir
+
+
+def record_chat_template(directory: Path) -> Path:
+    """Make an export trained with `--template chat`: its tokenizer gets CHAT_TEMPLATE and its
+    config.json records the template, as `soft-ds export` records it."""
+    _update_json(add_chat_template(directory) / "config.json", soft_ds_template="chat")
+    return directory
+
+
 def write_alpaca(path: Path, count: int = 16) -> Path:
     """The first `count` records of the bundled Alpaca sample, as a .json list."""
     records = json.loads((REPO / "data" / "alpaca_5000.json").read_text())[:count]

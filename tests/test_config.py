@@ -63,6 +63,7 @@ def test_load_base(tmp_path):
     (base(optimizer={"type": "SGD", "params": {"lr": 0.1}}), "AdamW"),
     ({k: v for k, v in BASE.items() if k != "optimizer"}, "optimizer"),
     (base(soft={"mode": "both"}), "'both'"),
+    (base(soft={"template": "vicuna"}), "template must be one of alpaca, chat, got 'vicuna'"),
     (base(soft={"train_steps": 10, "warmup_steps": 11}), "warmup_steps=11 exceeds train_steps=10"),
     (base(soft={"pipeline_stages": 0}), "pipeline_stages must be >= 1, got 0"),
     (base(train_micro_batch_size_per_gpu=0), "micro batch (0)"),
@@ -191,6 +192,7 @@ def test_override_aliases(tmp_path):
     ({"lr": -1.0}, "learning rate"),
     ({"micro_batch_size": 0}, "micro batch (0)"),
     ({"mode": "both"}, "'both'"),
+    ({"template": "vicuna"}, "template must be one of alpaca, chat, got 'vicuna'"),
     ({"exit_chunk_tokens": -1}, "exit_chunk_tokens"),
     ({"no_such_option": 1}, "'no_such_option'"),
 ])
@@ -204,6 +206,7 @@ def test_override_revalidates(tmp_path, values, named):
 def test_run_config_defaults():
     config = RunConfig(ds={"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
     assert (config.micro_batch_size, config.grad_accum, config.bf16) == (1, 1, False)
+    assert config.soft.template == "alpaca"
     assert config.deepspeed_config(world_size=3, cpu=True)["train_batch_size"] == 3
 
 
@@ -213,6 +216,7 @@ def test_run_config_defaults():
     ({"activation_checkpointing": 1}, r"soft\.activation_checkpointing must be true or false"),
     ({"exits": [2, "4"]}, r"soft\.exits must be a list of numbers"),
     ({"min_lr_ratio": 2.0}, r"min_lr_ratio must be in \[0, 1\]"),
+    ({"template": 1}, r"soft\.template must be a str, got 1"),
 ])
 def test_soft_value_types_checked(tmp_path, soft, message):
     with pytest.raises(ConfigError, match=message):
@@ -229,3 +233,10 @@ def test_failed_override_leaves_config_untouched(tmp_path):
     with pytest.raises(ConfigError, match="warmup_steps=50 exceeds train_steps=10"):
         override(config, warmup_steps=50)
     assert config.soft.warmup_steps == 2
+
+
+def test_template_from_the_file_and_overridden(tmp_path):
+    config = load_config(write(tmp_path, base(soft={"template": "chat"})))
+    assert config.soft.template == "chat"
+    assert override(config, template="alpaca").soft.template == "alpaca"
+    assert override(config, template=None).soft.template == "chat"

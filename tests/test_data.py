@@ -23,6 +23,10 @@ from soft_ds.data import (
     global_batch_indices,
     load_instructions,
     load_records,
+    check_template,
+    checkpoint_template,
+    encode_text,
+    leading_special_ids,
     load_tokenizer,
     tokenize_record,
 )
@@ -189,6 +193,92 @@ def test_tokenizer_that_merges_across_the_prompt_boundary_is_rejected():
 
     with pytest.raises(DataError, match="merges the end of the prompt"):
         tokenize_record(RECORD, MergingTokenizer(), max_length=512)
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte-level BPE and the chat template, on the imported SmolLM2 tokenizer (tests/conftest.py)
+
+SMOLLM2_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    return load_tokenizer(smollm2_dir)
+
+
+def test_special_tokens_are_the_tokenizers_own(tokenizer, smollm2_tokenizer):
+    # LLaMA's SentencePiece tokenizer prepends <s>; SmolLM2's byte-level BPE adds nothing, and its
+    # bos "<|im_start|>" opens a chat turn, so an Alpaca prompt must not start with it.
+    assert leading_special_ids(tokenizer) == [tokenizer.bos_token_id] == [1]
+    assert leading_special_ids(smollm2_tokenizer) == []
+    for tok in (tokenizer, smollm2_tokenizer):
+        text = format_prompt(RECORD)
+        assert encode_text(text, tok) == encode_prompt(RECORD, tok) == tok(text)["input_ids"]
+
+
+def test_alpaca_on_byte_level_bpe_keeps_the_eos_that_is_also_the_pad(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos == tok.convert_tokens_to_ids("<|im_end|>")
+    prompt_ids = tok.encode(format_prompt(RECORD_WITH_INPUT), add_special_tokens=False)
+    response_ids = tok.encode(RECORD_WITH_INPUT["output"], add_special_tokens=False)
+    example = tokenize_record(RECORD_WITH_INPUT, tok, max_length=512)
+    assert example["input_ids"] == prompt_ids + response_ids + [eos]
+    assert example["targets"] == [IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids + [eos, IGNORE_INDEX]
+    # Padding with the eos id after the targets were built: the closing eos is still a target.
+    length = len(example["input_ids"])
+    input_ids, targets = collate([example], seq_len=length + 5, pad_id=tok.pad_token_id)
+    assert input_ids[0, length:].tolist() == [eos] * 5 and targets[0, length:].tolist() == [IGNORE_INDEX] * 5
+    assert targets[0, length - 2].item() == eos
+    assert (targets != IGNORE_INDEX).sum().item() == len(response_ids) + 1
+
+
+def test_chat_template_masks_exactly_the_assistant_turn(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    # The SmolLM2 template written out by hand: its default system turn, the user turn, the
+    # assistant's header, then the response and the assistant's end token <|im_end|>.
+    prompt_text = (SMOLLM2_SYSTEM + "<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n"
+                   "<|im_start|>assistant\n")
+    prompt_ids = tok.encode(prompt_text, add_special_tokens=False)
+    response_ids = tok.encode(RECORD_WITH_INPUT["output"], add_special_tokens=False)
+    assert encode_prompt(RECORD_WITH_INPUT, tok, "chat") == prompt_ids
+    example = tokenize_record(RECORD_WITH_INPUT, tok, max_length=512, template="chat")
+    eos = tok.eos_token_id
+    # The template's "\n" after <|im_end|> is not part of the sequence: nothing is learnt after the turn ends.
+    assert example["input_ids"] == prompt_ids + response_ids + [eos]
+    assert example["targets"] == [IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids + [eos, IGNORE_INDEX]
+    assert tok.decode([t for t in example["targets"] if t != IGNORE_INDEX]) == "5<|im_end|>"
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_every_bundled_record_splits_cleanly_into_prompt_and_response_on_bpe(smollm2_tokenizer, template, tmp_path):
+    # The prompt-is-a-prefix check holds for byte-level BPE on real data, and the counted targets
+    # decode to exactly the record's output and the end token.
+    records = json.loads(ALPACA.read_text())[:300]
+    train, _ = build_datasets(write_records(tmp_path / "a.json", records), smollm2_tokenizer, 2048, 0, 0, template)
+    assert len(train) == len(records)
+    for example in train:
+        assert example["untruncated_length"] == len(example["input_ids"])
+        counted = [t for t in example["targets"] if t != IGNORE_INDEX]
+        assert smollm2_tokenizer.decode(counted) == example["output"] + "<|im_end|>"
+
+
+def test_chat_needs_a_chat_template_and_templates_are_named(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="template 'chat' needs a tokenizer with a chat template"):
+        encode_prompt(RECORD, tokenizer, "chat")
+    with pytest.raises(DataError, match="template 'chat' needs a tokenizer with a chat template"):
+        build_datasets(ALPACA, tokenizer, 128, 10, 0, template="chat")
+    with pytest.raises(DataError, match="template 'vicuna': choose one of alpaca, chat"):
+        check_template("vicuna", tokenizer)
+
+
+def test_checkpoint_template_reads_the_export_and_defaults_to_alpaca(tmp_path):
+    assert checkpoint_template(tmp_path) == "alpaca"  # no config.json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert checkpoint_template(tmp_path) == "alpaca"  # a model soft-ds did not train
+    (tmp_path / "config.json").write_text(json.dumps({"soft_ds_template": "chat"}))
+    assert checkpoint_template(tmp_path) == "chat"
+    assert checkpoint_template(tmp_path, override="alpaca") == "alpaca"
 
 
 # ---------------------------------------------------------------------------------------------

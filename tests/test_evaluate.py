@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _eval_checkpoints import NUM_LAYERS, assert_cli_refuses, one_thread, save_checkpoint, write_alpaca  # noqa: F401
+from _eval_checkpoints import (NUM_LAYERS, assert_cli_refuses, one_thread, record_chat_template,  # noqa: F401
+                               save_checkpoint, write_alpaca)
 from conftest import run_cli
 
 from soft_ds.data import IGNORE_INDEX, build_datasets, encode_prompt, format_prompt, load_tokenizer
@@ -153,6 +154,32 @@ def test_lm_cli_writes_json_table_and_plot(files, model, tokenizer, tmp_path, ca
     assert "| exit | soft loss | soft ppl | other loss | other ppl |" in table
     assert f"{written['models']['other']['exits']['4']['ppl']:.4f}" in table
     assert (out / "ppl_vs_exit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lm_cli_scores_in_the_template_the_export_records(files, tmp_path, capsys):
+    # An export trained with --template chat is scored on its held-out records in the chat template,
+    # unless --template says otherwise; a model of another template is not mixed in silently.
+    import shutil
+    chat = record_chat_template(shutil.copytree(files["soft"], tmp_path / "chat"))
+    common = ["--exits", "4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0", "--max_length", "96"]
+    tokenizer = load_tokenizer(chat)
+    model = load_model(chat)
+    for override, template in ((None, "chat"), ("alpaca", "alpaca")):
+        out = tmp_path / f"out-{template}"
+        result = run_cli(capsys, "eval", "lm", "--model", f"chat={chat}", *common, "--out", out,
+                         *(["--template", override] if override else []))
+        assert result.returncode == 0, result.stderr
+        written = json.loads((out / "lm.json").read_text())
+        val_set = build_datasets(files["data"], tokenizer, 96, 6, 0, template=template)[1]
+        expected = metrics.lm_metrics(model, val_set, [4], tokenizer.pad_token_id)[4]["loss"]
+        assert written["template"] == template
+        assert written["models"]["chat"]["exits"]["4"]["loss"] == pytest.approx(expected, rel=1e-6)
+    assert_cli_refuses(["lm", "--model", f"chat={chat}", "--model", f"soft={files['soft']}", *common,
+                        "--out", tmp_path / "mixed"], capsys, tmp_path / "mixed",
+                       "the models were trained with different prompt templates")
+    assert_cli_refuses(["lm", "--model", f"soft={files['soft']}", "--template", "chat", *common,
+                        "--out", tmp_path / "none"], capsys, tmp_path / "none",
+                       "template 'chat' needs a tokenizer with a chat template")
 
 
 def test_kl_cli_default_and_shared_reference(files, tmp_path, capsys):

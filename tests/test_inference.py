@@ -341,6 +341,29 @@ def test_generate_cli_modes(checkpoint, capsys, tmp_path):
     assert "tokens/s" in output.err
 
 
+def test_generate_cli_prompts_in_the_template_the_export_records(checkpoint, capsys, tmp_path):
+    from _eval_checkpoints import record_chat_template
+    from soft_ds.data import encode_prompt
+    directory, _ = checkpoint
+    chat = record_chat_template(Path(shutil.copytree(directory, tmp_path / "chat")))
+    record = {"instruction": "Name three primary colors."}
+    generator = SoftGenerator.from_pretrained(chat)
+    tokenizer = generator.tokenizer
+    expected = {}
+    for template in ("chat", "alpaca"):
+        tokens = generator.generate([encode_prompt(record, tokenizer, template)], max_new_tokens=8,
+                                    eos_token_id=2).tokens[0]
+        expected[template] = [tokenizer.decode(tokens, skip_special_tokens=True).strip()]
+    assert expected["chat"] != expected["alpaca"]
+    base = ["--model", str(chat), "--max-new-tokens", "8", "--prompt", record["instruction"]]
+    assert run_generate(base, capsys)[0] == expected["chat"]
+    assert run_generate(base + ["--template", "alpaca"], capsys)[0] == expected["alpaca"]
+    # The bundled tokenizer alone has no chat template to render.
+    refused = run_cli(capsys, "generate", "--model", directory, "--prompt", "Hi", "--template", "chat")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: template 'chat' needs a tokenizer with a chat template")
+
+
 def test_generate_cli_skips_blank_instructions_and_says_so(checkpoint, capsys, caplog, tmp_path):
     """A record with nothing to answer is skipped and reported, the rest answered; one whose task is
     in its input (PandaLM's record 161) is answered."""

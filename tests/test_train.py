@@ -147,9 +147,50 @@ def test_export_hf_full_and_exit(straight, tmp_path, capsys):
     with torch.no_grad():
         assert (model(got["ids"], exit_layer=4) - got["sub"]).abs().max() <= 1e-5
         assert (model(got["ids"]) - got["full"]).abs().max() <= 1e-5
+    # The export records the run's prompt template (the default, alpaca) for generate and eval.
+    for name in ("full", "exit4"):
+        assert json.loads((tmp_path / name / "config.json").read_text())["soft_ds_template"] == "alpaca"
     # An existing export is never overwritten.
     again = run_cli(capsys, "export", "--run", run, "--out", tmp_path / "full")
     assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_chat_template_run_learns_the_assistant_turn_and_its_export_says_so(tmp_path, capsys):
+    """One process, --template chat: the first step's per-exit losses are those of the chat-template
+    batch computed here (the loss counts the assistant turn only), and the template travels from
+    the checkpoint's metadata to the export, which `soft-ds generate` then prompts in chat."""
+    import shutil
+    from _eval_checkpoints import add_chat_template
+    from soft_ds.data import load_tokenizer
+    from soft_ds.model import Llama, preset_config, random_weights
+    tokenizer_dir = add_chat_template(shutil.copytree(os.path.join(REPO, "data", "tokenizer"), tmp_path / "tokenizer"))
+    records = json.load(open(os.path.join(REPO, "data", "alpaca_5000.json")))[:40]
+    data = tmp_path / "alpaca_40.json"
+    data.write_text(json.dumps(records))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--ds_config", "ds_configs/tiny_pp2.json", "--model", "debug", "--pipeline_stages", 1, "--tokenizer",
+            tokenizer_dir, "--template", "chat", "--data", data, "--seq_len", 96, "--micro_batch_size", 2,
+            "--grad_accum", 1, "--train_steps", 1, "--warmup_steps", 0, "--val_size", 0, "--exits", "4,8", "--seed", 7,
+            "--output_dir", run]
+    result = subprocess.run([sys.executable, "soft_ds/train.py", *map(str, args)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = preset_config("debug", vocab_size=len(tokenizer))
+    model = Llama.from_weights(config, random_weights(config, 7))
+    expected = first_step_exit_losses(model, [4, 8], tokenizer, data, 96, 0, 2, 1, 1, 7, template="chat")
+    alpaca = first_step_exit_losses(model, [4, 8], tokenizer, data, 96, 0, 2, 1, 1, 7)
+    logged = scalars(run)
+    for layer in (4, 8):
+        assert logged[f"train/exit_{layer}/loss"][1] == pytest.approx(expected[layer], abs=1e-5)
+        assert alpaca[layer] != pytest.approx(expected[layer], abs=1e-3)  # the template matters
+    meta = json.load(open(os.path.join(run, "checkpoints", "step1", "soft_meta.json")))
+    assert meta["soft"]["template"] == "chat"
+    assert run_cli(capsys, "export", "--run", run, "--out", tmp_path / "export").returncode == 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["soft_ds_template"] == "chat"
+    generated = run_cli(capsys, "generate", "--model", tmp_path / "export", "--prompt", "Hi", "--max-new-tokens", 2)
+    assert generated.returncode == 0, generated.stderr
 
 
 def test_logged_lr_follows_the_schedule(straight):

@@ -108,6 +108,13 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, tiny_hf_checkpoint):
     assert "4096 tokens but the model's vocabulary is 512" in error
 
 
+def test_chat_template_without_one_in_the_tokenizer(tmp_path):
+    # The bundled SentencePiece tokenizer has no chat template.
+    error = run_validation([*BASE, "--template", "chat", "--output_dir", tmp_path / "out"])
+    assert error.startswith("error: template 'chat' needs a tokenizer with a chat template")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_config_key(tmp_path):
     config = json.load(open(os.path.join(REPO, "ds_configs", "tiny_pp2.json")))
     config["soft"]["exit_layers"] = [2, 4]

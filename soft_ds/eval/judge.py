@@ -207,7 +207,7 @@ def judge_grid(a: Checkpoint, b: Checkpoint, records: list[dict], judge, max_new
     """
     responses = {}
     for role, system in (("a", a), ("b", b)):
-        prompts = [encode_prompt(record, system.tokenizer) for record in records]
+        prompts = [encode_prompt(record, system.tokenizer, system.template) for record in records]
         texts = responses_by_exit(system, prompts, max_new_tokens, batch_size, dtype, device)
         responses[role] = {n: [text.strip() for text in exit_texts] for n, exit_texts in texts.items()}
     cells, judgements = [], []

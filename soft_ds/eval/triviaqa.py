@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from soft_ds.data import DataError, encode_prompt, parse_json_lines, read_text
+from soft_ds.data import DataError, encode_prompt, encode_text, parse_json_lines, read_text
 from soft_ds.eval.inputs import Checkpoint
 from soft_ds.eval.metrics import responses_by_exit
 
@@ -97,10 +97,9 @@ def score_predictions(questions: list[Question], predictions: list[str]) -> dict
 
 
 def prompt_ids(question: str, tokenizer, style: str = "qa") -> list[int]:
-    """[bos] + the closed-book prompt for one question, in the given style."""
+    """The closed-book prompt for one question, in the given style, after the tokenizer's own bos."""
     if style == "qa":
-        return [tokenizer.bos_token_id] + tokenizer.encode(QA_PROMPT.format(question=question),
-                                                           add_special_tokens=False)
+        return encode_text(QA_PROMPT.format(question=question), tokenizer)
     if style == "alpaca":
         return encode_prompt({"instruction": question, "input": ""}, tokenizer)
     raise ValueError(f"prompt style {style!r}: choose one of {PROMPT_STYLES}")

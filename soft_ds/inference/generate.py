@@ -7,9 +7,10 @@ with dynamic exit.
     soft-ds generate --model exported/full --instructions data/pandalm_testset_inference_v1.json \\
         --dynamic-threshold 0.9 --output answers.json
 
-A prompt is formatted with the training template (`data.encode_prompt`: [bos] + the Alpaca
-prompt), as an instruction with --prompt or as Alpaca-style records ({"instruction", "input"})
-with --instructions; --raw feeds the --prompt text as it is. Greedy unless --temperature > 0.
+A prompt is formatted with the training template (`data.encode_prompt`: the Alpaca prompt, or the
+tokenizer's chat template; by default the one the export's config.json records, else alpaca), as
+an instruction with --prompt or as Alpaca-style records ({"instruction", "input"}) with
+--instructions; --raw feeds the --prompt text as it is. Greedy unless --temperature > 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 import torch
 
 from soft_ds.cli import parse_list
-from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
+from soft_ds.config import TEMPLATES
+from soft_ds.data import checkpoint_template, encode_prompt, encode_text, load_instructions, load_tokenizer
 from soft_ds.exits import check_exit_layer, check_exit_layers
 from soft_ds.hf_io import CheckpointError, load_llama_config
 from soft_ds.inference.core import (CONFIDENCE_MEASURES, DTYPES, Sampling, check_positive_integer, check_temperature,
@@ -41,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one instruction (formatted with the training template unless --raw)")
     source.add_argument("--instructions", help="JSON list of Alpaca-style records: instruction, optional input")
-    p.add_argument("--raw", action="store_true", help="use --prompt as the literal prompt text (bos + text)")
+    p.add_argument("--raw", action="store_true",
+                   help="use --prompt as the literal prompt text (after the tokenizer's own bos, if it adds one)")
+    p.add_argument("--template", choices=TEMPLATES,
+                   help="prompt template (default: the one training recorded in the export, else alpaca)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--exit", type=int, help="generate with the N-layer sub-model (default: all layers)")
     mode.add_argument("--speculative-exit", type=int,
@@ -83,6 +88,7 @@ def main(argv=None) -> list[str]:
     sampling = Sampling(check_temperature(args.temperature, "--temperature"), check_top_p(args.top_p, "--top-p"),
                         args.seed)
     records = [{"instruction": args.prompt}] if args.prompt is not None else load_instructions(args.instructions)
+    template = checkpoint_template(args.model, args.template)
     config = load_llama_config(args.model)
     num_layers = config.num_hidden_layers
     if args.exit is not None:
@@ -96,9 +102,9 @@ def main(argv=None) -> list[str]:
     if tokenizer is None:
         raise CheckpointError(f"{args.model} holds no tokenizer; pass --tokenizer")
     if args.raw:
-        prompts = [[tokenizer.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False)]
+        prompts = [encode_text(args.prompt, tokenizer)]
     else:
-        prompts = [encode_prompt(record, tokenizer) for record in records]
+        prompts = [encode_prompt(record, tokenizer, template) for record in records]
     generator.check_prompts(prompts, args.max_new_tokens)  # every prompt, before the first batch runs
 
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
