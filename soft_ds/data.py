@@ -16,8 +16,9 @@ context.
 Two prompt templates (TEMPLATES): "alpaca", Stanford Alpaca's text template, and "chat", the
 tokenizer's own chat template with the instruction (+ input) as the user turn and the response as
 the assistant turn. Special tokens are the tokenizer's: a prompt starts with whatever the
-tokenizer itself puts before a text (LLaMA's <s>; nothing for SmolLM2's byte-level BPE). Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses
-its inter-stage receive buffers, which fixes the activation shape after the first micro-batch.
+tokenizer itself puts before a text (LLaMA's <s>; nothing for SmolLM2's byte-level BPE).
+
+Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses its inter-stage receive buffers, which fixes the activation shape after the first micro-batch.
 """
 
 import functools
@@ -55,7 +56,6 @@ PROMPT_NO_INPUT = (
 )
 
 RECORD_FIELDS = ("instruction", "input", "output")
-
 
 
 class DataError(ValueError):
