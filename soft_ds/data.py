@@ -18,7 +18,8 @@ tokenizer's own chat template with the instruction (+ input) as the user turn an
 the assistant turn. Special tokens are the tokenizer's: a prompt starts with whatever the
 tokenizer itself puts before a text (LLaMA's <s>; nothing for SmolLM2's byte-level BPE).
 
-Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses its inter-stage receive buffers, which fixes the activation shape after the first micro-batch.
+Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses its
+inter-stage receive buffers, which fixes the activation shape after the first micro-batch.
 """
 
 import functools
