@@ -7,9 +7,9 @@ without renaming. The configuration object is a Hugging Face `LlamaConfig`.
 A SoFT model is an ordinary LLaMA: exit n is `layers[:n] -> norm -> lm_head`, with the same final
 norm and lm_head that the full model uses (`SharedHead`). A model with tied embeddings
 (`tie_word_embeddings`, as SmolLM2 and LLaMA 3.2 1B/3B) has one matrix for the input embedding and
-every exit's lm_head (`TiedHead` in the pipeline, one shared Parameter in `Llama`). The SFT+ICT baseline instead gives
-exit n a head of its own (`Llama.exit_heads`, trained on a frozen model); the last layer keeps the
-model's head.
+every exit's lm_head (`TiedHead` in the pipeline, one shared Parameter in `Llama`). The SFT+ICT
+baseline instead gives exit n a head of its own (`Llama.exit_heads`, trained on a frozen model);
+the last layer keeps the model's head.
 """
 
 import zlib
