@@ -6,7 +6,8 @@ instant cannot break, resuming, and reading a run back for export (`soft-ds expo
             layer_XX-model_states.pt        DeepSpeed: a pipeline layer's weights (not the shared head's)
             mp_rank_XX_model_states.pt      DeepSpeed: engine state, client_state {"step": N}
             *optim_states.pt                DeepSpeed: optimizer state (ZeRO-1: one shard per replica)
-            shared_head-model_states.pt     HEAD_FILE: the shared exit head, once (pipe.py writes it)
+            shared_head-model_states.pt     HEAD_FILE: the shared exit head, once (pipe.py writes it);
+                                            a tied model's embedding is that head's, stored here only
             soft_meta.json                  META_FILE: format_version, step, exits, pipeline and
                                             data-parallel degrees, layer layout, model config, "soft" block
         latest                            the tag ("step{N}") of the newest complete checkpoint
@@ -40,6 +41,7 @@ import transformers
 
 from soft_ds.config import TEMPLATE_KEY, ConfigError
 from soft_ds.hf_io import CheckpointError, hf_name, save_hf_checkpoint
+from soft_ds.model import tied_embeddings
 
 # Bump when a file or a metadata field changes meaning; readers refuse versions they do not know
 # rather than misread them.
@@ -195,10 +197,11 @@ def read_training_checkpoint(run_dir, step=None):
     """(HF state dict, LlamaConfig, meta) of a run's checkpoint (the latest unless step is given)."""
     folder = _step_folder(run_dir, step)
     meta = _read_meta(folder)
+    config = transformers.LlamaConfig.from_dict(meta["model_config"])
     state = {}
     for index, (kind, number) in enumerate(meta["layout"]):
-        if kind == "exit":
-            continue  # the shared head is saved once, in HEAD_FILE
+        if kind == "exit" or (kind == "embed" and tied_embeddings(config)):
+            continue  # the shared head (with a tied model's embedding) is saved once, in HEAD_FILE
         files = glob.glob(os.path.join(folder, f"layer_{index:02d}-*model_states.pt"))
         if len(files) != 1:
             raise CheckpointError(f"{folder}: expected one file for layer {index} ({kind} {number}), found {files}")
@@ -206,7 +209,7 @@ def read_training_checkpoint(run_dir, step=None):
             state[hf_name(kind, number, local)] = tensor
     for local, tensor in torch.load(os.path.join(folder, HEAD_FILE), map_location="cpu", weights_only=True).items():
         state[hf_name("exit", 0, local)] = tensor
-    return state, transformers.LlamaConfig.from_dict(meta["model_config"]), meta
+    return state, config, meta
 
 
 def main(argv=None):

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from soft_ds.exits import check_exit_layer
+from soft_ds.model import tied_embeddings
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -115,7 +116,20 @@ def hf_name(kind: str, number: int, local_name: str) -> str:
         return f"model.layers.{number - 1}.{local_name}"
     if kind == "exit_head":
         return f"{EXIT_HEAD_PREFIX}{number}.{local_name}"
-    return {"norm.weight": "model.norm.weight"}.get(local_name, local_name)
+    # The shared head: SharedHead's norm + lm_head, or a tied model's TiedHead (norm + embedding).
+    return {"norm.weight": NORM_NAME, "embed_tokens.weight": EMBED_NAME}.get(local_name, local_name)
+
+
+def stage_tensor_names(config: transformers.LlamaConfig, layers: Iterable[int], first_stage: bool,
+                       has_exit: bool) -> set[str]:
+    """Names of the tensors one pipeline stage holds, as `pipe.SoftPipelineModule` builds it: its
+    decoder layers (0-based `layers`), the embedding on the first stage, the shared head (final
+    norm + lm_head) once on a stage with an exit. Under tied embeddings the head's matrix is the
+    embedding, so a stage that holds either holds both the embedding and the final norm."""
+    if tied_embeddings(config):
+        holds = first_stage or has_exit
+        return expected_tensor_names(config, layers, embed=holds, head=holds) - {HEAD_NAME}
+    return expected_tensor_names(config, layers, embed=first_stage, head=has_exit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,14 +274,17 @@ def load_tensors(path: str | os.PathLike, names: Iterable[str]) -> dict[str, tor
     wanted = set(requested)
     weight_map = _weight_map(path)
 
-    head_from_embedding = False
-    if HEAD_NAME in wanted and HEAD_NAME not in weight_map:
-        if getattr(load_llama_config(path), "tie_word_embeddings", False):
-            head_from_embedding = True
-            wanted.discard(HEAD_NAME)
-            wanted.add(EMBED_NAME)
+    tied = EMBED_NAME not in weight_map or HEAD_NAME not in weight_map
+    tied = tied and tied_embeddings(load_llama_config(path))
+    head_from_embedding = tied and HEAD_NAME in wanted and HEAD_NAME not in weight_map
+    if head_from_embedding:
+        wanted.discard(HEAD_NAME)
+        wanted.add(EMBED_NAME)
 
     missing = wanted - weight_map.keys()
+    if tied and EMBED_NAME in missing:
+        raise CheckpointError(f"checkpoint {path} has tie_word_embeddings=True but no {EMBED_NAME}: "
+                              "that one tensor is both the input embedding and the output head")
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} requested tensor(s): "
                               f"{_list_names(missing)}")
@@ -331,8 +348,7 @@ def _select_tensors(state_dict: Mapping[str, torch.Tensor], config: transformers
                               f"LlamaForCausalLM parameters of this config ({num_layers} layers): "
                               f"{_list_names(unexpected)}")
     keep = expected_tensor_names(config, layers=range(exit_layer))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:
+    if tied_embeddings(config):
         # Hugging Face stores a tied head only once, as the embedding. A head that has drifted
         # from the embedding would be lost on reload, so refuse rather than export a different model.
         if HEAD_NAME in state_dict and EMBED_NAME in state_dict \

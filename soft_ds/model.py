@@ -5,9 +5,11 @@ No DeepSpeed here: the pipeline wrappers live in `pipe.py`. Parameter names foll
 without renaming. The configuration object is a Hugging Face `LlamaConfig`.
 
 A SoFT model is an ordinary LLaMA: exit n is `layers[:n] -> norm -> lm_head`, with the same final
-norm and lm_head that the full model uses (`SharedHead`). The SFT+ICT baseline instead gives
-exit n a head of its own (`Llama.exit_heads`, trained on a frozen model); the last layer keeps the
-model's head.
+norm and lm_head that the full model uses (`SharedHead`). A model with tied embeddings
+(`tie_word_embeddings`, as SmolLM2 and LLaMA 3.2 1B/3B) has one matrix for the input embedding and
+every exit's lm_head (`TiedHead` in the pipeline, one shared Parameter in `Llama`). The SFT+ICT
+baseline instead gives exit n a head of its own (`Llama.exit_heads`, trained on a frozen model);
+the last layer keeps the model's head.
 """
 
 import zlib
@@ -208,10 +210,26 @@ class SharedHead(nn.Module):
         return self.lm_head(self.norm(hidden))  # (..., V)
 
 
+class TiedHead(nn.Module):
+    """The shared head of a tied model: the final RMSNorm and the token embedding, whose matrix is
+    also the output projection. The pipeline's stage 0 embeds with it, every exit projects with it."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The same product as nn.Linear with this (V, H) weight: exactly the untied head's numbers.
+        return F.linear(self.norm(hidden), self.embed_tokens.weight)  # (..., V)
+
+
+def tied_embeddings(config: LlamaConfig) -> bool:
+    """Whether the model's lm_head is its input embedding (Hugging Face stores that matrix once)."""
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
 def check_supported(config: LlamaConfig) -> None:
-    if getattr(config, "tie_word_embeddings", False):
-        raise ValueError("tie_word_embeddings=True is not supported yet: the exits would share the input "
-                         "embedding across pipeline stages (LLaMA 2/3 8B+ and TinyLlama are untied)")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={config.hidden_act!r}: LLaMA uses silu")
     rope_inverse_frequencies(config)  # raises on unsupported rope types
@@ -248,6 +266,12 @@ def random_weights(config: LlamaConfig, seed: int):
     return source
 
 
+def _head_from_embedding(module, state_dict, prefix, *_):
+    embed, head = f"{prefix}model.embed_tokens.weight", f"{prefix}lm_head.weight"
+    if embed in state_dict and head not in state_dict:
+        state_dict[head] = state_dict[embed]
+
+
 class Llama(nn.Module):
     """A whole LLaMA in one process, with HF parameter names: the numerical reference for the
     pipeline, and the model inference uses. `forward(ids, exit_layer=n)` is exit n's logits."""
@@ -262,6 +286,11 @@ class Llama(nn.Module):
         # The shared head under its Hugging Face names: `model.norm` and `lm_head`.
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if tied_embeddings(config):
+            # One Parameter for both (named once, as model.embed_tokens.weight); a state dict that
+            # stores only the embedding, as Hugging Face writes a tied model, fills the head from it.
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.register_load_state_dict_pre_hook(_head_from_embedding)
         # SFT+ICT only: {str(n): a separate norm + lm_head for exit n} (names exit_heads.{n}.*).
         self.exit_heads = nn.ModuleDict()
 

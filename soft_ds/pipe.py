@@ -3,8 +3,12 @@
 Layer list (global indices):  embed, layer 1, [exit 1], layer 2, [exit 2], ..., layer L, exit L
 An exit follows its decoder layer. Every exit runs the *one* shared head (final norm + lm_head):
 a `TiedLayerSpec` under the key "head", built once per stage that holds an exit, its gradients
-all-reduced across those stages by DeepSpeed. The SFT+ICT baseline (exits with `own_head`) puts
-an ordinary layer with its own head there instead ("exit_head") and freezes everything else.
+all-reduced across those stages by DeepSpeed. A model with tied embeddings makes the embedding
+part of that head (`TiedHead`: final norm + embedding matrix): stage 0 embeds through the same
+tied layer, so the one head spans stage 0 and every stage with an exit, and its gradient (the
+embedding's plus every exit's) is summed over exactly those stages. The SFT+ICT baseline (exits
+with `own_head`) puts an ordinary layer with its own head there instead ("exit_head") and freezes
+everything else.
 
 The inter-stage tuple, declared once and asserted by every layer:
 
@@ -31,7 +35,7 @@ from torch import nn
 from soft_ds.checkpoint import HEAD_FILE
 from soft_ds.exits import exit_loss
 from soft_ds.hf_io import EXIT_HEAD_PREFIX, hf_name
-from soft_ds.model import DecoderLayer, SharedHead, check_supported
+from soft_ds.model import DecoderLayer, SharedHead, TiedHead, check_supported, tied_embeddings
 from soft_ds.partition import plan_stages
 
 HEAD_KEY = "head"
@@ -47,18 +51,23 @@ def unpack(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return hidden, running_loss, targets
 
 
+def embed_forward(module, inputs):
+    """(input_ids, targets) -> (hidden, running_loss = 0, targets), through `module.embed_tokens`
+    (an EmbeddingPipe's own, or a tied model's TiedHead's)."""
+    input_ids, targets = inputs
+    hidden = module.embed_tokens(input_ids)
+    return hidden, torch.zeros((), dtype=torch.float32, device=hidden.device), targets
+
+
 class EmbeddingPipe(nn.Module):
-    """(input_ids, targets) -> (hidden, running_loss = 0, targets)."""
+    """The token embedding of an untied model."""
 
     def __init__(self, config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
 
     def forward(self, inputs):
-        input_ids, targets = inputs
-        hidden = self.embed_tokens(input_ids)
-        return hidden, torch.zeros((), dtype=torch.float32, device=hidden.device), targets
-
+        return embed_forward(self, inputs)
 
 
 class DecoderLayerPipe(DecoderLayer):
@@ -141,12 +150,18 @@ class SoftPipelineModule(PipelineModule):
         # SFT+ICT: only the exits' own heads train; the model itself is frozen.
         self.frozen_base = any(e.own_head for e in self.exits)
         total_weight = sum(e.weight for e in self.exits)
+        self.tied = tied_embeddings(config)
+        head_class, head_attrs = (TiedHead, ["norm.weight", "embed_tokens.weight"]) if self.tied \
+            else (SharedHead, ["norm.weight", "lm_head.weight"])
         specs = []
         for kind, number in self.layout:
             exit_ = next((e for e in self.exits if e.layer == number), None)
             exit_args = dict(layer=number, chunk_tokens=exit_chunk_tokens, meter=self.meter,
                              share=exit_.weight / total_weight if exit_ else 0.0)
-            if kind == "embed":
+            if kind == "embed" and self.tied:
+                specs.append(TiedLayerSpec(HEAD_KEY, head_class, config, tied_weight_attr=head_attrs,
+                                           forward_fn=embed_forward))
+            elif kind == "embed":
                 specs.append(LayerSpec(EmbeddingPipe, config))
             elif kind == "decoder":
                 specs.append(LayerSpec(DecoderLayerPipe, config, frozen=self.frozen_base))
@@ -155,9 +170,8 @@ class SoftPipelineModule(PipelineModule):
             else:
                 # forward_fn keeps DeepSpeed from saving the head once per exit (8 copies at 13B):
                 # save_state_dict below writes it once.
-                specs.append(TiedLayerSpec(
-                    HEAD_KEY, SharedHead, config, tied_weight_attr=["norm.weight", "lm_head.weight"],
-                    forward_fn=partial(exit_forward, **exit_args)))
+                specs.append(TiedLayerSpec(HEAD_KEY, head_class, config, tied_weight_attr=head_attrs,
+                                           forward_fn=partial(exit_forward, **exit_args)))
         super().__init__(layers=specs, topology=topology, loss_fn=running_loss_of,
                          partition_method="exit_aligned",
                          activation_checkpoint_interval=activation_checkpoint_interval)
@@ -185,13 +199,22 @@ class SoftPipelineModule(PipelineModule):
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=parts[stage_id], stop=parts[stage_id + 1])
 
-    def allreduce_tied_weight_gradients(self):
-        # A frozen shared head (SFT+ICT) has no gradient to reduce.
-        for key, comm in self.tied_comms.items():
-            for attr_name in comm["weight_attr"]:
-                weight = self._recursive_getattr(self.tied_modules[key], attr_name)
-                if weight.requires_grad:
-                    torch_dist.all_reduce(weight.grad, group=comm["group"])
+    def in_shared_head(self, kind: str) -> bool:
+        """Whether a layer of this kind runs the shared head module (the tie key HEAD_KEY)."""
+        return kind == "exit" or (kind == "embed" and self.tied)
+
+    def fill_unused_tied_gradients(self):
+        """Give each trainable tied weight this stage holds but did not use a zero gradient.
+
+        Stage 0 of a tied model without an exit holds the final norm (part of the tied head) and
+        never runs it. The engine all-reduces each tied gradient over the stages that hold the
+        weight, but skips a missing one (fp32: `grad` None; bf16: no `_hp_grad`, which only a
+        gradient creates), and the other stages would then wait on a collective this stage never
+        joins. A zero joins the sum instead, so the update, hence the weight, stays identical on
+        every stage. A frozen weight (SFT+ICT) has no gradient on any stage and stays out."""
+        for weight, _ in self.get_tied_weights_and_groups():
+            if weight.requires_grad and weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
 
     def _synchronize_tied_weights(self):
         # DeepSpeed broadcasts the tied parameters in place with autograd on, which records a node
@@ -207,7 +230,7 @@ class SoftPipelineModule(PipelineModule):
         """{HF name: parameter} for every parameter this stage holds (the shared head once)."""
         out = {}
         for (kind, number), func in zip(self.local_layout(), self.forward_funcs):
-            module = self.tied_modules[HEAD_KEY] if kind == "exit" else func
+            module = self.tied_modules[HEAD_KEY] if self.in_shared_head(kind) else func
             out.update({hf_name(kind, number, local): p for local, p in module.named_parameters()})
         return out
 
@@ -222,7 +245,7 @@ class SoftPipelineModule(PipelineModule):
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
             param.copy_(tensor)
 
-    # -- checkpoints: the tied head is written once --------------------------------------------
+    # -- checkpoints: the tied head (with a tied model's embedding) is written once --------------
     def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
         super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params)
         # One writer for the head: data-parallel replica 0, first stage that holds it.
@@ -282,6 +305,7 @@ class SoftPipelineEngine(PipelineEngine):
                 torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
         finally:
             self._running_engine_backward = False
+        self.module.fill_unused_tied_gradients()  # before bf16 copies gradients to fp32
         if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
             self.optimizer.update_hp_grads(clear_lp_grads=False)
         self.pipe_buffers["output_tensors"][buffer_id] = None

@@ -1,9 +1,11 @@
 """Per-stage memory and FLOPs of a SoFT pipeline run, before launching it.
 
 The stage boundaries come from `partition.plan_stages`, the very call `pipe.SoftPipelineModule`
-makes, so the plan is the run. What a stage holds mirrors `pipe.py`: stage 0 the token embedding;
-its decoder layers; and, if it holds at least one exit, ONE shared head (final norm + lm_head),
-whatever the number of exits on it. Parameter counts come from `model.hf_shapes`.
+makes, so the plan is the run. What a stage holds mirrors `pipe.py` (`hf_io.stage_tensor_names`):
+stage 0 the token embedding; its decoder layers; and, if it holds at least one exit, ONE shared
+head (final norm + lm_head), whatever the number of exits on it. Under tied embeddings the head's
+matrix is the embedding, held (and counted) on stage 0 and on every stage with an exit, each with
+the final norm. Parameter counts come from `model.hf_shapes`.
 
 The memory model (bytes; deliberately simple, no allowance for the CUDA context, NCCL buffers or
 fragmentation, so leave headroom):
@@ -45,7 +47,7 @@ from transformers import LlamaConfig
 
 from soft_ds.cli import parse_list
 from soft_ds.exits import make_exits
-from soft_ds.hf_io import CheckpointError, expected_tensor_names, read_llama_config_file
+from soft_ds.hf_io import CheckpointError, read_llama_config_file, stage_tensor_names
 from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
 
@@ -58,7 +60,7 @@ class StagePlan:
     first_layer: int  # 1-based, inclusive
     last_layer: int
     exits: tuple[int, ...]
-    parameters: int  # held by this stage (embedding on stage 0, the shared head once if it has exits)
+    parameters: int  # held by this stage: embedding on stage 0, the shared head once if it has exits (tied: both)
     static_bytes: int  # weights + gradients + optimizer state
     activation_bytes: int  # per micro-batch, under the run's checkpointing setting
     activation_bytes_checkpointed: int  # per micro-batch, with activation checkpointing
@@ -130,8 +132,8 @@ def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1,
 
     plans = []
     for index, stage in enumerate(stages):
-        names = expected_tensor_names(config, [n - 1 for n in stage.layers], embed=index == 0,
-                                      head=bool(stage.exits))
+        names = stage_tensor_names(config, [n - 1 for n in stage.layers], first_stage=index == 0,
+                                   has_exit=bool(stage.exits))
         parameters = sum(shapes[name].numel() for name in names)
         layers, heads = len(stage.layers), len(stage.exits)
         if chunked:

@@ -13,8 +13,9 @@ from soft_ds.model import Llama, preset_config, random_weights
 SEQ_LEN, MICRO_BATCH, SEED = 16, 2, 0
 
 
-def tiny_config():
-    return preset_config("debug")
+def tiny_config(tied=False):
+    """The debug preset; tied: its embedding is also the lm_head (tie_word_embeddings)."""
+    return preset_config("debug", tie_word_embeddings=tied)
 
 
 def make_batches(step: int, count: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -37,10 +38,11 @@ def make_batches(step: int, count: int, vocab: int) -> list[tuple[torch.Tensor, 
     return batches
 
 
-def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0):
+def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0, tied=False):
     """Plain PyTorch: the same SoFT loss (mean over all micro-batches of the step), SGD(lr),
-    optional clipping. Returns per-step losses, per-step exit losses, per-step parameters."""
-    config = tiny_config()
+    optional clipping. Returns per-step losses, per-step exit losses, per-step parameters (a tied
+    model's one embedding/head matrix as model.embed_tokens.weight: its gradient sums both uses)."""
+    config = tiny_config(tied)
     model = Llama.from_weights(config, random_weights(config, SEED))
     exits = make_exits(None, config.num_hidden_layers, mode=mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -78,6 +80,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--act-ckpt", action="store_true")
     parser.add_argument("--chunk-tokens", type=int, default=0)
+    parser.add_argument("--tied", action="store_true", help="tie the embedding to the lm_head")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
@@ -87,7 +90,7 @@ def main():
     init_distributed("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dp = world // args.pp
-    config = tiny_config()
+    config = tiny_config(args.tied)
     exits = make_exits(None, config.num_hidden_layers, mode=args.mode)
     module = build_pipeline(config, exits, args.pp, SEQ_LEN, random_weights(config, SEED),
                             exit_chunk_tokens=args.chunk_tokens, activation_checkpointing=args.act_ckpt)

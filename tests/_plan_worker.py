@@ -1,5 +1,6 @@
 """Builds the real 2-stage DeepSpeed pipeline of the debug model (launched by tests/test_plan.py)
-and saves, per rank, how many parameters its stage holds, for SoFT and for SFT."""
+and saves, per rank, how many parameters its stage holds, for SoFT and for SFT, untied and tied
+(keys "soft", "sft", "soft_tied", "sft_tied")."""
 
 import argparse
 import json
@@ -24,14 +25,15 @@ def main():
 
     init_distributed("gloo")
     rank = torch.distributed.get_rank()
-    config = preset_config("debug", vocab_size=512)
     result = {}
-    for mode in ("soft", "sft"):
-        exits = make_exits(None, config.num_hidden_layers, mode=mode)
-        module = build_pipeline(config, exits, 2, SEQ_LEN, random_weights(config, 0))
-        stage = module._topo.get_coord(module.global_rank).pipe
-        count = sum(p.numel() for p in module.local_hf_parameters().values())
-        result[mode] = {"stage": stage, "parameters": count}
+    for tied in (False, True):
+        config = preset_config("debug", vocab_size=512, tie_word_embeddings=tied)
+        for mode in ("soft", "sft"):
+            exits = make_exits(None, config.num_hidden_layers, mode=mode)
+            module = build_pipeline(config, exits, 2, SEQ_LEN, random_weights(config, 0))
+            stage = module._topo.get_coord(module.global_rank).pipe
+            count = sum(p.numel() for p in module.local_hf_parameters().values())
+            result[mode + "_tied" * tied] = {"stage": stage, "parameters": count}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 

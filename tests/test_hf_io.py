@@ -15,8 +15,10 @@ from soft_ds.hf_io import (
     checkpoint_tensor_names,
     expected_tensor_names,
     load_llama_config,
+    load_model,
     load_tensors,
     save_hf_checkpoint,
+    stage_tensor_names,
 )
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "data" / "tokenizer"
@@ -218,6 +220,35 @@ def test_tied_head_comes_from_embedding(tmp_path):
     assert both["lm_head.weight"].data_ptr() != both["model.embed_tokens.weight"].data_ptr()
 
 
+def test_tied_checkpoint_without_embedding_is_an_error(tmp_path):
+    tied = tiny_model(tie_word_embeddings=True)
+    path = tmp_path / "tied_without_embedding"
+    path.mkdir()
+    state_dict = {n: t for n, t in tied.state_dict().items() if n not in ("lm_head.weight", hf_io.EMBED_NAME)}
+    torch.save(state_dict, path / hf_io.BIN_FILE)
+    tied.config.save_pretrained(path)
+    message = "tie_word_embeddings=True but no model.embed_tokens.weight: that one tensor is both"
+    for names in (["lm_head.weight"], [hf_io.EMBED_NAME, "model.norm.weight"]):
+        with pytest.raises(CheckpointError, match=message):
+            load_tensors(path, names)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+def test_stage_tensor_names_tied_and_untied(model):
+    tied_config = tiny_config(tie_word_embeddings=True)
+    layer_1 = expected_tensor_names(model.config, [1], embed=False, head=False)
+    head = {"model.norm.weight", "lm_head.weight"}
+    embed_and_norm = {hf_io.EMBED_NAME, "model.norm.weight"}
+    # (first stage, has an exit) -> the extra names beside the decoder layer, untied and tied.
+    for first, exit_, untied, tied in [(True, False, {hf_io.EMBED_NAME}, embed_and_norm),
+                                       (False, True, head, embed_and_norm),
+                                       (True, True, head | {hf_io.EMBED_NAME}, embed_and_norm),
+                                       (False, False, set(), set())]:
+        assert stage_tensor_names(model.config, [1], first, exit_) == layer_1 | untied
+        assert stage_tensor_names(tied_config, [1], first, exit_) == layer_1 | tied
+
+
 def test_untied_checkpoint_without_head_is_an_error(model, checkpoints, tmp_path):
     path = tmp_path / "headless"
     path.mkdir()
@@ -344,6 +375,35 @@ def test_save_tied_model(tmp_path):
     with pytest.raises(CheckpointError, match="lm_head.weight differs"):
         save_hf_checkpoint(drifted, tied.config, tmp_path / "drifted")
     assert not (tmp_path / "drifted").exists()
+
+
+@pytest.mark.parametrize("exit_layer", [None, 2])
+def test_tied_export_keeps_one_matrix(tmp_path, exit_layer):
+    """A tied model, as the training checkpoint reader returns it (no lm_head.weight), exports to a
+    tied directory with the matrix stored once; transformers and load_model both read it back tied,
+    with the logits of exit N."""
+    hf = tiny_model(tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "source")
+    ours = load_model(tmp_path / "source").eval()
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    state = dict(ours.named_parameters())
+    assert "lm_head.weight" not in state
+    out = save_hf_checkpoint(state, ours.config, tmp_path / "export", exit_layer=exit_layer)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    names = checkpoint_tensor_names(out)
+    assert hf_io.EMBED_NAME in names and "lm_head.weight" not in names
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert len(loaded.model.layers) == (exit_layer or 4)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = ours(ids, exit_layer=exit_layer)
+        assert (logits_of(loaded, ids) - expected).abs().max().item() <= 1e-6
+        reloaded = load_model(out).eval()
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+        assert (reloaded(ids) - expected).abs().max().item() <= 1e-6
+    if exit_layer:  # the exit really differs from the full model
+        assert (expected - logits_of(hf, ids)).abs().max().item() > 1e-3
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -40,6 +40,22 @@ def ours(hf, embed_scale=1.0, head_scale=1.0) -> SoftGenerator:
     return SoftGenerator(model)
 
 
+def hf_submodel(hf, n) -> transformers.LlamaForCausalLM:
+    """An HF LLaMA of `hf`'s first n layers, with its embedding, final norm and head (tied if it is)."""
+    sub = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(
+        {**hf.config.to_dict(), "num_hidden_layers": n})).eval().to(hf.dtype)
+    sub.load_state_dict({name: tensor for name, tensor in hf.state_dict().items()
+                         if not name.startswith("model.layers.") or int(name.split(".")[2]) < n}, strict=True)
+    return sub
+
+
+def hf_greedy(model, prompts) -> list[list[int]]:
+    """transformers' greedy `generate`, one prompt at a time (no padding), MAX_NEW tokens each."""
+    return [model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist() for prompt in prompts]
+
+
 def random_prompts(count, seed, vocab=512, max_len=24):
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, max_len + 1, (count,), generator=generator).tolist()
@@ -87,15 +103,8 @@ def prompts():
 @pytest.mark.parametrize("n", [2, 5, 8])
 def test_exit_generation_equals_hf_submodel_generate(hf, plain, prompts, n):
     """Exit n, batched with left padding == an HF LLaMA of the first n layers, one prompt at a time."""
-    sub = transformers.LlamaForCausalLM(preset_config("debug", num_hidden_layers=n)).eval().double()
-    sub.load_state_dict({name: tensor for name, tensor in hf.state_dict().items()
-                         if not name.startswith("model.layers.") or int(name.split(".")[2]) < n}, strict=True)
     ours_batched = plain.generate(prompts, exit_layer=n, max_new_tokens=MAX_NEW).tokens
-    for prompt, got in zip(prompts, ours_batched):
-        expected = sub.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
-                                eos_token_id=None, pad_token_id=0)
-        assert got == expected[0, len(prompt):].tolist()
+    assert ours_batched == hf_greedy(hf_submodel(hf, n), prompts)
     # ...and the exits really differ (the comparison above could not pass with the wrong depth).
     assert plain.generate(prompts, exit_layer=1, max_new_tokens=MAX_NEW).tokens != ours_batched
 
@@ -281,6 +290,42 @@ def test_dynamic_exit_fills_deeper_caches_exactly(peaked, monkeypatch, batch):
                         assert exit_layer == 8 or inference.confidence(logits, "max_prob").item() > threshold
                         assert logits.argmax(-1).item() == token
                         break
+
+
+# --- 4b. tied embeddings -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """A tied HF LLaMA (one embedding/lm_head matrix, stored once) and our generator loaded from
+    its directory, both in float64."""
+    hf = hf_model(preset_config("debug", tie_word_embeddings=True), seed=3)
+    directory = tmp_path_factory.mktemp("tied") / "tied"
+    hf.save_pretrained(directory)
+    generator = SoftGenerator.from_pretrained(directory, dtype=torch.float64)
+    assert generator.model.lm_head.weight is generator.model.model.embed_tokens.weight
+    return hf, generator
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_tied_exit_generation_equals_hf_generate(tied, prompts, n):
+    """Exit n of a tied model, batched, == transformers' generate on a tied n-layer model of the same
+    weights (n = 8: the model itself), one prompt at a time."""
+    hf, generator = tied
+    sub = hf_submodel(hf, n)
+    assert sub.lm_head.weight.data_ptr() == sub.model.embed_tokens.weight.data_ptr()
+    assert generator.generate(prompts, exit_layer=n, max_new_tokens=MAX_NEW).tokens == hf_greedy(sub, prompts)
+
+
+def test_tied_speculative_and_dynamic_equal_full(tied, prompts):
+    _, generator = tied
+    full = generator.generate(prompts, max_new_tokens=MAX_NEW).tokens
+    speculative = generator.generate_speculative(prompts, 4, 3, max_new_tokens=MAX_NEW)
+    assert speculative.tokens == full and speculative.drafted > 0
+    first_exit = generator.generate(prompts, exit_layer=generator.exits[0], max_new_tokens=MAX_NEW).tokens
+    assert generator.generate_dynamic(prompts, 1.0, max_new_tokens=MAX_NEW).tokens == full
+    assert generator.generate_dynamic(prompts, 0.0, max_new_tokens=MAX_NEW).tokens == first_exit
+    assert first_exit != full
 
 
 # --- 5. Hugging Face directory, CLI, benchmark -------------------------------------------------

@@ -16,6 +16,8 @@ CONFIGS = {
     # Longer than original_max_position_embeddings, so the llama3 low/high-frequency scaling matters.
     "llama3_rope": ({"rope_parameters": LLAMA3_ROPE}, 100),
     "biases": ({"attention_bias": True, "mlp_bias": True}, 24),
+    # One matrix for the embedding and lm_head (SmolLM2, LLaMA 3.2 1B/3B).
+    "tied": ({"tie_word_embeddings": True}, 24),
 }
 TOLERANCE = 1e-6
 
@@ -184,12 +186,25 @@ def test_hf_shapes_match_hf_state_dict(overrides):
     assert hf_shapes(config) == expected
 
 
-def test_check_supported_rejects_tied_embeddings():
+def test_tied_model_has_one_matrix_whose_gradient_sums_both_uses():
+    """A tied Llama holds one Parameter for embedding and lm_head (named once, as HF names it),
+    loads from a state dict that stores only the embedding (as HF writes one), and its gradient is
+    the untied model's embedding gradient plus its lm_head gradient on the same weights."""
     config = preset_config("debug", tie_word_embeddings=True)
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        check_supported(config)
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        Llama(config)
+    tied = Llama.from_weights(config, random_weights(config, 3))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    names = [name for name, _ in tied.named_parameters()]
+    assert "lm_head.weight" not in names and "lm_head.weight" not in hf_shapes(config)
+    untied_config = preset_config("debug")
+    untied = Llama(untied_config)
+    state = {name: tensor for name, tensor in tied.state_dict().items() if name != "lm_head.weight"}
+    untied.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, strict=True)
+    ids = random_ids(config, 12)
+    for model in (tied, untied):
+        torch.nn.functional.cross_entropy(model(ids, exit_layer=4).flatten(0, 1), ids.flatten()).backward()
+    both = untied.model.embed_tokens.weight.grad + untied.lm_head.weight.grad
+    assert (tied.model.embed_tokens.weight.grad - both).abs().max().item() <= 1e-7
+    assert untied.lm_head.weight.grad.abs().max().item() > 1e-3  # the head's share is not negligible
 
 
 def test_check_supported_rejects_unknown_rope_type():

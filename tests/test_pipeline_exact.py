@@ -5,6 +5,11 @@ SGD(lr=1) (so a parameter update *is* the gradient) and compares, for every para
 rank, against a plain single-process PyTorch computation of the same loss on the same weights and
 batches. Four stages catch the inter-stage tuple-order bug (a float after the int64 targets
 receives its gradient into the wrong buffer).
+
+The tied cases tie the embedding to the lm_head: one matrix whose gradient is the embedding's plus
+every exit's, summed over stage 0 and the stages with exits. tied_pp2_dp2_clip's stage 0 holds the
+embedding and exits 2 and 4; tied_pp4_sft_zero0_clip's stage 0 holds no exit (the tie spans stages
+0 and 3 only, and stage 0 holds the final norm without using it).
 """
 
 import glob
@@ -25,6 +30,11 @@ CASES = {
     "pp4_clip": (4, ["--pp", 4, "--gas", 3, "--clip", 0.5], dict(mode="soft", gas=3, dp=1, clip=0.5)),
     "pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--act-ckpt", "--chunk-tokens", 7],
                                 dict(mode="soft", gas=2, dp=2, clip=0.0, chunk_tokens=7)),
+    "tied_pp1": (1, ["--pp", 1, "--gas", 2, "--tied"], dict(mode="soft", gas=2, dp=1, clip=0.0, tied=True)),
+    "tied_pp2_dp2_clip": (4, ["--pp", 2, "--gas", 2, "--clip", 0.5, "--tied"],
+                          dict(mode="soft", gas=2, dp=2, clip=0.5, tied=True)),
+    "tied_pp4_sft_zero0_clip": (4, ["--pp", 4, "--gas", 3, "--zero", 0, "--clip", 0.5, "--mode", "sft", "--tied"],
+                                dict(mode="sft", gas=3, dp=1, clip=0.5, tied=True)),
 }
 STEPS = 2
 
@@ -70,8 +80,15 @@ def test_updates_are_not_trivial(case):
 
 
 def test_tied_head_identical_on_every_stage(case):
-    ranks, _, _ = case
-    holders = [r for r in ranks if "lm_head.weight" in r["params"][-1]]
+    """The shared head's copies (with a tied model's embedding) end identical on every rank."""
+    ranks, _, ref_args = case
+    tied = ref_args.get("tied", False)
+    names = ["model.norm.weight", "model.embed_tokens.weight" if tied else "lm_head.weight"]
+    holders = [r for r in ranks if names[1] in r["params"][-1]]
+    # Tied: stage 0 holds the matrix (and the final norm) too, whether or not it has an exit.
+    last = max(r["stage"] for r in ranks)
+    assert {r["stage"] for r in holders} >= ({0, last} if tied else {last})
     for rank in holders[1:]:
-        for name in ("lm_head.weight", "model.norm.weight"):
+        for name in names:
+            assert name in rank["params"][-1], (rank["stage"], name)
             assert torch.equal(rank["params"][-1][name], holders[0]["params"][-1][name])

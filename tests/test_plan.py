@@ -20,10 +20,10 @@ LAYER_FLOPS = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 4 * 16 *
 HEAD_FLOPS = 2 * 64 * 512
 
 
-def debug_plan(**overrides):
+def debug_plan(tied=False, **overrides):
     kwargs = dict(pipeline_stages=2, data_parallel=2, micro_batch=2, seq_len=16, grad_accum=4, bf16=True,
                   zero_stage=1, activation_checkpointing=False, exit_chunk_tokens=0, gpu_gib=1.0)
-    return plan(preset_config("debug"), **{**kwargs, **overrides})
+    return plan(preset_config("debug", tie_word_embeddings=tied), **{**kwargs, **overrides})
 
 
 def test_debug_by_hand_no_checkpointing_unchunked():
@@ -66,6 +66,18 @@ def test_sft_stage_without_exit_holds_no_head():
     assert s1.parameters == (8 - s1.first_layer + 1) * LAYER + HEAD
 
 
+@pytest.mark.parametrize("mode", ["soft", "sft"])
+def test_tied_embedding_counts_on_every_stage_that_holds_it(mode):
+    """Tied: the one embedding/lm_head matrix and the final norm sit on stage 0 (which embeds) and
+    on the exit stage(s), whether or not stage 0 has an exit."""
+    s0, s1 = debug_plan(tied=True, mode=mode)
+    untied = debug_plan(mode=mode)
+    assert [p.exits for p in untied] == [p.exits for p in (s0, s1)]
+    assert s0.parameters == EMBED + 64 + 4 * LAYER
+    assert s1.parameters == EMBED + 64 + 4 * LAYER
+    assert s0.flops == untied[0].flops and s1.flops == untied[1].flops
+
+
 def test_bubble_and_zero_shards():
     assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
     assert bubble_fraction(1, 8) == 0
@@ -86,8 +98,8 @@ def test_13b_pp4_paper_layout():
 def test_parameters_match_real_pipeline(tmp_path):
     deepspeed_launch(2, "tests/_plan_worker.py", "--out", tmp_path, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for mode in ("soft", "sft"):
-        planned = debug_plan(mode=mode)
+    for mode in ("soft", "sft", "soft_tied", "sft_tied"):
+        planned = debug_plan(mode=mode.removesuffix("_tied"), tied=mode.endswith("_tied"))
         built = {r[mode]["stage"]: r[mode]["parameters"] for r in ranks}
         assert built == {p.stage: p.parameters for p in planned}, mode
 

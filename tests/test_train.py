@@ -231,3 +231,64 @@ def test_training_starts_from_a_hugging_face_checkpoint(tmp_path):
                                       os.path.join(REPO, "data", "alpaca_5000.json"), seq_len, 0, micro, accum, 1, seed)
     for layer in (2, 4):
         assert logged[f"train/exit_{layer}/loss"][1] == pytest.approx(expected[layer], abs=1e-5)
+
+
+def test_tied_model_trains_resumes_and_exports(tmp_path, capsys):
+    """A tied Hugging Face checkpoint (embedding = lm_head, stored once) on 2 stages: each stage
+    loads its tensors and the first step's exit losses equal one process's; the checkpoint holds the
+    matrix once (in the shared head's file; no embedding layer file); --resume continues bit for bit;
+    the export stays tied (no lm_head.weight stored) and transformers reads exit 2's logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from soft_ds.data import load_tokenizer
+    from soft_ds.hf_io import checkpoint_tensor_names, load_tensors
+    from soft_ds.model import Llama
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt", max_shard_size="300KB")
+    assert "lm_head.weight" not in checkpoint_tensor_names(tmp_path / "ckpt")
+    records = json.load(open(os.path.join(REPO, "data", "alpaca_5000.json")))[:100]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    seq_len, micro, seed, steps = 64, 2, 5, 2
+    args = ["--ds_config", "ds_configs/tiny_pp2.json", "--model", tmp_path / "ckpt", "--tokenizer", "data/tokenizer",
+            "--data", tmp_path / "data.json", "--exits", "2,4", "--seq_len", seq_len, "--micro_batch_size", micro,
+            "--grad_accum", 1, "--train_steps", steps, "--warmup_steps", 0, "--val_size", 0, "--log_interval", 1,
+            "--save_interval", 1, "--seed", seed]
+    deepspeed_launch(2, "soft_ds/train.py", *args, "--output_dir", tmp_path / "straight")
+    deepspeed_launch(2, "soft_ds/train.py", *args, "--output_dir", tmp_path / "resumed", "--stop_at_step", 1)
+    deepspeed_launch(2, "soft_ds/train.py", *args, "--output_dir", tmp_path / "resumed", "--resume")
+
+    a, b = scalars(tmp_path / "straight"), scalars(tmp_path / "resumed")
+    model = Llama.from_weights(config, lambda names: load_tensors(tmp_path / "ckpt", names))
+    expected = first_step_exit_losses(model, [2, 4], load_tokenizer("data/tokenizer"), tmp_path / "data.json",
+                                      seq_len, 0, micro, 1, 1, seed)
+    for layer in (2, 4):
+        assert a[f"train/exit_{layer}/loss"][1] == pytest.approx(expected[layer], abs=1e-5)
+        for step in range(1, steps + 1):
+            assert b[f"train/exit_{layer}/loss"][step] == a[f"train/exit_{layer}/loss"][step], (layer, step)
+    final = os.path.join("checkpoints", f"step{steps}")
+    names = sorted(os.listdir(tmp_path / "straight" / final))
+    assert "layer_00-model_states.pt" not in names  # the embedding is the shared head's
+    holders = []
+    for name in names:
+        if name.startswith(("layer_", "shared_head")):
+            x = torch.load(tmp_path / "straight" / final / name, weights_only=True)
+            y = torch.load(tmp_path / "resumed" / final / name, weights_only=True)
+            assert all(torch.equal(x[k], y[k]) for k in x), name
+            holders += [name] * any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in x)
+    assert holders == ["shared_head-model_states.pt"]
+
+    exported = run_cli(capsys, "export", "--run", tmp_path / "straight", "--exit", 2, "--out", tmp_path / "exit2")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "exit2" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in checkpoint_tensor_names(tmp_path / "exit2")
+    trained = run_cli(capsys, "export", "--run", tmp_path / "straight", "--out", tmp_path / "full")
+    assert trained.returncode == 0, trained.stderr
+    full = Llama.from_weights(config, lambda names: load_tensors(tmp_path / "full", names)).eval()
+    sub = AutoModelForCausalLM.from_pretrained(tmp_path / "exit2").eval()
+    ids = torch.randint(3, 4096, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (full(ids, exit_layer=2) - sub(ids).logits).abs().max() <= 1e-5
+        assert not torch.equal(full.model.embed_tokens.weight, model.model.embed_tokens.weight)  # it trained
