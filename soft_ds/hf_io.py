@@ -438,6 +438,9 @@ def save_hf_checkpoint(
             save_file(exit_heads, str(staging / EXIT_HEADS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        for weights in (SAFETENSORS_FILE, EXIT_HEADS_FILE):
+            if (staging / weights).is_file():
+                (staging / weights).chmod(0o644)  # safetensors writes them private (0o600), unlike the rest
         _replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

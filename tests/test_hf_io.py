@@ -318,6 +318,8 @@ def test_save_full_model_round_trip(model, tmp_path):
     assert checkpoint_tensor_names(out) == set(model.state_dict())
     # Loadable by this module too, which is how a later fine-tuning run would start from it.
     assert load_llama_config(out).num_key_value_heads == 2
+    # Readable by whoever may read the directory, as the other files are.
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}["model.safetensors"] == 0o644
 
 
 def test_exit_reference_indexing(model):
