@@ -1,5 +1,5 @@
-"""soft_ds/train.py with slowed-down steps, for the Slurm requeue tests (tests/test_slurm.py run it
-as the job's PYTHON through a two-line shell wrapper). A tiny run trains in a second or two, faster
+"""soft_ds/train.py with slowed-down steps, for the Slurm requeue tests (tests/test_slurm.py runs it
+as the job's PYTHON through a small shell wrapper). A tiny run trains in a second or two, faster
 than a time limit's signal (Slurm checks limits every 30 s) or a test can act on it.
 
     _slow_steps.py TRAIN_PY [train.py options...]
