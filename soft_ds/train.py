@@ -5,6 +5,9 @@
 
 Reads top to bottom: parse -> validate everything (before any distributed work) -> tokenizer and
 data -> pipeline model -> engine -> loop (step, log, validate, save) -> per-exit summary.
+A stop signal (SIGUSR1 ahead of a Slurm time limit, SIGTERM; soft_ds.preemption) ends the loop
+after the step every rank agrees on: that step is saved and the exit code is 75, "stopped to be
+continued with --resume" (slurm/soft.sbatch requeues the job on it).
 Runs unchanged on GPUs (NCCL) and on CPU (DeepSpeed's CPU accelerator, gloo).
 """
 
@@ -19,6 +22,7 @@ from soft_ds import checkpoint
 from soft_ds import config as run_config
 from soft_ds import data as soft_data
 from soft_ds import hf_io
+from soft_ds import preemption
 from soft_ds.cli import parse_list
 from soft_ds.distributed import deepspeed_environment, distributed_env, init_distributed
 from soft_ds.exits import make_exits
@@ -201,6 +205,15 @@ def quiet_off_rank_zero(rank: int):
 
 
 def main(argv=None):
+    # Stop signals are noted from the first instant (one that arrives during the start-up stops
+    # the run after its first step); the previous handlers come back when training returns.
+    with preemption.StopRequest() as stop:
+        run(argv, stop)
+
+
+def run(argv, stop: preemption.StopRequest):
+    """Train; on a stop signal (`stop`), save the step all ranks agree on and exit with
+    preemption.EXIT_TO_BE_CONTINUED."""
     args = parse_args(argv)
     place = distributed_env()  # deepspeed, mpirun, srun or none: validation needs the world size first
     rank, world_size = place.rank, place.world_size
@@ -276,17 +289,26 @@ def main(argv=None):
             monitor.scalars("val", step, val_loss, val_exits)
             monitor.info(f"validation at step {step}: " +
                          " ".join(f"exit {n}: {v:.4f}" for n, v in val_exits.items()))
-        if (soft.save_interval and step % soft.save_interval == 0) or step == last_step:
+        stopping = stop.agreed(engine.device)  # every rank stops after the same step
+        if stopping and step < last_step:
+            monitor.info(f"stop requested ({stop.received or 'signal on another rank'}): saving step {step}, "
+                         f"then exiting with {preemption.EXIT_TO_BE_CONTINUED} (to be continued)")
+        if (soft.save_interval and step % soft.save_interval == 0) or step == last_step or stopping:
+            saving = time.time()
             shape = checkpoint.run_shape(exits, soft.pipeline_stages, config.data_parallel_size(world_size))
             saved = checkpoint.save(engine, args.output_dir, step, tokenizer, shape=shape, layout=module.layout,
                                     model_config=model_config, soft=soft)
-            monitor.info(f"saved checkpoint step {step} to {saved}")
+            monitor.info(f"saved checkpoint step {step} to {saved} ({time.time() - saving:.1f} s)")
+        if stopping:
+            break
 
     if step == soft.train_steps:
         monitor.summary(exits, train_exits, val_exits, os.path.join(args.output_dir, "summary.json"), extra)
     else:
         monitor.info(f"stopped at step {step} of {soft.train_steps}; continue with --resume")
     monitor.close()
+    if step < last_step:
+        raise SystemExit(preemption.EXIT_TO_BE_CONTINUED)
 
 
 if __name__ == "__main__":

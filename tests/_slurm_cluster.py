@@ -56,6 +56,14 @@ def ensure_hosts_entries(names, hosts_file="/etc/hosts"):
     return missing
 
 
+# A requeued job may start again only once its launch credentials have expired (cred_expire, 120 s
+# by default) and the scheduler next looks at it (sched_interval, 60 s): both short here, so that
+# the requeue tests wait seconds for a restart, not minutes. JobRequeue=1 (Slurm's default, stated)
+# lets batch jobs be requeued. MaxTime=INFINITE admits any limit, one minute too, and OverTimeLimit=1
+# holds the kill of a job past its limit one more minute: a one-minute job's warning (29-59 s in,
+# on Slurm's 30-second clock) may land in the start-up of four ranks on a busy 2-core machine, and
+# the run must still have time to take its first step and save it.
+CRED_EXPIRE = 5
 CONF = """\
 ClusterName=softtest
 SlurmctldHost=localhost
@@ -64,7 +72,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire={cred_expire}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -83,9 +91,11 @@ ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
+JobRequeue=1
+SchedulerParameters=sched_interval=2
 KillWait=5
 NodeName={node_range} NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{node_port}-{last_node_port}] CPUs={cpus} State=UNKNOWN
-PartitionName=test Nodes={node_range} Default=YES MaxTime=INFINITE State=UP
+PartitionName=test Nodes={node_range} Default=YES MaxTime=INFINITE OverTimeLimit=1 State=UP
 """
 
 
@@ -112,7 +122,7 @@ class LocalSlurm:
         os.chmod(root, 0o700)  # munged refuses a key or socket under a folder others can write
         node_port = free_port_range(len(self.nodes))
         with open(self.conf, "w") as f:
-            f.write(CONF.format(root=root, ctld_port=free_port(), node_port=node_port,
+            f.write(CONF.format(root=root, ctld_port=free_port(), node_port=node_port, cred_expire=CRED_EXPIRE,
                                 last_node_port=node_port + len(self.nodes) - 1,
                                 node_range=f"node[1-{len(self.nodes)}]", cpus=self.cpus))
         key = os.path.join(root, "munge", "munge.key")

@@ -51,12 +51,24 @@ def soft_ds_command() -> str:
     return beside if os.path.exists(beside) else "soft-ds"
 
 
-def scalars(run_dir) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the TensorBoard events a training run wrote to <run_dir>/tb."""
+def tensorboard_events(run_dir):
+    """The TensorBoard events a training run wrote to <run_dir>/tb, every one of them loaded."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
     events.Reload()
+    return events
+
+
+def scalars(run_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the TensorBoard events a training run wrote to <run_dir>/tb."""
+    events = tensorboard_events(run_dir)
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def logged_steps(run_dir, tag="train/loss") -> list[int]:
+    """The steps of every `tag` event TensorBoard shows for <run_dir>/tb, repeats included (after
+    a resume, those an interrupted run logged past its checkpoint are purged)."""
+    return sorted(e.step for e in tensorboard_events(run_dir).Scalars(tag))
 
 
 def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_size, micro_batch, grad_accum,
