@@ -51,7 +51,7 @@ class SoftOptions:
     warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
-    exit_chunk_tokens: int = 1024  # exit loss in token chunks under recompute (0: whole batch)
+    exit_chunk_tokens: int = 1024  # exit loss in chunks of counted tokens under recompute (0: all at once)
     val_size: int = 200  # held-out records for validation
     template: str = "alpaca"  # prompt template: "alpaca" text or the tokenizer's "chat" template
     eval_interval: int = 50  # validation every N steps (0: only at the end)
