@@ -47,11 +47,12 @@ class SoftOptions:
     exits: list | None = None  # exit layers (1-based depth); default: paper's B for 40 layers
     exit_weights: list | None = None  # per-exit loss weights; default uniform (the paper)
     seq_len: int = 512  # every sequence is padded/truncated to this (fixed pipeline buffer shapes)
+    packing: bool = True  # several records per row, attention confined to each (exact: same per-record loss)
     train_steps: int = 100  # optimizer steps
     warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
-    exit_chunk_tokens: int = 1024  # exit loss in token chunks under recompute (0: whole batch)
+    exit_chunk_tokens: int = 1024  # exit loss in chunks of counted tokens under recompute (0: all at once)
     val_size: int = 200  # held-out records for validation
     template: str = "alpaca"  # prompt template: "alpaca" text or the tokenizer's "chat" template
     eval_interval: int = 50  # validation every N steps (0: only at the end)

@@ -5,7 +5,8 @@ The pipeline, from file to micro-batch:
     load_records(path)                    validated Alpaca records, a `datasets.Dataset`
     tokenize_record(record, tokenizer)    prompt + response + end of turn, and shifted targets
     build_datasets(...)                   the two above plus a seeded train/validation split
-    global_batch_indices(step, ...)       which examples every rank reads at an optimizer step
+    epoch_rows(...)                       an epoch's rows: one record each, or several packed
+    global_batch_rows(step, ...)          which rows every rank reads at an optimizer step
     batch_iterator(...)                   this rank's micro-batches, step after step, resumable
 
 Targets are already shifted for next-token prediction: `targets[t]` is the id the model must
@@ -20,6 +21,8 @@ tokenizer itself puts before a text (LLaMA's <s>; nothing for SmolLM2's byte-lev
 
 Batches are right-padded to one fixed length because DeepSpeed's pipeline engine reuses its
 inter-stage receive buffers, which fixes the activation shape after the first micro-batch.
+Packing (`soft.packing`) puts several records in a row, with positions that restart at each
+record (`collate_rows`), so far fewer rows carry the same records.
 """
 
 import functools
@@ -447,20 +450,38 @@ def collate(examples, seq_len, pad_id):
     attends only to earlier positions, all real, so right padding changes no real logit and no
     loss term: no attention mask is needed.
     """
-    input_ids = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)  # (B, T)
-    targets = torch.full((len(examples), seq_len), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    for row, example in enumerate(examples):
-        ids, example_targets = example["input_ids"], example["targets"]
-        if len(ids) != len(example_targets):
-            raise ValueError(f"example {row}: {len(ids)} input_ids but {len(example_targets)} targets")
-        if len(ids) > seq_len:
-            raise ValueError(
-                f"example {row} has {len(ids)} tokens, more than seq_len={seq_len}; "
-                "tokenize with max_length <= seq_len"
-            )
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        targets[row, : len(ids)] = torch.tensor(example_targets, dtype=torch.long)
+    input_ids, targets, _ = collate_rows([[example] for example in examples], seq_len, pad_id)
     return input_ids, targets
+
+
+def collate_rows(rows, seq_len, pad_id):
+    """Rows of examples, each row's records back to back, right-padded to seq_len:
+    (input_ids, targets, positions), LongTensors of shape (B, seq_len).
+
+    positions restart at 0 where each record starts, and the padding continues the last record's
+    (one record per row: 0..seq_len-1), so `model.record_mask` confines attention to each record
+    and every record sees exactly the context and positions it has alone in a row. A record's
+    last target is IGNORE_INDEX (tokenize_record), so no record learns its neighbour's first token.
+    """
+    input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    positions = torch.arange(seq_len).repeat(len(rows), 1)  # (B, T)
+    for row, examples in enumerate(rows):
+        start = 0
+        for example in examples:
+            ids, example_targets = example["input_ids"], example["targets"]
+            if len(ids) != len(example_targets):
+                raise ValueError(f"example {row}: {len(ids)} input_ids but {len(example_targets)} targets")
+            if start + len(ids) > seq_len:
+                raise ValueError(
+                    f"example {row} has {start + len(ids)} tokens, more than seq_len={seq_len}; "
+                    "tokenize with max_length <= seq_len"
+                )
+            input_ids[row, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            targets[row, start : start + len(ids)] = torch.tensor(example_targets, dtype=torch.long)
+            positions[row, start:] = torch.arange(seq_len - start)  # the padding continues it
+            start += len(ids)
+    return input_ids, targets, positions
 
 
 @functools.lru_cache(maxsize=2)
@@ -470,13 +491,34 @@ def _epoch_order(num_examples, seed, epoch):
     return tuple(torch.randperm(num_examples, generator=generator).tolist())
 
 
-def global_batch_indices(num_examples, step, micro_batch_size, grad_accum, dp_size, seed):
-    """Dataset indices of every micro-batch of optimizer step `step`, rank-major.
+@functools.lru_cache(maxsize=4)
+def epoch_rows(num_examples, seed, epoch, lengths=None, seq_len=0):
+    """The rows of an epoch, each a tuple of dataset indices, in the epoch's order (a permutation
+    drawn with seed + epoch). Unpacked (lengths None): one record per row. Packed: that order cut
+    greedily into rows of at most seq_len tokens (next fit: a record that does not fit starts the
+    next row), so the rows depend only on (seed, epoch) and any step can be rebuilt on resume."""
+    order = _epoch_order(num_examples, seed, epoch)
+    if lengths is None:
+        return tuple((index,) for index in order)
+    rows, row, used = [], [], 0
+    for index in order:
+        if row and used + lengths[index] > seq_len:
+            rows.append(tuple(row))
+            row, used = [], 0
+        row.append(index)
+        used += lengths[index]
+    return tuple(rows + [tuple(row)] if row else rows)
+
+
+def global_batch_rows(num_examples, step, micro_batch_size, grad_accum, dp_size, seed, lengths=None, seq_len=0):
+    """Rows of every micro-batch of optimizer step `step`, rank-major; a row is a tuple of dataset
+    indices (`epoch_rows`: packed when `lengths`, the records' token counts, are given).
 
     Entry r * grad_accum + m is micro-batch m of data-parallel rank r. A step takes the next
-    micro_batch_size * grad_accum * dp_size examples of a permutation drawn afresh each epoch with
-    seed + epoch; an epoch ends when less than a full global batch is left (the rest is skipped).
-    Pure index arithmetic, so a resumed run jumps to any step for free.
+    micro_batch_size * grad_accum * dp_size rows of its epoch; an epoch ends when less than a full
+    global batch is left (the rest is skipped). Packed epochs may differ in length, so a step is
+    found by walking the epochs before it (cheap: token counts only), and a resumed run gets the
+    very rows an uninterrupted one does.
     """
     sizes = {"micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "dp_size": dp_size}
     for name, value in sizes.items():
@@ -484,46 +526,61 @@ def global_batch_indices(num_examples, step, micro_batch_size, grad_accum, dp_si
             raise ValueError(f"{name} must be at least 1, got {value}")
     if step < 0:
         raise ValueError(f"step must be at least 0, got {step}")
+    lengths = None if lengths is None else tuple(lengths)
     global_size = micro_batch_size * grad_accum * dp_size
-    steps_per_epoch = num_examples // global_size
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"{num_examples} training examples cannot fill one global batch of {global_size} "
-            f"(micro_batch_size={micro_batch_size} x grad_accum={grad_accum} x dp_size={dp_size})"
-        )
-    epoch, step_in_epoch = divmod(step, steps_per_epoch)
-    order = _epoch_order(num_examples, seed, epoch)
+    epoch, step_in_epoch = 0, step
+    while True:
+        rows = epoch_rows(num_examples, seed, epoch, lengths, seq_len)
+        steps_per_epoch = len(rows) // global_size
+        if steps_per_epoch == 0:
+            what = f"{num_examples} training examples" if lengths is None else \
+                f"{num_examples} training examples packed into {len(rows)} rows of {seq_len} tokens"
+            raise DataError(
+                f"{what} cannot fill one global batch of {global_size} "
+                f"(micro_batch_size={micro_batch_size} x grad_accum={grad_accum} x dp_size={dp_size})"
+            )
+        if step_in_epoch < steps_per_epoch:
+            break
+        epoch, step_in_epoch = epoch + 1, step_in_epoch - steps_per_epoch
     start = step_in_epoch * global_size
     return [
-        list(order[start + slot * micro_batch_size : start + (slot + 1) * micro_batch_size])
+        list(rows[start + slot * micro_batch_size : start + (slot + 1) * micro_batch_size])
         for slot in range(grad_accum * dp_size)
     ]
 
 
-def global_batch(dataset, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, pad_id):
-    """All micro-batches of step `step` across ranks, rank-major, as (input_ids, targets) pairs.
+def record_lengths(dataset, packing):
+    """The records' token counts when packing (what global_batch_rows packs by), else None."""
+    return tuple(len(ids) for ids in dataset["input_ids"]) if packing else None
+
+
+def global_batch(dataset, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, pad_id, packing=False):
+    """All micro-batches of step `step` across ranks, rank-major, as (input_ids, targets, positions).
 
     What the data-parallel ranks together consume at that step: the reference for a
     single-process computation of the same loss.
     """
-    slots = global_batch_indices(len(dataset), step, micro_batch_size, grad_accum, dp_size, seed)
-    return [_micro_batch(dataset, indices, seq_len, pad_id) for indices in slots]
+    slots = global_batch_rows(len(dataset), step, micro_batch_size, grad_accum, dp_size, seed,
+                              record_lengths(dataset, packing), seq_len)
+    return [_micro_batch(dataset, rows, seq_len, pad_id) for rows in slots]
 
 
 def batch_iterator(
-    dataset, micro_batch_size, grad_accum, dp_rank, dp_size, seed, seq_len, pad_id, start_step=0
+    dataset, micro_batch_size, grad_accum, dp_rank, dp_size, seed, seq_len, pad_id, start_step=0, packing=False
 ):
-    """Endless (input_ids, targets) micro-batches of rank dp_rank, grad_accum per optimizer step.
+    """Endless (input_ids, targets, positions) micro-batches of rank dp_rank, grad_accum per
+    optimizer step; packing: several records per row (`epoch_rows`, `collate_rows`).
 
     Starting at start_step yields exactly what an uninterrupted run yields from that step on.
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} is outside 0..{dp_size - 1}")
+    lengths = record_lengths(dataset, packing)
     for step in count(start_step):
-        slots = global_batch_indices(len(dataset), step, micro_batch_size, grad_accum, dp_size, seed)
+        slots = global_batch_rows(len(dataset), step, micro_batch_size, grad_accum, dp_size, seed, lengths, seq_len)
         for micro_step in range(grad_accum):
             yield _micro_batch(dataset, slots[dp_rank * grad_accum + micro_step], seq_len, pad_id)
 
 
-def _micro_batch(dataset, indices, seq_len, pad_id):
-    return collate([dataset[index] for index in indices], seq_len, pad_id)
+def _micro_batch(dataset, rows, seq_len, pad_id):
+    return collate_rows([[dataset[index] for index in row] for row in rows], seq_len, pad_id)

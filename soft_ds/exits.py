@@ -89,27 +89,32 @@ def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tup
 
 def _token_ce_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (N, V)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
     """Token-mean cross-entropy of head(hidden) against next-token `targets` (-100 = not counted).
 
-    hidden (B, T, H), targets (B, T). With chunk_tokens > 0 the logits are computed chunk by chunk
-    under activation checkpointing, so at most one chunk's (chunk, V) logits are alive at a time
-    instead of every exit's (B*T, V) logits until backward; the price is one extra head forward.
-    A micro-batch with no counted token contributes 0.
+    hidden (B, T, H), targets (B, T). Only the counted rows reach the head: an uncounted position
+    (prompt, padding) adds nothing to the loss, so running norm + lm_head on it is wasted work, and
+    at the paper's 512 tokens about 1 row in 8 counts. The gather's backward scatters the rows'
+    gradients back, so every uncounted position gets an exact zero gradient.
+    With chunk_tokens > 0 the logits are computed chunk by chunk (of counted tokens) under
+    activation checkpointing, so at most one chunk's (chunk, V) logits are alive at a time instead
+    of every exit's (counted, V) logits until backward; the price is one extra head forward.
+    A micro-batch with no counted token contributes 0 (and zero gradients).
     """
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    targets = targets.reshape(-1)  # (N,)
-    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    if chunk_tokens <= 0 or not torch.is_grad_enabled():
-        total = sum(_token_ce_sum(head, h, t) for h, t in
-                    zip(hidden.split(chunk_tokens or len(targets)), targets.split(chunk_tokens or len(targets))))
-    else:
-        total = sum(checkpoint(_token_ce_sum, head, h, t, use_reentrant=False)
-                    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
-    return total / count
+    targets = targets.reshape(-1)  # (B*T,)
+    counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) row indices; a host sync on GPU
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted)  # (N, H)
+    targets = targets.index_select(0, counted)  # (N,)
+    chunk = chunk_tokens if chunk_tokens > 0 else max(len(targets), 1)
+    recompute = chunk_tokens > 0 and torch.is_grad_enabled()
+    # An empty batch still runs the head once on its (0, H) rows: the loss stays connected to the
+    # head and hidden, so backward gives them zero gradients rather than none (as the pipeline needs).
+    total = sum(checkpoint(_token_ce_sum, head, h, t, use_reentrant=False) if recompute
+                else _token_ce_sum(head, h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk)))
+    return total / max(len(targets), 1)
 
 
 def soft_loss(exit_losses: dict[int, torch.Tensor], exits) -> torch.Tensor:

@@ -128,12 +128,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None for plain causal attention (one record per row: right padding, so a real
+        token never sees a pad, and pads never reach the loss), or a packed row's (B, 1, T, T)
+        boolean `record_mask`."""
         B, T, _ = x.shape
         q, k, v = self._rotated_qkv(x, cos, sin)
-        # Causal attention with no mask tensor: sequences are right-padded, so a real token never
-        # sees a pad, and pads never reach the loss.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -161,6 +163,21 @@ class Attention(nn.Module):
         return q, k, v
 
 
+def record_mask(positions: torch.Tensor) -> torch.Tensor | None:
+    """Block-diagonal causal attention for packed rows: (B, T) positions, 0 where a record starts
+    -> (B, 1, T, T) bool, True where query i may attend key j (j <= i, same record). None when no
+    row holds a second record, so one record per row keeps SDPA's causal kernel (and its numbers).
+    The tail padding continues the last record's positions: it attends to that record and no
+    counted token attends to it."""
+    starts = positions == 0  # (B, T)
+    if not starts[:, 1:].any():
+        return None
+    record = starts.cumsum(-1)  # (B, T) record number of each token
+    T = positions.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()  # (T, T)
+    return ((record[:, :, None] == record[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
+
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -182,10 +199,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.rotary = Rotary(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) -> (B, T, H), positions 0..T-1."""
-        cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device), x.dtype)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H). positions: None for 0..T-1 (one record per row), or a packed
+        row's (B, T) positions, restarting at 0 where each record starts (`record_mask`)."""
+        if positions is None:
+            cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device), x.dtype)  # (T, d)
+            mask = None
+        else:
+            cos, sin = (t[:, None] for t in self.rotary(positions, x.dtype))  # (B, 1, T, d): per row
+            mask = record_mask(positions)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -309,13 +332,15 @@ class Llama(nn.Module):
         model.load_state_dict(weight_source(names), strict=True)
         return model
 
-    def hidden_states(self, input_ids: torch.Tensor, exit_layers) -> dict[int, torch.Tensor]:
-        """{n: hidden state after layer n} for every n in exit_layers, one pass."""
+    def hidden_states(self, input_ids: torch.Tensor, exit_layers,
+                      positions: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """{n: hidden state after layer n} for every n in exit_layers, one pass; positions: a
+        packed batch's (B, T) (see DecoderLayer.forward)."""
         wanted = set(exit_layers)
         x = self.model.embed_tokens(input_ids)
         out = {}
         for i, layer in enumerate(self.model.layers[:max(wanted)], start=1):
-            x = layer(x)
+            x = layer(x, positions)
             if i in wanted:
                 out[i] = x
         return out

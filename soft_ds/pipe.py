@@ -12,14 +12,17 @@ everything else.
 
 The inter-stage tuple, declared once and asserted by every layer:
 
-    (hidden, running_loss, targets)
+    (hidden, running_loss, targets, positions)
     hidden        (B, T, H) float (bf16 under bf16 training)
     running_loss  ()        fp32: sum over the exits passed so far of w_n / sum(w) * L_n
     targets       (B, T)    int64 next-token targets, -100 where not counted
+    positions     (B, T)    int64 position of each token in its record: 0 where a record starts
+                            (packed rows; 0..T-1 when unpacked), from which every decoder layer
+                            rebuilds its rotary angles and block-diagonal mask (`model.record_mask`)
 
 Floats come first on purpose: DeepSpeed reuses its receive buffers by tuple position and sends
-gradients for float tensors only, so a float after the int64 targets would receive its gradient
-into the targets' buffer (wrong gradients at >= 3 stages). The last stage's loss is the running
+gradients for float tensors only, so a float after the int64 tensors would receive its gradient
+into an int64 tensor's buffer (wrong gradients at >= 3 stages). The last stage's loss is the running
 loss: each exit's loss is added on its own stage, so only hidden states cross stage boundaries.
 """
 
@@ -41,22 +44,23 @@ from soft_ds.partition import plan_stages
 HEAD_KEY = "head"
 
 
-def unpack(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    assert isinstance(inputs, tuple) and len(inputs) == 3, \
-        f"inter-stage tuple must be (hidden, running_loss, targets), got {type(inputs)} of {len(inputs)}"
-    hidden, running_loss, targets = inputs
+def unpack(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    assert isinstance(inputs, tuple) and len(inputs) == 4, \
+        f"inter-stage tuple must be (hidden, running_loss, targets, positions), got {type(inputs)} of {len(inputs)}"
+    hidden, running_loss, targets, positions = inputs
     assert hidden.is_floating_point() and hidden.dim() == 3, f"hidden: {hidden.dtype} {tuple(hidden.shape)}"
     assert running_loss.dtype == torch.float32 and running_loss.dim() == 0, "running_loss: fp32 scalar"
     assert targets.dtype == torch.int64 and targets.shape == hidden.shape[:2], "targets: int64 (B, T)"
-    return hidden, running_loss, targets
+    assert positions.dtype == torch.int64 and positions.shape == hidden.shape[:2], "positions: int64 (B, T)"
+    return hidden, running_loss, targets, positions
 
 
 def embed_forward(module, inputs):
-    """(input_ids, targets) -> (hidden, running_loss = 0, targets), through `module.embed_tokens`
-    (an EmbeddingPipe's own, or a tied model's TiedHead's)."""
-    input_ids, targets = inputs
+    """(input_ids, targets, positions) -> (hidden, running_loss = 0, targets, positions), through
+    `module.embed_tokens` (an EmbeddingPipe's own, or a tied model's TiedHead's)."""
+    input_ids, targets, positions = inputs
     hidden = module.embed_tokens(input_ids)
-    return hidden, torch.zeros((), dtype=torch.float32, device=hidden.device), targets
+    return hidden, torch.zeros((), dtype=torch.float32, device=hidden.device), targets, positions
 
 
 class EmbeddingPipe(nn.Module):
@@ -76,12 +80,12 @@ class DecoderLayerPipe(DecoderLayer):
         self.frozen = frozen
 
     def forward(self, inputs):
-        hidden, running_loss, targets = unpack(inputs)
+        hidden, running_loss, targets, positions = unpack(inputs)
         if self.frozen:
             # Nothing before a frozen layer trains (SFT+ICT freezes the whole base), so no
             # gradient needs to flow back through it; the engine sends zeros upstream instead.
             hidden = hidden.detach()
-        return super().forward(hidden), running_loss, targets
+        return super().forward(hidden, positions), running_loss, targets, positions
 
 
 class ExitLossMeter:
@@ -102,10 +106,10 @@ class ExitLossMeter:
 def exit_forward(head, inputs, *, layer: int, share: float, chunk_tokens: int,
                  meter: ExitLossMeter):
     """Exit after `layer`: add share * L_layer to the running loss, pass the hidden state on."""
-    hidden, running_loss, targets = unpack(inputs)
+    hidden, running_loss, targets, positions = unpack(inputs)
     loss = exit_loss(head, hidden, targets, chunk_tokens)
     meter.add(layer, loss)
-    return hidden, running_loss + share * loss, targets
+    return hidden, running_loss + share * loss, targets, positions
 
 
 class OwnHeadExitPipe(SharedHead):

@@ -83,6 +83,8 @@ def parse_args(argv=None):
     o.add_argument("--seed", type=int, default=None, help="data order and random initialisation")
     o.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute decoder layers in backward")
+    o.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="several records per row, attention confined to each")
     d = p.add_argument_group("overrides of the config file's DeepSpeed numbers")
     d.add_argument("--micro_batch_size", type=int, default=None, help="train_micro_batch_size_per_gpu")
     d.add_argument("--grad_accum", type=int, default=None, help="gradient_accumulation_steps")
@@ -104,9 +106,9 @@ def build_run_config(args) -> run_config.RunConfig:
         train_steps=args.train_steps,
         warmup_steps=args.warmup_steps, val_size=args.val_size, eval_interval=args.eval_interval,
         save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed,
-        activation_checkpointing=args.activation_checkpointing, micro_batch_size=args.micro_batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, gradient_clipping=args.gradient_clipping, bf16=args.bf16,
-        zero_stage=args.zero_stage)
+        activation_checkpointing=args.activation_checkpointing, packing=args.packing,
+        micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        gradient_clipping=args.gradient_clipping, bf16=args.bf16, zero_stage=args.zero_stage)
 
 
 def build_model_source(args, tokenizer_vocab: int, seed: int):
@@ -162,25 +164,29 @@ def validate_and_prepare(args, world_size: int):
                                      f"{model_config.max_position_embeddings}")
     train_set, val_set = soft_data.build_datasets(args.data, tokenizer, soft.seq_len, soft.val_size, soft.seed,
                                                   soft.template)
-    soft_data.global_batch_indices(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed)
-    if soft.val_size and len(val_set) < config.micro_batch_size * soft.eval_batches * dp:
+    soft_data.global_batch_rows(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed,
+                                soft_data.record_lengths(train_set, soft.packing), soft.seq_len)
+    val_rows = len(soft_data.epoch_rows(len(val_set), soft.seed, 0, soft_data.record_lengths(val_set, soft.packing),
+                                        soft.seq_len)) if len(val_set) else 0
+    if soft.val_size and val_rows < config.micro_batch_size * soft.eval_batches * dp:
         raise run_config.ConfigError(
-            f"the validation split has {len(val_set)} usable records (val_size {soft.val_size}, after dropping "
-            f"records whose prompt fills seq_len {soft.seq_len}), fewer than one validation pass needs: micro batch "
-            f"{config.micro_batch_size} x eval_batches {soft.eval_batches} x data parallel {dp}; raise val_size "
-            f"or seq_len, lower eval_batches, or set val_size to 0")
+            f"the validation split has {val_rows} usable rows (val_size {soft.val_size}, after dropping records "
+            f"whose prompt fills seq_len {soft.seq_len}; packing {soft.packing}), fewer than one validation pass "
+            f"needs: micro batch {config.micro_batch_size} x eval_batches {soft.eval_batches} x data parallel {dp}; "
+            f"raise val_size or seq_len, lower eval_batches, or set val_size to 0")
     checkpoint.check_resume(args.output_dir, args.resume, checkpoint.run_shape(exits, soft.pipeline_stages, dp))
     return config, tokenizer, model_config, weight_source, exits, stages, train_set, val_set
 
 
 def data_iterator(dataset, config, engine, pad_id, start_step, eval_batches=None):
-    """Micro-batches in the engine's format ((input_ids, targets), targets) for this DP rank."""
+    """Micro-batches in the engine's format ((input_ids, targets, positions), targets) for this DP
+    rank, packed when soft.packing (training and validation alike)."""
     soft = config.soft
     batches = soft_data.batch_iterator(
         dataset, config.micro_batch_size, eval_batches or config.grad_accum,
         engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size(), soft.seed,
-        soft.seq_len, pad_id, start_step=start_step)
-    return (((ids, targets), targets) for ids, targets in batches)
+        soft.seq_len, pad_id, start_step=start_step, packing=soft.packing)
+    return (((ids, targets, positions), targets) for ids, targets, positions in batches)
 
 
 def validate(engine, module, val_set, config, pad_id):

@@ -18,15 +18,29 @@ def tiny_config(tied=False):
     return preset_config("debug", tie_word_embeddings=tied)
 
 
-def make_batches(step: int, count: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` micro-batches (input_ids, targets) for one step; targets masked like real data:
-    a prompt part and right padding at -100, and one micro-batch with nothing counted at step 1."""
+def make_batches(step: int, count: int, vocab: int, packed: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """`count` micro-batches (input_ids, targets, positions) for one step; targets masked like real
+    data: a prompt part and right padding at -100, and one micro-batch with nothing counted at
+    step 1. packed: each row holds records of 2..7 tokens back to back, positions restarting at
+    each, each record with its own prompt part and its last target at -100 (as data.collate_rows)."""
     g = torch.Generator().manual_seed(1000 + step)
     batches = []
     for m in range(count):
         ids = torch.randint(0, vocab, (MICRO_BATCH, SEQ_LEN), generator=g)
         targets = torch.randint(0, vocab, (MICRO_BATCH, SEQ_LEN), generator=g)
+        positions = torch.arange(SEQ_LEN).repeat(MICRO_BATCH, 1)  # (B, T)
         for b in range(MICRO_BATCH):
+            if packed:
+                start = 0
+                while start < SEQ_LEN - 2:
+                    length = min(int(torch.randint(2, 8, (1,), generator=g)), SEQ_LEN - start)
+                    prompt = int(torch.randint(1, length, (1,), generator=g))
+                    targets[b, start:start + prompt] = IGNORE_INDEX
+                    targets[b, start + length - 1] = IGNORE_INDEX
+                    positions[b, start:] -= positions[b, start].clone()
+                    start += length
+                targets[b, start:] = IGNORE_INDEX  # padding
+                continue
             prompt = int(torch.randint(1, SEQ_LEN // 2, (1,), generator=g))
             pad = int(torch.randint(0, SEQ_LEN // 3, (1,), generator=g))
             targets[b, :prompt] = IGNORE_INDEX
@@ -34,11 +48,11 @@ def make_batches(step: int, count: int, vocab: int) -> list[tuple[torch.Tensor, 
                 targets[b, -pad:] = IGNORE_INDEX
         if step == 1 and m == count - 1:
             targets[:] = IGNORE_INDEX
-        batches.append((ids, targets))
+        batches.append((ids, targets, positions))
     return batches
 
 
-def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0, tied=False):
+def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0, tied=False, packed=False):
     """Plain PyTorch: the same SoFT loss (mean over all micro-batches of the step), SGD(lr),
     optional clipping. Returns per-step losses, per-step exit losses, per-step parameters (a tied
     model's one embedding/head matrix as model.embed_tokens.weight: its gradient sums both uses)."""
@@ -48,11 +62,11 @@ def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0, tied=False
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses, exit_history, params = [], [], []
     for step in range(steps):
-        batches = make_batches(step, gas * dp, config.vocab_size)
+        batches = make_batches(step, gas * dp, config.vocab_size, packed)
         optimizer.zero_grad()
         total, per_exit = 0.0, {e.layer: 0.0 for e in exits}
-        for ids, targets in batches:
-            hidden = model.hidden_states(ids, [e.layer for e in exits])
+        for ids, targets, positions in batches:
+            hidden = model.hidden_states(ids, [e.layer for e in exits], positions)
             exit_losses = {n: exit_loss(model.head, h, targets, chunk_tokens) for n, h in hidden.items()}
             loss = soft_loss(exit_losses, exits) / len(batches)
             loss.backward()
@@ -81,6 +95,7 @@ def main():
     parser.add_argument("--act-ckpt", action="store_true")
     parser.add_argument("--chunk-tokens", type=int, default=0)
     parser.add_argument("--tied", action="store_true", help="tie the embedding to the lm_head")
+    parser.add_argument("--packed", action="store_true", help="several records per row")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
@@ -106,9 +121,9 @@ def main():
     dp_rank = engine.grid.get_data_parallel_rank()
     result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": []}
     for step in range(args.steps):
-        batches = make_batches(step, args.gas * dp, config.vocab_size)
+        batches = make_batches(step, args.gas * dp, config.vocab_size, args.packed)
         mine = batches[dp_rank * args.gas:(dp_rank + 1) * args.gas]
-        loss = engine.train_batch(iter([((ids, t), t) for ids, t in mine]))
+        loss = engine.train_batch(iter([((ids, t, positions), t) for ids, t, positions in mine]))
         result["losses"].append(float(loss))
         result["exit_losses"].append(module.reduce_exit_losses())
         result["params"].append({k: v.detach().clone() for k, v in module.local_hf_parameters().items()})

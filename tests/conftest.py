@@ -72,20 +72,21 @@ def logged_steps(run_dir, tag="train/loss") -> list[int]:
 
 
 def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_size, micro_batch, grad_accum,
-                           data_parallel, seed, template="alpaca") -> dict[int, float]:
+                           data_parallel, seed, template="alpaca", packing=True) -> dict[int, float]:
     """{exit layer: loss} of a run's first step, computed in one process: the mean exit loss over
-    every micro-batch that all data-parallel ranks together train on at step 0 (`global_batch`),
-    which is what train.py logs after averaging over replicas."""
+    every micro-batch that all data-parallel ranks together train on at step 0 (`global_batch`,
+    packed as the run's soft.packing, the default on), which is what train.py logs after averaging
+    over replicas."""
     from soft_ds.data import build_datasets, global_batch
     from soft_ds.exits import exit_loss
 
     train_set, _ = build_datasets(str(data), tokenizer, seq_len, val_size, seed, template)
     batches = global_batch(train_set, 0, micro_batch, grad_accum, data_parallel, seed, seq_len,
-                           tokenizer.pad_token_id)
+                           tokenizer.pad_token_id, packing)
     with torch.no_grad():
         totals = {layer: 0.0 for layer in exit_layers}
-        for ids, targets in batches:
-            hidden = model.hidden_states(ids, exit_layers)
+        for ids, targets, positions in batches:
+            hidden = model.hidden_states(ids, exit_layers, positions)
             for layer in exit_layers:
                 totals[layer] += exit_loss(model.head, hidden[layer], targets).item() / len(batches)
     return totals

@@ -4,6 +4,7 @@ import json
 import logging
 from pathlib import Path
 
+import datasets
 import pytest
 import sentencepiece as spm
 import torch
@@ -17,10 +18,12 @@ from soft_ds.data import (
     batch_iterator,
     build_datasets,
     collate,
+    collate_rows,
+    epoch_rows,
     encode_prompt,
     format_prompt,
     global_batch,
-    global_batch_indices,
+    global_batch_rows,
     load_instructions,
     load_records,
     check_template,
@@ -426,8 +429,7 @@ def toy_dataset(size):
 
 
 def example_ids(micro_batch):
-    input_ids, _ = micro_batch
-    return input_ids[:, 0].tolist()
+    return micro_batch[0][:, 0].tolist()  # input_ids (B, T)
 
 
 def test_ranks_split_the_global_batch_disjointly():
@@ -455,9 +457,8 @@ def test_iterator_yields_this_ranks_slice_of_the_global_batch():
         for step in range(8):  # past the 2-step epoch, so several reshuffles
             reference = global_batch(dataset, step, mbs, accum, dp, seed, seq_len=1, pad_id=0)
             for micro_step in range(accum):
-                input_ids, targets = next(iterator)
-                expected_ids, expected_targets = reference[rank * accum + micro_step]
-                assert torch.equal(input_ids, expected_ids) and torch.equal(targets, expected_targets)
+                batch, expected = next(iterator), reference[rank * accum + micro_step]
+                assert len(batch) == 3 and all(torch.equal(a, b) for a, b in zip(batch, expected))
 
 
 def test_start_step_resumes_the_uninterrupted_order():
@@ -470,16 +471,72 @@ def test_start_step_resumes_the_uninterrupted_order():
 
 def test_epochs_reshuffle_and_drop_the_remainder():
     size, mbs, accum, dp, seed = 26, 2, 2, 2, 5  # global batch 8: 3 steps an epoch, 2 left over
-    steps = [global_batch_indices(size, step, mbs, accum, dp, seed) for step in range(6)]
+    steps = [global_batch_rows(size, step, mbs, accum, dp, seed) for step in range(6)]
     epochs = [
-        [index for step in steps[3 * e:3 * e + 3] for micro in step for index in micro] for e in range(2)
+        [index for step in steps[3 * e:3 * e + 3] for micro in step for row in micro for index in row]
+        for e in range(2)
     ]
     for epoch, taken in enumerate(epochs):
         permutation = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         assert taken == permutation[:24]  # the last 2 examples of the permutation are skipped
     assert epochs[0] != epochs[1]
     with pytest.raises(DataError, match="26 training examples cannot fill one global batch of 32"):
-        global_batch_indices(size, 0, 4, 4, 2, seed)
+        global_batch_rows(size, 0, 4, 4, 2, seed)
+
+
+def sized_dataset(lengths):
+    # Example i is i repeated lengths[i] times, its last target ignored (as tokenize_record's).
+    return datasets.Dataset.from_list([{"input_ids": [i] * n, "targets": [i] * (n - 1) + [IGNORE_INDEX]}
+                                       for i, n in enumerate(lengths)])
+
+
+def test_collate_rows_packs_records_with_restarting_positions():
+    rows = [[{"input_ids": [1, 5, 2], "targets": [-100, 2, -100]}, {"input_ids": [1, 7], "targets": [7, -100]}],
+            [{"input_ids": [1, 8, 9, 2], "targets": [-100, 9, 2, -100]}]]
+    input_ids, targets, positions = collate_rows(rows, seq_len=7, pad_id=0)
+    assert input_ids.tolist() == [[1, 5, 2, 1, 7, 0, 0], [1, 8, 9, 2, 0, 0, 0]]
+    assert targets.tolist() == [[-100, 2, -100, 7, -100, -100, -100], [-100, 9, 2, -100, -100, -100, -100]]
+    # Each record counts from 0; the padding continues the last record.
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]]
+    with pytest.raises(ValueError, match="example 0 has 8 tokens, more than seq_len=7"):
+        collate_rows([rows[0] + [{"input_ids": [1] * 3, "targets": [1] * 3}]], 7, 0)
+
+
+def test_packed_rows_fill_seq_len_in_the_epoch_order():
+    generator = torch.Generator().manual_seed(0)
+    lengths = tuple(torch.randint(1, 9, (60,), generator=generator).tolist())
+    rows = epoch_rows(60, 3, 0, lengths, 10)
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(3)).tolist()
+    assert [index for row in rows for index in row] == order  # every record once, in the epoch's order
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    # Next fit: a row closes only when its next record would not fit.
+    assert all(sum(lengths[i] for i in row) + lengths[after[0]] > 10 for row, after in zip(rows, rows[1:]))
+    assert len(rows) < 60 and epoch_rows(60, 3, 1, lengths, 10) != rows
+    assert epoch_rows(60, 3, 0, None) == tuple((index,) for index in order)
+
+
+def test_packed_batches_resume_identically_and_cover_each_epoch():
+    generator = torch.Generator().manual_seed(1)
+    dataset = sized_dataset(torch.randint(2, 7, (70,), generator=generator).tolist())
+    mbs, accum, dp, seed, seq_len = 2, 2, 2, 5, 12
+    uninterrupted = batch_iterator(dataset, mbs, accum, 1, dp, seed, seq_len, pad_id=0, packing=True)
+    batches = [next(uninterrupted) for _ in range(12 * accum)]
+    resumed = batch_iterator(dataset, mbs, accum, 1, dp, seed, seq_len, pad_id=0, start_step=7, packing=True)
+    for expected in batches[7 * accum:]:
+        assert all(torch.equal(a, b) for a, b in zip(next(resumed), expected))
+    input_ids, targets, positions = batches[0]
+    assert (positions[:, 1:] == 0).any()  # some row holds several records
+    # Each record i sits whole in one row, with positions 0..n-1 and its own targets.
+    for row_ids, row_targets, row_positions in zip(input_ids, targets, positions):
+        starts = (row_positions == 0).nonzero().flatten().tolist()
+        for start, end in zip(starts, starts[1:] + [None]):
+            record = dataset[int(row_ids[start])]
+            n = len(record["input_ids"])
+            assert row_ids[start:start + n].tolist() == record["input_ids"]
+            assert row_targets[start:start + n].tolist() == record["targets"]
+            assert row_positions[start:start + n].tolist() == list(range(n))
+    with pytest.raises(DataError, match="70 training examples packed into .* rows of 12 tokens cannot fill"):
+        global_batch_rows(70, 0, 8, 8, 2, seed, [len(e["input_ids"]) for e in dataset], seq_len)
 
 
 def test_bundled_data_end_to_end(tokenizer):
@@ -491,8 +548,8 @@ def test_bundled_data_end_to_end(tokenizer):
         assert len(ids) == len(targets) <= 256 and ids[0] == tokenizer.bos_token_id
         assert all(t in (IGNORE_INDEX, ids[i + 1]) for i, t in enumerate(targets[:-1]))
         assert targets[-1] == IGNORE_INDEX and any(t != IGNORE_INDEX for t in targets)
-    input_ids, targets = next(batch_iterator(train, 4, 2, 0, 2, 0, 256, tokenizer.pad_token_id))
-    assert input_ids.shape == targets.shape == (4, 256)
+    input_ids, targets, positions = next(batch_iterator(train, 4, 2, 0, 2, 0, 256, tokenizer.pad_token_id))
+    assert input_ids.shape == targets.shape == (4, 256) and torch.equal(positions, torch.arange(256).expand(4, 256))
 
 
 def test_load_instructions(tmp_path, caplog):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from soft_ds.exits import IGNORE_INDEX, PAPER_EXITS_40, Exit, default_exit_layers, exit_loss, make_exits, soft_loss
 from soft_ds.model import SharedHead, preset_config
@@ -100,6 +101,54 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(chunk_tokens):
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
         assert grad.abs().max().item() == 0.0, name
+
+
+class RowRecordingHead(nn.Module):
+    """The shared head, recording the rows each call computes (to show which positions it sees)."""
+
+    def __init__(self, head: SharedHead):
+        super().__init__()
+        self.head = head
+        self.rows: list[torch.Tensor] = []
+
+    def forward(self, hidden):
+        self.rows.append(hidden.detach().clone())  # (N, H)
+        return self.head(hidden)
+
+
+PROMPT_AND_PADDING = tuple((b, t) for b in range(B) for t in range(T) if t < 3 or (b, t) == (1, 6))
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 3, 1000])
+@pytest.mark.parametrize("masked", [PROMPT_AND_PADDING, "all"])
+def test_head_sees_only_counted_rows(chunk_tokens, masked):
+    """The head runs on exactly the counted rows, in order, and the loss and gradients equal the
+    whole-batch cross-entropy over every position (all counted rows ignored: 0 and zero gradients)."""
+    head = make_head()
+    hidden, targets = make_batch(head, masked=PROMPT_AND_PADDING)
+    if masked == "all":
+        targets.fill_(IGNORE_INDEX)
+    counted = targets != IGNORE_INDEX  # (B, T)
+    recording = RowRecordingHead(head)
+    hidden_in = hidden.clone().requires_grad_(True)
+    loss = exit_loss(recording, hidden_in, targets, chunk_tokens=chunk_tokens)
+    seen = torch.cat(recording.rows)  # the forward's calls only: backward's recompute comes later
+    assert seen.shape[0] == counted.sum() == (0 if masked == "all" else B * T - 7)
+    assert torch.equal(seen, hidden[counted])
+    if chunk_tokens:
+        assert all(len(rows) <= chunk_tokens for rows in recording.rows)
+    loss.backward()
+    grads = {"hidden": hidden_in.grad, **{name: p.grad for name, p in head.named_parameters()}}
+    if masked == "all":
+        assert loss.item() == 0.0
+        assert all(grad.abs().max().item() == 0.0 for grad in grads.values())
+        return
+    reference, reference_grads = loss_and_grads(head, hidden, targets)  # every position through the head
+    assert abs(loss.item() - reference.item()) <= 1e-6
+    for name, expected in reference_grads.items():
+        assert expected.abs().max() > 0, name
+        assert (grads[name] - expected).abs().max().item() <= 1e-6, name
+    assert grads["hidden"][~counted].abs().max().item() == 0.0
 
 
 def test_soft_loss_weighted_mean():

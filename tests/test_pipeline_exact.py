@@ -4,7 +4,8 @@ Each case launches the real `deepspeed` launcher on CPU ranks (gloo), trains two
 SGD(lr=1) (so a parameter update *is* the gradient) and compares, for every parameter on every
 rank, against a plain single-process PyTorch computation of the same loss on the same weights and
 batches. Four stages catch the inter-stage tuple-order bug (a float after the int64 targets
-receives its gradient into the wrong buffer).
+receives its gradient into the wrong buffer). The packed cases carry several records per row
+(positions restarting at each record, attention confined to it) through the same tuple.
 
 The tied cases tie the embedding to the lm_head: one matrix whose gradient is the embedding's plus
 every exit's, summed over stage 0 and the stages with exits. tied_pp2_dp2_clip's stage 0 holds the
@@ -35,6 +36,13 @@ CASES = {
                           dict(mode="soft", gas=2, dp=2, clip=0.5, tied=True)),
     "tied_pp4_sft_zero0_clip": (4, ["--pp", 4, "--gas", 3, "--zero", 0, "--clip", 0.5, "--mode", "sft", "--tied"],
                                 dict(mode="sft", gas=3, dp=1, clip=0.5, tied=True)),
+    # Packed rows (positions and record mask through the tuple, after the floats), 4 stages.
+    "packed_pp4_clip": (4, ["--pp", 4, "--gas", 3, "--clip", 0.5, "--packed"],
+                        dict(mode="soft", gas=3, dp=1, clip=0.5, packed=True)),
+    "packed_tied_pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--act-ckpt", "--chunk-tokens", 7, "--tied",
+                                                "--packed"],
+                                            dict(mode="soft", gas=2, dp=2, clip=0.0, chunk_tokens=7, tied=True,
+                                                 packed=True)),
 }
 STEPS = 2
 

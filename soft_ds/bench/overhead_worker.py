@@ -53,7 +53,7 @@ def ds_config(args, data_parallel: int, bucket_elements: int) -> dict:
     }
 
 
-def make_batches(args) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def make_batches(args) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """One step's micro-batches, every token counted; reused for every step (values do not change
     the cost)."""
     g = torch.Generator().manual_seed(SEED)
@@ -61,7 +61,8 @@ def make_batches(args) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Te
     for _ in range(args.grad_accum):
         ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
         targets = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
-        batches.append(((ids, targets), targets))
+        positions = torch.arange(args.seq_len).repeat(args.micro_batch, 1)  # (B, T): one record per row
+        batches.append(((ids, targets, positions), targets))
     return batches
 
 
