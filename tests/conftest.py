@@ -72,14 +72,16 @@ def logged_steps(run_dir, tag="train/loss") -> list[int]:
 
 
 def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_size, micro_batch, grad_accum,
-                           data_parallel, seed, template="alpaca", packing=True) -> dict[int, float]:
+                           data_parallel, seed, template="alpaca", packing=None) -> dict[int, float]:
     """{exit layer: loss} of a run's first step, computed in one process: the mean exit loss over
     every micro-batch that all data-parallel ranks together train on at step 0 (`global_batch`,
-    packed as the run's soft.packing, the default on), which is what train.py logs after averaging
+    packed as the run's soft.packing; None: its default), which is what train.py logs after averaging
     over replicas."""
+    from soft_ds.config import SoftOptions
     from soft_ds.data import build_datasets, global_batch
     from soft_ds.exits import exit_loss
 
+    packing = SoftOptions().packing if packing is None else packing
     train_set, _ = build_datasets(str(data), tokenizer, seq_len, val_size, seed, template)
     batches = global_batch(train_set, 0, micro_batch, grad_accum, data_parallel, seed, seq_len,
                            tokenizer.pad_token_id, packing)
@@ -92,7 +94,8 @@ def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_siz
     return totals
 
 
-def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch, grad_accum, data_parallel):
+def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch, grad_accum, data_parallel,
+                               packing=None):
     """A train.py run of the `debug` preset on the bundled data logged, at step 1, each exit's loss
     and their mean (uniform weights) as one process computes them on the same weights and batch."""
     from soft_ds.data import load_tokenizer
@@ -102,7 +105,7 @@ def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch,
     config = preset_config("debug", vocab_size=len(tokenizer))
     expected = first_step_exit_losses(Llama.from_weights(config, random_weights(config, seed)), exit_layers,
                                       tokenizer, os.path.join(REPO, "data", "alpaca_5000.json"), seq_len, 0,
-                                      micro_batch, grad_accum, data_parallel, seed)
+                                      micro_batch, grad_accum, data_parallel, seed, packing=packing)
     logged = scalars(run_dir)
     for layer in exit_layers:
         assert logged[f"train/exit_{layer}/loss"][1] == pytest.approx(expected[layer], abs=1e-5), layer

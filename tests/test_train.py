@@ -292,3 +292,21 @@ def test_tied_model_trains_resumes_and_exports(tmp_path, capsys):
     with torch.no_grad():
         assert (full(ids, exit_layer=2) - sub(ids).logits).abs().max() <= 1e-5
         assert not torch.equal(full.model.embed_tokens.weight, model.model.embed_tokens.weight)  # it trained
+
+
+def test_packed_run_logs_the_first_step_one_process_computes_on_packed_rows(tmp_path):
+    """--packing end to end (one process, no launcher): the step-1 exit losses are those of the
+    packed global batch, and they differ from the padded run's (the rows really were packed)."""
+    from conftest import check_debug_run_first_step
+    args = ["--ds_config", "ds_configs/tiny_pp2.json", "--pipeline_stages", 1, "--model", "debug", "--exits",
+            "2,4,6,8", "--seq_len", 512, "--micro_batch_size", 2, "--grad_accum", 2, "--train_steps", 1,
+            "--warmup_steps", 0, "--val_size", 0, "--log_interval", 1, "--seed", 5]
+    for packing in ("--packing", "--no-packing"):
+        result = subprocess.run([sys.executable, "soft_ds/train.py", *map(str, args), packing, "--output_dir",
+                                 str(tmp_path / packing)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    check_debug_run_first_step(tmp_path / "--packing", [2, 4, 6, 8], 5, 512, 2, 2, 1, packing=True)
+    check_debug_run_first_step(tmp_path / "--no-packing", [2, 4, 6, 8], 5, 512, 2, 2, 1, packing=False)
+    packed, padded = (scalars(tmp_path / flag)["train/loss"][1] for flag in ("--packing", "--no-packing"))
+    assert abs(packed - padded) > 1e-4  # 10x the tolerance above: the two checks tell them apart
