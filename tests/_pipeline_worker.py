@@ -3,6 +3,7 @@ from tests/test_pipeline_exact.py) and saves, per rank, its parameters after eve
 losses. Also the single-process reference the test compares against (`reference_run`)."""
 
 import argparse
+import json
 import os
 
 import torch
@@ -83,27 +84,26 @@ def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0, tied=False
     return losses, exit_history, params
 
 
-def main():
+def parse_case(argv):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
     parser.add_argument("--pp", type=int, required=True)
     parser.add_argument("--gas", type=int, default=2)
     parser.add_argument("--zero", type=int, default=1)
     parser.add_argument("--clip", type=float, default=0.0)
     parser.add_argument("--mode", default="soft")
-    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--act-ckpt", action="store_true")
     parser.add_argument("--chunk-tokens", type=int, default=0)
     parser.add_argument("--tied", action="store_true", help="tie the embedding to the lm_head")
     parser.add_argument("--packed", action="store_true", help="several records per row")
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args([str(a) for a in argv])
 
-    from soft_ds.distributed import init_distributed
+
+def run_case(args, steps: int) -> dict:
+    """One case on this rank: build the pipeline and engine, train `steps` steps, return what the
+    test compares (this rank's stage, losses and parameters after every step)."""
     from soft_ds.pipe import build_engine, build_pipeline
 
-    init_distributed("gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    world = torch.distributed.get_world_size()
     dp = world // args.pp
     config = tiny_config(args.tied)
     exits = make_exits(None, config.num_hidden_layers, mode=args.mode)
@@ -120,14 +120,39 @@ def main():
     engine = build_engine(module, ds_config, optimizer)
     dp_rank = engine.grid.get_data_parallel_rank()
     result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": []}
-    for step in range(args.steps):
+    for step in range(steps):
         batches = make_batches(step, args.gas * dp, config.vocab_size, args.packed)
         mine = batches[dp_rank * args.gas:(dp_rank + 1) * args.gas]
         loss = engine.train_batch(iter([((ids, t, positions), t) for ids, t, positions in mine]))
         result["losses"].append(float(loss))
         result["exit_losses"].append(module.reduce_exit_losses())
         result["params"].append({k: v.detach().clone() for k, v in module.local_hf_parameters().items()})
-    torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+    engine.destroy()
+    return result
+
+
+def main():
+    """Every case of one launch, in turn, in the same processes: a launch costs each rank its
+    imports and process-group start (seconds each on a small machine), so the test groups the cases
+    by process count and launches once per count."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", required=True, help="JSON file: {case name: [worker arguments]}")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+
+    from soft_ds.distributed import init_distributed
+
+    init_distributed("gloo")
+    rank = torch.distributed.get_rank()
+    with open(args.cases) as f:
+        cases = json.load(f)
+    for name, case_args in cases.items():
+        result = run_case(parse_case(case_args), args.steps)
+        os.makedirs(os.path.join(args.out, name), exist_ok=True)
+        torch.save(result, os.path.join(args.out, name, f"rank{rank}.pt"))
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":

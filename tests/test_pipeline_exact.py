@@ -14,6 +14,7 @@ embedding and exits 2 and 4; tied_pp4_sft_zero0_clip's stage 0 holds no exit (th
 """
 
 import glob
+import json
 import os
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 from conftest import deepspeed_launch
 from _pipeline_worker import reference_run
 
-TOL = 1e-6
+TOL = 1e-6  # absolute for losses; relative to the parameter's largest entry (at least 1) for parameters
 CASES = {
     # name: (processes, worker args, reference args)
     "pp1": (1, ["--pp", 1, "--gas", 2], dict(mode="soft", gas=2, dp=1, clip=0.0)),
@@ -47,12 +48,24 @@ CASES = {
 STEPS = 2
 
 
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """One `deepspeed` launch per process count runs all of that count's cases in turn: {case: folder}."""
+    out = tmp_path_factory.mktemp("pipeline")
+    folders = {}
+    for procs in sorted({procs for procs, _, _ in CASES.values()}):
+        group = {name: worker_args for name, (n, worker_args, _) in CASES.items() if n == procs}
+        cases_file = out / f"cases_{procs}.json"
+        cases_file.write_text(json.dumps({name: list(map(str, a)) for name, a in group.items()}))
+        deepspeed_launch(procs, "tests/_pipeline_worker.py", "--out", out, "--steps", STEPS, "--cases", cases_file)
+        folders.update({name: out / name for name in group})
+    return folders
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    procs, worker_args, ref_args = CASES[request.param]
-    out = tmp_path_factory.mktemp(request.param)
-    deepspeed_launch(procs, "tests/_pipeline_worker.py", "--out", out, "--steps", STEPS, *worker_args)
-    ranks = [torch.load(f) for f in sorted(glob.glob(os.path.join(out, "rank*.pt")))]
+def case(request, launches):
+    procs, _, ref_args = CASES[request.param]
+    ranks = [torch.load(f) for f in sorted(glob.glob(os.path.join(launches[request.param], "rank*.pt")))]
     assert len(ranks) == procs
     return ranks, reference_run(steps=STEPS, **ref_args), ref_args
 
@@ -72,8 +85,12 @@ def test_every_parameter_update_matches_reference(case):
         assert rank["params"][0], "a stage without parameters"
         for step in range(STEPS):
             for name, value in rank["params"][step].items():
-                diff = (value - params[step][name]).abs().max().item()
-                assert diff <= TOL, f"stage {rank['stage']} dp {rank['dp_rank']} step {step} {name}: {diff}"
+                ref = params[step][name]
+                diff = (value - ref).abs().max().item()
+                # lr 1.0 moves entries to several units; a summed tied gradient's fp32 rounding then
+                # shows in the sixth digit of the entry, not of 1 (seen: 2.7e-6 on the embedding)
+                scale = max(1.0, ref.abs().max().item())
+                assert diff <= TOL * scale, f"stage {rank['stage']} dp {rank['dp_rank']} step {step} {name}: {diff}"
     # The whole model is covered once the stages are put together.
     covered = set().union(*(r["params"][0] for r in ranks))
     assert covered == set(params[0])
