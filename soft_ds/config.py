@@ -46,10 +46,10 @@ class SoftOptions:
     mode: str = "soft"  # "soft": loss at every exit; "sft": the last layer only; "ict": SFT+ICT heads
     exits: list | None = None  # exit layers (1-based depth); default: paper's B for 40 layers
     exit_weights: list | None = None  # per-exit loss weights; default uniform (the paper)
-    seq_len: int = 512  # every sequence is padded/truncated to this (fixed pipeline buffer shapes)
-    # several records per row, attention confined to each (exact: same per-record loss). Off by default
-    # until the demo, the shipped configs and the README's measured figures move to packed rows.
-    packing: bool = False
+    seq_len: int = 512  # tokens per row (fixed pipeline buffer shapes): records are packed into rows, or padded
+    # several records per row, attention confined to each: every record gets the loss it gets alone
+    # (tests/test_packing.py), so it is on wherever a run has more than one record to put in a row
+    packing: bool = True
     train_steps: int = 100  # optimizer steps
     warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0

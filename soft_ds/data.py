@@ -554,6 +554,21 @@ def record_lengths(dataset, packing):
     return tuple(len(ids) for ids in dataset["input_ids"]) if packing else None
 
 
+def step_tokens(lengths, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, packing=False) -> int:
+    """Real (non-pad) tokens in optimizer step `step`'s global batch, the records' token counts given:
+    what a step's throughput counts."""
+    slots = global_batch_rows(len(lengths), step, micro_batch_size, grad_accum, dp_size, seed,
+                              lengths if packing else None, seq_len)
+    return sum(lengths[index] for rows in slots for row in rows for index in row)
+
+
+def row_fill(dataset, seed, seq_len, packing=False) -> tuple[int, float]:
+    """(rows, share of their positions holding real tokens) of epoch 0: how much of a step is padding."""
+    lengths = tuple(len(ids) for ids in dataset["input_ids"])
+    rows = epoch_rows(len(dataset), seed, 0, lengths if packing else None, seq_len)
+    return len(rows), sum(lengths) / max(1, len(rows) * seq_len)
+
+
 def global_batch(dataset, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, pad_id, packing=False):
     """All micro-batches of step `step` across ranks, rank-major, as (input_ids, targets, positions).
 

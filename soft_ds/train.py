@@ -249,6 +249,9 @@ def run(argv, stop: preemption.StopRequest):
                  f"{config.train_batch_size(world_size)} | {len(train_set)} train / {len(val_set)} val records")
     monitor.info(f"  {place.launcher}, world size {world_size} | torch {torch.__version__}, deepspeed "
                  f"{deepspeed.__version__}, transformers {transformers.__version__}")
+    rows, fill = soft_data.row_fill(train_set, soft.seed, soft.seq_len, soft.packing)
+    monitor.info(f"  {'packed' if soft.packing else 'padded'} rows of {soft.seq_len} tokens: {len(train_set)} train "
+                 f"records in {rows} rows per epoch, {fill:.0%} of their positions real tokens")
     for i, stage in enumerate(stages):
         monitor.info(f"  stage {i}: layers {stage.first_layer}-{stage.last_layer}, exits {list(stage.exits)}")
     monitor.info(f"  stage balance (slowest / mean cost): {balance_ratio(stages):.3f}")
@@ -272,7 +275,8 @@ def run(argv, stop: preemption.StopRequest):
     monitor.start(step)
 
     train_iter = data_iterator(train_set, config, engine, tokenizer.pad_token_id, start_step=step)
-    tokens_per_step = config.train_batch_size(world_size) * soft.seq_len
+    dp = config.data_parallel_size(world_size)
+    lengths = soft_data.record_lengths(train_set, packing=True)
     last_step = args.stop_at_step or soft.train_steps
     train_exits, val_exits = {}, {}
     while step < last_step:
@@ -283,11 +287,14 @@ def run(argv, stop: preemption.StopRequest):
         train_exits = module.reduce_exit_losses()
         if step % soft.log_interval == 0 or step == last_step:
             elapsed = time.time() - started
+            # real tokens (padding excluded), so packed and padded runs compare
+            tokens_per_s = soft_data.step_tokens(lengths, step - 1, config.micro_batch_size, config.grad_accum, dp,
+                                                 soft.seed, soft.seq_len, soft.packing) / elapsed
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
             monitor.scalars("train", step, loss, train_exits, lr=lr, grad_norm=grad_norm,
-                            tokens_per_s=tokens_per_step / elapsed)
-            monitor.progress(step, loss, train_exits, lr, grad_norm, tokens_per_step / elapsed)
+                            tokens_per_s=tokens_per_s)
+            monitor.progress(step, loss, train_exits, lr, grad_norm, tokens_per_s)
         final = step == soft.train_steps
         if soft.val_size and ((soft.eval_interval and step % soft.eval_interval == 0) or final):
             val_exits = validate(engine, module, val_set, config, tokenizer.pad_token_id)

@@ -24,6 +24,8 @@ from soft_ds.data import (
     format_prompt,
     global_batch,
     global_batch_rows,
+    row_fill,
+    step_tokens,
     load_instructions,
     load_records,
     check_template,
@@ -513,6 +515,22 @@ def test_packed_rows_fill_seq_len_in_the_epoch_order():
     assert all(sum(lengths[i] for i in row) + lengths[after[0]] > 10 for row, after in zip(rows, rows[1:]))
     assert len(rows) < 60 and epoch_rows(60, 3, 1, lengths, 10) != rows
     assert epoch_rows(60, 3, 0, None) == tuple((index,) for index in order)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_step_tokens_count_the_real_tokens_of_the_steps_batches(packing):
+    generator = torch.Generator().manual_seed(2)
+    lengths = torch.randint(2, 9, (50,), generator=generator).tolist()
+    dataset = sized_dataset(lengths)
+    mbs, accum, dp, seed, seq_len = 2, 2, 2, 4, 16
+    for step in (0, 3):  # step 3 is in the second epoch
+        batches = global_batch(dataset, step, mbs, accum, dp, seed, seq_len, pad_id=-1, packing=packing)
+        real = sum(int((ids != -1).sum()) for ids, _, _ in batches)
+        assert step_tokens(tuple(lengths), step, mbs, accum, dp, seed, seq_len, packing) == real
+    rows, fill = row_fill(dataset, seed, seq_len, packing)
+    assert rows == len(epoch_rows(50, seed, 0, tuple(lengths) if packing else None, seq_len))
+    assert fill == pytest.approx(sum(lengths) / (rows * seq_len))
+    assert (rows < 50) == packing
 
 
 def test_packed_batches_resume_identically_and_cover_each_epoch():
