@@ -12,7 +12,11 @@ baseline instead gives exit n a head of its own (`Llama.exit_heads`, trained on 
 the last layer keeps the model's head.
 """
 
+import functools
+import importlib.util
+import os
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -131,12 +135,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask: None for plain causal attention (one record per row: right padding, so a real
-        token never sees a pad, and pads never reach the loss), or a packed row's (B, 1, T, T)
-        boolean `record_mask`."""
+        token never sees a pad, and pads never reach the loss), or a packed row's `packed_mask`
+        in the form its kernel takes (a (B, 1, T, T) boolean tensor for SDPA)."""
         B, T, _ = x.shape
         q, k, v = self._rotated_qkv(x, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, VarlenSpans):  # flash-attn wants (tokens, heads, d) and the records' spans
+            from flash_attn import flash_attn_varlen_func
+            q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], self.head_dim) for t in (q, k, v))
+            y = flash_attn_varlen_func(q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len,
+                                       causal=True)  # (B*T, h, d)
+            return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        if mask is not None and not isinstance(mask, torch.Tensor):  # flex attention's BlockMask
+            y = _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -161,6 +174,75 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k, v
+
+
+# Kernels for packed rows' block-diagonal causal attention, fastest first. All compute exact attention
+# (no approximation; they differ in speed and rounding only). `packed_attention_kernel` picks the first
+# the device has; SOFT_PACKED_ATTENTION names one instead (e.g. to compare them).
+PACKED_KERNELS = ("flash-varlen", "flex", "sdpa-mask")
+KERNEL_ENV = "SOFT_PACKED_ATTENTION"
+
+
+def packed_attention_kernel(device_type: str, dtype: torch.dtype) -> str:
+    """flash-attn's varlen kernel (CUDA, bf16/fp16, flash_attn installed), else flex attention
+    (CUDA), else SDPA with a boolean mask (CPU: the only one that trains there; flex's CPU version
+    has no backward)."""
+    return _kernel(device_type, dtype, os.environ.get(KERNEL_ENV, ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_type: str, dtype: torch.dtype, forced: str) -> str:
+    if forced:
+        if forced not in PACKED_KERNELS:
+            raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of {', '.join(PACKED_KERNELS)}")
+        if forced == "flash-varlen" and (device_type != "cuda" or not importlib.util.find_spec("flash_attn")):
+            raise ValueError(f"{KERNEL_ENV}=flash-varlen needs a CUDA device and the flash_attn package")
+        return forced
+    if device_type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
+            return "flash-varlen"
+        if importlib.util.find_spec("torch.nn.attention.flex_attention"):
+            return "flex"
+    return "sdpa-mask"
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_attention(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention
+    # Compiled it is a fused kernel; on CPU (only when asked for by name) the eager reference runs.
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+@dataclass(frozen=True)
+class VarlenSpans:
+    """Packed records as flash-attn's varlen kernel takes them: the rows flattened to B*T tokens,
+    cu_seqlens (records + 1,) int32 the offsets where each record starts (and the total), max_len
+    the longest record."""
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+
+def packed_mask(positions: torch.Tensor, kernel: str):
+    """Block-diagonal causal attention of packed rows ((B, T) positions, 0 where a record starts) in
+    `kernel`'s form; None when no row holds a second record (plain causal attention then)."""
+    starts = positions == 0  # (B, T)
+    if not starts[:, 1:].any():
+        return None
+    if kernel == "sdpa-mask":
+        return record_mask(positions)
+    if kernel == "flash-varlen":
+        B, T = positions.shape
+        begins = starts.reshape(-1).nonzero().squeeze(1)  # every row starts a record: rows never merge
+        ends = torch.cat((begins, begins.new_tensor([B * T])))
+        return VarlenSpans(ends.to(torch.int32), int((ends[1:] - ends[:-1]).max()))
+    from torch.nn.attention.flex_attention import create_block_mask
+    record = starts.cumsum(-1)  # (B, T) record number of each token
+
+    def same_record_causal(b, h, q, kv):
+        return (record[b, q] == record[b, kv]) & (q >= kv)
+
+    B, T = positions.shape
+    return create_block_mask(same_record_causal, B, None, T, T, device=positions.device)
 
 
 def record_mask(positions: torch.Tensor) -> torch.Tensor | None:
@@ -207,7 +289,7 @@ class DecoderLayer(nn.Module):
             mask = None
         else:
             cos, sin = (t[:, None] for t in self.rotary(positions, x.dtype))  # (B, 1, T, d): per row
-            mask = record_mask(positions)
+            mask = packed_mask(positions, packed_attention_kernel(x.device.type, x.dtype))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -26,7 +26,7 @@ from soft_ds import preemption
 from soft_ds.cli import parse_list
 from soft_ds.distributed import deepspeed_environment, distributed_env, init_distributed
 from soft_ds.exits import make_exits
-from soft_ds.model import PRESETS, check_supported, preset_config, random_weights
+from soft_ds.model import PRESETS, check_supported, packed_attention_kernel, preset_config, random_weights
 from soft_ds.monitor import Monitor, error
 from soft_ds.partition import balance_ratio, plan_stages
 
@@ -174,6 +174,9 @@ def validate_and_prepare(args, world_size: int):
             f"whose prompt fills seq_len {soft.seq_len}; packing {soft.packing}), fewer than one validation pass "
             f"needs: micro batch {config.micro_batch_size} x eval_batches {soft.eval_batches} x data parallel {dp}; "
             f"raise val_size or seq_len, lower eval_batches, or set val_size to 0")
+    if soft.packing:  # SOFT_PACKED_ATTENTION, if set, names a kernel this machine has
+        packed_attention_kernel("cuda" if torch.cuda.is_available() else "cpu",
+                                torch.bfloat16 if config.bf16 else torch.float32)
     checkpoint.check_resume(args.output_dir, args.resume, checkpoint.run_shape(exits, soft.pipeline_stages, dp))
     return config, tokenizer, model_config, weight_source, exits, stages, train_set, val_set
 
@@ -250,8 +253,10 @@ def run(argv, stop: preemption.StopRequest):
     monitor.info(f"  {place.launcher}, world size {world_size} | torch {torch.__version__}, deepspeed "
                  f"{deepspeed.__version__}, transformers {transformers.__version__}")
     rows, fill = soft_data.row_fill(train_set, soft.seed, soft.seq_len, soft.packing)
+    kernel = packed_attention_kernel(get_accelerator().device_name(), torch.bfloat16 if config.bf16 else torch.float32)
     monitor.info(f"  {'packed' if soft.packing else 'padded'} rows of {soft.seq_len} tokens: {len(train_set)} train "
-                 f"records in {rows} rows per epoch, {fill:.0%} of their positions real tokens")
+                 f"records in {rows} rows per epoch, {fill:.0%} of their positions real tokens"
+                 + (f"; packed attention: {kernel}" if soft.packing else ""))
     for i, stage in enumerate(stages):
         monitor.info(f"  stage {i}: layers {stage.first_layer}-{stage.last_layer}, exits {list(stage.exits)}")
     monitor.info(f"  stage balance (slowest / mean cost): {balance_ratio(stages):.3f}")

@@ -5,7 +5,8 @@ import torch
 import transformers
 
 from soft_ds.exits import IGNORE_INDEX, exit_loss
-from soft_ds.model import Llama, check_supported, hf_shapes, preset_config, random_weights, record_mask
+from soft_ds.model import (KERNEL_ENV, Llama, check_supported, hf_shapes, packed_attention_kernel, packed_mask,
+                           preset_config, random_weights, record_mask)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -301,3 +302,41 @@ def test_packed_rows_give_every_record_its_unpacked_loss_and_gradients():
         if start > 0:  # a later record in its row: plain causal attention over the row would differ
             unmasked, _ = _record_loss_and_grads(model, ids, only_this)
             assert abs(unmasked.item() - alone.item()) > 1e-3
+
+
+def test_packed_attention_kernels_agree_and_the_choice_is_named(monkeypatch):
+    """The kernel for packed rows: SDPA with a mask on CPU; flex attention (its eager reference on
+    CPU, forward only there, named by SOFT_PACKED_ATTENTION) gives the same per-exit losses;
+    flash-attn's varlen spans mark each record (the kernels' training runs need a GPU)."""
+    assert packed_attention_kernel("cpu", torch.float32) == "sdpa-mask"
+    config = preset_config("debug")
+    model = Llama.from_weights(config, random_weights(config, 0))
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
+    targets = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
+    positions = torch.tensor([list(range(5)) + list(range(11)), list(range(7)) + list(range(9))])
+
+    def exit_losses(positions):
+        with torch.no_grad():
+            return [exit_loss(model.head, h, targets).item()
+                    for h in model.hidden_states(ids, [4, 8], positions).values()]
+
+    losses = {}
+    for kernel in ("sdpa-mask", "flex"):
+        monkeypatch.setenv(KERNEL_ENV, kernel)
+        assert packed_attention_kernel("cpu", torch.float32) == kernel
+        losses[kernel] = exit_losses(positions)
+    assert max(abs(a - b) for a, b in zip(losses["flex"], losses["sdpa-mask"])) <= TOLERANCE
+    # Without the record boundaries the losses differ (the comparison can fail).
+    plain = exit_losses(torch.arange(16).expand(2, 16))
+    assert min(abs(a - b) for a, b in zip(plain, losses["sdpa-mask"])) > 1e-3
+    spans = packed_mask(positions, "flash-varlen")
+    assert spans.cu_seqlens.tolist() == [0, 5, 16, 23, 32] and spans.max_len == 11
+    assert spans.cu_seqlens.dtype == torch.int32
+    assert packed_mask(torch.arange(16).expand(2, 16), "flex") is None  # one record per row: plain causal
+    monkeypatch.setenv(KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="SOFT_PACKED_ATTENTION='fast': expected one of flash-varlen, flex, sdpa-mask"):
+        packed_attention_kernel("cpu", torch.float32)
+    monkeypatch.setenv(KERNEL_ENV, "flash-varlen")
+    with pytest.raises(ValueError, match="flash-varlen needs a CUDA device and the flash_attn package"):
+        packed_attention_kernel("cpu", torch.float32)

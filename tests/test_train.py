@@ -306,6 +306,9 @@ def test_packed_run_logs_the_first_step_one_process_computes_on_packed_rows(tmp_
                                  str(tmp_path / packing)], cwd=REPO, capture_output=True, text=True, timeout=600,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
+        log = result.stdout + result.stderr
+        rows = "packed rows of 512 tokens" if packing == "--packing" else "padded rows of 512 tokens: 5000 train records in 5000 rows"
+        assert rows in log and ("packed attention: sdpa-mask" in log) == (packing == "--packing")
     check_debug_run_first_step(tmp_path / "--packing", [2, 4, 6, 8], 5, 512, 2, 2, 1, packing=True)
     check_debug_run_first_step(tmp_path / "--no-packing", [2, 4, 6, 8], 5, 512, 2, 2, 1, packing=False)
     packed, padded = (scalars(tmp_path / flag)["train/loss"][1] for flag in ("--packing", "--no-packing"))
