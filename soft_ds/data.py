@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 # Target value that cross-entropy skips (PyTorch's default ignore_index).
 IGNORE_INDEX = -100
+# What the project ships in data/: the Alpaca sample and the tokenizer trained on it (data/README.md).
+BUNDLED = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_RECORDS = str(BUNDLED / "alpaca_5000.json")
+BUNDLED_TOKENIZER = str(BUNDLED / "tokenizer")
 
 # The Stanford Alpaca templates, with one difference: they end in "### Response:\n" where Stanford's
 # train.py stops at "### Response:". The newline is encoded as a byte token that no merge crosses,

@@ -30,9 +30,6 @@ from soft_ds.model import PRESETS, check_supported, packed_attention_kernel, pre
 from soft_ds.monitor import Monitor, error
 from soft_ds.partition import balance_ratio, plan_stages
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(REPO, "data", "alpaca_5000.json")
-DEFAULT_TOKENIZER = os.path.join(REPO, "data", "tokenizer")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory or tokenizer.model (default: the checkpoint's, or data/tokenizer "
                         "for a preset)")
-    p.add_argument("--data", default=os.path.relpath(DEFAULT_DATA), help="Alpaca-format .json/.jsonl training data")
+    p.add_argument("--data", default=os.path.relpath(soft_data.BUNDLED_RECORDS), help="Alpaca-format .json/.jsonl training data")
     p.add_argument("--output_dir", default=os.path.join("runs", "soft"),
                    help="checkpoints, TensorBoard events (tb/) and summary.json go here")
     p.add_argument("--resume", action="store_true",
@@ -129,7 +126,7 @@ def validate_and_prepare(args, world_size: int):
     config.deepspeed_config(world_size, cpu=True)  # checks that the batch numbers multiply out
     if args.stop_at_step is not None and not 1 <= args.stop_at_step <= soft.train_steps:
         raise run_config.ConfigError(f"--stop_at_step {args.stop_at_step} outside 1..{soft.train_steps}")
-    tokenizer_path = args.tokenizer or (DEFAULT_TOKENIZER if args.model in PRESETS else args.model)
+    tokenizer_path = args.tokenizer or (soft_data.BUNDLED_TOKENIZER if args.model in PRESETS else args.model)
     if args.model not in PRESETS and not os.path.isdir(args.model):
         raise hf_io.CheckpointError(f"--model {args.model!r} is neither a checkpoint directory nor a preset "
                                     f"({', '.join(sorted(PRESETS))})")

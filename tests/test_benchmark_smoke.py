@@ -18,3 +18,25 @@ def test_benchmark_prints_ratios_and_verdicts():
     assert re.search(r"LLaMA 2 13B 8\.8\d%", out)  # the analytic share for the real 13B
     assert re.search(r"whole \(0\)\s+[\d.]+\s+[\d.]+\s+\d\.\d{3}", out)  # SFT s, SoFT s, SoFT/SFT
     assert re.search(r"chunked \(\d+\)\s+[+-][\d.]+% (PASS|MISS)\s+\d\.\d{3}x (PASS|MISS)", out)
+
+
+def test_alpaca_shaped_rows_keep_each_records_length_and_counted_tokens():
+    """The benchmarks' rows: the bundled sample's records (lengths and counted positions as training
+    tokenizes them), padded one per row or packed by the training code's packer."""
+    from soft_ds.bench.rows import alpaca_shapes, counted_tokens, real_tokens, shaped_batches
+    from soft_ds.data import epoch_rows
+
+    shapes = alpaca_shapes(512)
+    assert len(shapes) == 5000 and max(map(len, shapes)) == 512
+    assert sum(len(mask) == 512 for mask in shapes) == 17  # the records training truncates at 512
+    padded = shaped_batches(shapes, 512, 1000, micro_batch=2, count=3, packed=False, seed=4)
+    packed = shaped_batches(shapes, 512, 1000, micro_batch=2, count=3, packed=True, seed=4)
+    order = [row[0] for row in epoch_rows(5000, 4, 0)][:6]
+    assert real_tokens(padded) == sum(len(shapes[i]) for i in order)
+    assert counted_tokens(padded) == sum(sum(shapes[i]) for i in order)
+    rows = epoch_rows(5000, 4, 0, tuple(map(len, shapes)), 512)[:6]
+    assert real_tokens(packed) == sum(len(shapes[i]) for row in rows for i in row)
+    assert counted_tokens(packed) == sum(sum(shapes[i]) for row in rows for i in row)
+    assert real_tokens(packed) > 3 * real_tokens(padded)
+    ids, targets, positions = packed[0]
+    assert ids.shape == targets.shape == positions.shape == (2, 512) and (positions[:, 1:] == 0).any()

@@ -1,0 +1,65 @@
+"""Benchmark rows shaped like real fine-tuning data: the bundled Alpaca sample's records, tokenized
+with the bundled tokenizer and truncated at the run's sequence length, laid out padded (one record
+per row) or packed (`data.epoch_rows`, next fit) by the training code's own `data.collate_rows`.
+
+Token values are random ids of the proxy's vocabulary (a cost benchmark needs the shapes, not the
+text): each record keeps its length and which of its positions count in the loss (the response and
+closing eos), so the exit heads see as many counted tokens as training on the sample would.
+The bundled tokenizer has 4,096 pieces, so its records are somewhat longer than LLaMA 2's or
+SmolLM2's (mean 154 tokens at 512 against about 113 with SmolLM2's): packing gains a little less
+than it would with a real vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from soft_ds.data import (BUNDLED_RECORDS, BUNDLED_TOKENIZER, IGNORE_INDEX, collate_rows, epoch_rows, load_records,
+                          load_tokenizer, tokenize_record)
+
+
+@functools.lru_cache(maxsize=4)
+def alpaca_shapes(seq_len: int, records: str = BUNDLED_RECORDS,
+                  tokenizer: str = BUNDLED_TOKENIZER) -> tuple[tuple[bool, ...], ...]:
+    """Each record's counted mask (True where its target counts), truncated at seq_len as training
+    truncates it: the length is the mask's length."""
+    tok = load_tokenizer(tokenizer)
+    shapes = []
+    for record in load_records(records):
+        targets = tokenize_record(record, tok, seq_len)["targets"]
+        shapes.append(tuple(t != IGNORE_INDEX for t in targets))
+    return tuple(shapes)
+
+
+def shaped_batches(shapes, seq_len: int, vocab: int, micro_batch: int, count: int, packed: bool,
+                   seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The first `count` micro-batches of `micro_batch` rows of an epoch of `shapes` (records in the
+    seeded epoch order, one per row or packed), as (input_ids, targets, positions) (B, seq_len)
+    each; random token ids in 1..vocab-1, pad id 0."""
+    lengths = tuple(len(mask) for mask in shapes)
+    rows = epoch_rows(len(shapes), seed, 0, lengths if packed else None, seq_len)
+    needed = micro_batch * count
+    if len(rows) < needed:
+        raise ValueError(f"{len(shapes)} records make {len(rows)} rows, fewer than the {needed} needed")
+    generator = torch.Generator().manual_seed(seed)
+
+    def record(mask):
+        ids = torch.randint(1, vocab, (len(mask),), generator=generator)
+        targets = torch.randint(1, vocab, (len(mask),), generator=generator)
+        targets[~torch.tensor(mask, dtype=torch.bool)] = IGNORE_INDEX
+        return {"input_ids": ids.tolist(), "targets": targets.tolist()}
+
+    examples = [[record(shapes[index]) for index in row] for row in rows[:needed]]
+    return [collate_rows(examples[start:start + micro_batch], seq_len, pad_id=0)
+            for start in range(0, needed, micro_batch)]
+
+
+def real_tokens(batches) -> int:
+    """Non-pad tokens of (input_ids, targets, positions) batches built with pad id 0."""
+    return sum(int((ids != 0).sum()) for ids, _, _ in batches)
+
+
+def counted_tokens(batches) -> int:
+    return sum(int((targets != IGNORE_INDEX).sum()) for _, targets, _ in batches)
