@@ -157,3 +157,83 @@ def test_prefix_agreement_counts_disagreements(model, held_out):
             logits = model.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
         expected += int((logits.argmax(-1) == torch.tensor(tokens)).sum())
     assert (agreeing, total) == (expected, 24 * NEW) and 0 < agreeing < total
+
+
+# --- soft-ds generate --target-agreement -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """test_inference's tiny export with the bundled tokenizer, its embedding and head scaled as
+    `model`'s so that exits are sometimes confident and right."""
+    import shutil
+    from test_inference import REPO
+    directory = tmp_path_factory.mktemp("ckpt") / "soft"
+    config = preset_config("debug", vocab_size=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = hf_model(config, seed=2).float()
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(5.0)
+        hf.lm_head.weight.mul_(30.0)
+    hf.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        if (REPO / "data" / "tokenizer" / name).is_file():
+            shutil.copy(REPO / "data" / "tokenizer" / name, directory / name)
+    return directory
+
+
+def test_generate_cli_target_agreement(checkpoint, capsys, tmp_path):
+    import json
+    from soft_ds.data import encode_prompt
+    from soft_ds.inference import SoftGenerator, generate
+    from test_inference import REPO
+    records = json.loads((REPO / "data" / "pandalm_testset_inference_v1.json").read_text())[:4]
+    file = tmp_path / "instructions.json"
+    file.write_text(json.dumps(records))
+    base = ["--model", str(checkpoint), "--max-new-tokens", "8", "--instructions", str(file),
+            "--calibration-prompts", "6", "--stats"]
+    texts = generate.main(base + ["--target-agreement", "0.9"])
+    err = capsys.readouterr().err
+    assert "calibrated for agreement >= 0.9 (max_prob, Wilson bound at 0.95)" in err
+    assert "agreement with the full model's greedy token after the same prefix" in err
+    # The same thresholds, through the library: the command's calibration is calibrate() on
+    # PandaLM records 85.. in the training template.
+    generator = SoftGenerator.from_pretrained(checkpoint)
+    tokenizer = generator.tokenizer
+    calibration = calibrate(generator, [encode_prompt(r, tokenizer) for r in calibration_records(6)], 0.9,
+                            exits=generator.exits, max_new_tokens=8, eos_token_id=2)
+    assert calibration.summary() in err
+    prompts = [encode_prompt(r, tokenizer) for r in records]
+    expected = generator.generate_dynamic(prompts, calibration.thresholds, max_new_tokens=8, eos_token_id=2).tokens
+    assert texts == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in expected]
+    # Target 1 is the full model.
+    assert generate.main(base + ["--target-agreement", "1"]) == generate.main(base[:-1])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--target-agreement", "1.5"], "--target-agreement must be a number in [0, 1], got 1.5"),
+    (["--target-agreement", "-0.1"], "--target-agreement must be a number in [0, 1]"),
+    (["--target-agreement", "0.9", "--temperature", "0.7"], "--target-agreement calibrates greedy decoding"),
+    (["--target-agreement", "0.9", "--calibration-level", "1"], "--calibration-level must be in [0.5, 1)"),
+    (["--target-agreement", "0.9", "--calibration-prompts", "0"], "--calibration-prompts must be a positive integer"),
+    (["--target-agreement", "0.9", "--calibration-prompts", "86"], "fewer than the 86 asked for"),
+    (["--target-agreement", "0.9", "--dynamic-threshold", "0.5"], "not allowed with argument"),
+])
+def test_generate_cli_rejects_bad_calibration(checkpoint, capsys, extra, message):
+    from conftest import run_cli
+    result = run_cli(capsys, "generate", "--model", checkpoint, "--prompt", "hi", *extra)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_cli_refuses_answering_a_calibration_prompt(checkpoint, capsys, tmp_path):
+    import json
+    from conftest import run_cli
+    file = tmp_path / "instructions.json"
+    file.write_text(json.dumps([{"instruction": "Add 2 and 3."}, calibration_records(3)[2]]))
+    result = run_cli(capsys, "generate", "--model", checkpoint, "--instructions", file,
+                     "--target-agreement", "0.9", "--calibration-prompts", "4")
+    assert result.returncode == 2
+    assert "instruction record(s) [1] are also calibration prompts" in result.stderr
+    # Not among the first 2 calibration prompts: answered.
+    assert run_cli(capsys, "generate", "--model", checkpoint, "--instructions", file, "--max-new-tokens", "2",
+                   "--target-agreement", "0.9", "--calibration-prompts", "2").returncode == 0
