@@ -237,3 +237,21 @@ def test_generate_cli_refuses_answering_a_calibration_prompt(checkpoint, capsys,
     # Not among the first 2 calibration prompts: answered.
     assert run_cli(capsys, "generate", "--model", checkpoint, "--instructions", file, "--max-new-tokens", "2",
                    "--target-agreement", "0.9", "--calibration-prompts", "2").returncode == 0
+
+
+def test_benchmark_calibrated_rows(checkpoint, capsys, tmp_path):
+    from soft_ds.bench import inference as benchmark_inference
+    benchmark_inference.main([
+        "--model", str(checkpoint), "--num-prompts", "2", "--max-new-tokens", "4", "--repeats", "1",
+        "--draft-tokens", "2", "--thresholds", "1", "--exits", "2,4,8", "--target-agreements", "0,1",
+        "--calibration-prompts", "3", "--no-proxy", "--plot", str(tmp_path / "speed.png")])
+    out = capsys.readouterr().out
+    assert out.count("calibrated for agreement >= ") == 2
+    table = out[out.index("calibrated dynamic exit:"):].splitlines()[2:4]
+    # Target 0: every token at exit 2 (its threshold 0); target 1: the full model, positions all agree.
+    assert table[0].split()[0] == "0.000" and "2.00/8" in table[0] and table[0].endswith("2:0,4:1")
+    assert table[1].split()[0] == "1.000" and "8.00/8" in table[1] and table[1].split()[5] == "100.0%"
+    with pytest.raises(ValueError, match="--num-prompts 86: with --target-agreements at most 85"):
+        benchmark_inference.main(["--num-prompts", "86", "--target-agreements", "0.9"])
+    with pytest.raises(ValueError, match="each of --target-agreements must be a number in \\[0, 1\\]"):
+        benchmark_inference.main(["--target-agreements", "1.2"])
