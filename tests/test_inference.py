@@ -292,6 +292,27 @@ def test_dynamic_exit_fills_deeper_caches_exactly(peaked, monkeypatch, batch):
                         break
 
 
+def test_dynamic_per_exit_thresholds(peaked, prompts):
+    """All-equal per-exit thresholds are the global threshold; an exit of threshold 1 is never
+    taken (nor its head computed); unequal thresholds really change where tokens stop."""
+    exits = peaked.exits  # 2, 4, 6, 8
+    for threshold in (0.0, 0.5, 0.9):
+        same = {layer: threshold for layer in exits if layer < 8}
+        ours = peaked.generate_dynamic(prompts, same, max_new_tokens=MAX_NEW)
+        reference = peaked.generate_dynamic(prompts, threshold, max_new_tokens=MAX_NEW)
+        assert (ours.tokens, ours.exit_layers) == (reference.tokens, reference.exit_layers)
+    skipping = peaked.generate_dynamic(prompts, {2: 1.0, 4: 0.0, 6: 0.0}, max_new_tokens=MAX_NEW)
+    assert all(layer == 4 for sequence in skipping.exit_layers for layer in sequence)
+    assert skipping.tokens == peaked.generate(prompts, exit_layer=4, max_new_tokens=MAX_NEW).tokens
+    mixed = peaked.generate_dynamic(prompts, {2: 0.9, 4: 0.5}, max_new_tokens=MAX_NEW)
+    layers = {layer for sequence in mixed.exit_layers for layer in sequence}
+    assert layers <= {2, 4, 8} and 4 in layers  # exit 6 is not in the rule
+    with pytest.raises(ValueError, match="threshold exit 8 is out of range"):
+        peaked.generate_dynamic(prompts, {8: 0.5})
+    with pytest.raises(ValueError, match="threshold of exit 2 must be in"):
+        peaked.generate_dynamic(prompts, {2: 1.5})
+
+
 # --- 4b. tied embeddings -------------------------------------------------------------------------
 
 

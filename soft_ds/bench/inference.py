@@ -30,6 +30,12 @@ Goals (from the issue), checked on each model:
   self-speculative >= 1.8x plain full-model greedy, among draft exits with acceptance >= 0.8;
   dynamic exit >= 1.5x at >= 97% token agreement with full-model greedy (same token at the same
       position of the same prompt).
+
+Calibrated dynamic exit (--target-agreements, e.g. 0.97; the model only, not the proxy): per-exit
+thresholds calibrated (inference/calibrate.py) on --calibration-prompts PandaLM records from 85 on,
+disjoint from the measured prompts (so --num-prompts <= 85), then timed like the other rows; its
+table gives both agreements: per position with full greedy (as above) and per token after the same
+prefix (what calibration targets).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from soft_ds.cli import parse_list
 from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
 from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers
 from soft_ds.inference import SoftGenerator
+from soft_ds.inference.calibrate import (CALIBRATION_FIRST, calibrate, calibration_prompts, check_target_agreement,
+                                         prefix_agreement)
 from soft_ds.inference.core import CONFIDENCE_MEASURES, check_positive_integer
 from soft_ds.inference.dynamic import check_threshold
 from soft_ds.model import Llama, preset_config, random_weights
@@ -90,8 +98,9 @@ def make_clock(kind: str, device: torch.device):
     return wall
 
 
-def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits) -> dict:
-    """Time every configuration; return the rows for the report.
+def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calibrations=()) -> dict:
+    """Time every configuration (calibrations: calibrate.Calibration rules for dynamic exit); return
+    the rows for the report.
 
     Configurations are interleaved prompt batch by prompt batch (in alternating order), so that
     a slow spell of the machine falls on all of them alike; a configuration's time is the median
@@ -111,6 +120,9 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits) -> di
     for threshold in args.thresholds:
         configs[("dynamic", threshold)] = lambda batch, t=threshold: generator.generate_dynamic(
             batch, t, args.confidence, exits=exits, **common)
+    for calibration in calibrations:
+        configs[("calibrated", calibration.target)] = lambda batch, c=calibration: generator.generate_dynamic(
+            batch, c.thresholds, c.measure, **common)
 
     for batch in batches[:2]:  # warm-up
         generator.generate(batch, max_new_tokens=2)
@@ -136,7 +148,7 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits) -> di
         pairs = [(a, b) for ours, full in zip(tokens_of(key), full_tokens) for a, b in zip(ours, full)]
         return sum(a == b for a, b in pairs) / len(pairs)
 
-    rows = {"exits": [], "speculative": [], "dynamic": []}
+    rows = {"exits": [], "speculative": [], "dynamic": [], "calibrated": []}
     for n in exits:
         rows["exits"].append(dict(exit=n, tokens_per_s=speed[("exit", n)],
                                   speed_ratio=speed[("exit", n)] / speed[("exit", L)],
@@ -159,6 +171,13 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits) -> di
         rows["dynamic"].append(dict(threshold=threshold, tokens_per_s=speed[key],
                                     speedup=speed[key] / speed[("exit", L)],
                                     mean_exit=sum(depths) / len(depths), agreement=agreement(key)))
+    for calibration in calibrations:
+        key = ("calibrated", calibration.target)
+        depths = [layer for result in outputs[key] for sequence in result.exit_layers for layer in sequence]
+        agreeing = sum(prefix_agreement(generator, batch, result)[0] for batch, result in zip(batches, outputs[key]))
+        rows["calibrated"].append(dict(calibration=calibration, tokens_per_s=speed[key],
+                                       speedup=speed[key] / speed[("exit", L)], mean_exit=sum(depths) / len(depths),
+                                       agreement=agreement(key), prefix_agreement=agreeing / len(depths)))
     rows["context"], rows["num_tokens"], rows["layers"] = context, num_tokens, L
     return rows
 
@@ -189,6 +208,13 @@ def report(title: str, rows: dict, note: str) -> list[str]:
     for row in rows["dynamic"]:
         print(f"   {row['threshold']:9.2f}  {row['tokens_per_s']:8.1f}  {row['speedup']:6.2f}x  "
               f"{row['mean_exit']:6.2f}/{L}  {row['agreement']:8.1%}")
+    if rows["calibrated"]:
+        print("\n   calibrated dynamic exit: per-exit thresholds for a target agreement, calibrated on held-out prompts")
+        print("   target  tokens/s  speedup  mean exit  agreement  after same prefix  thresholds")
+        for row in rows["calibrated"]:
+            rule = ",".join(f"{layer}:{value:.3g}" for layer, value in row["calibration"].thresholds.items())
+            print(f"   {row['calibration'].target:6.3f}  {row['tokens_per_s']:8.1f}  {row['speedup']:6.2f}x  "
+                  f"{row['mean_exit']:6.2f}/{L}  {row['agreement']:8.1%}  {row['prefix_agreement']:17.1%}  {rule}")
 
     exit_rows = [row for row in rows["exits"] if row["exit"] != L]
     exit_pass = [row for row in exit_rows if row["speed_ratio"] >= GOAL_EXIT_FRACTION * row["flop_ratio"]]
@@ -261,6 +287,10 @@ def main(argv=None) -> dict[str, list[str]]:
     p.add_argument("--draft-tokens", default="2,4,6", help="k values for self-speculative decoding")
     p.add_argument("--thresholds", default="0,0.2,0.4,0.6,0.8,0.9,0.95,1", help="dynamic-exit thresholds")
     p.add_argument("--confidence", default="max_prob", choices=CONFIDENCE_MEASURES)
+    p.add_argument("--target-agreements", default="",
+                   help="comma-separated target agreements for calibrated dynamic exit (e.g. 0.97; default: none)")
+    p.add_argument("--calibration-prompts", type=int, default=16,
+                   help="PandaLM records (from 85 on) the thresholds are calibrated on")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto: process CPU time on a CPU with one thread, else wall time")
@@ -281,11 +311,18 @@ def main(argv=None) -> dict[str, list[str]]:
     p.add_argument("--plot", default="runs/benchmark_inference.png", help="PNG of speed vs exit")
     args = p.parse_args(argv)
     # The library's own checks, under the options' names, before any model is built.
-    for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats", "threads"):
+    for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats", "threads", "calibration_prompts"):
         check_positive_integer(getattr(args, name), f"--{name.replace('_', '-')}")
     args.draft_tokens = parse_list(args.draft_tokens, "--draft-tokens")
     args.thresholds = parse_list(args.thresholds, "--thresholds", float)
     args.proxy_thresholds = parse_list(args.proxy_thresholds, "--proxy-thresholds", float)
+    args.target_agreements = parse_list(args.target_agreements, "--target-agreements", float)
+    for target in args.target_agreements:
+        check_target_agreement(target, "each of --target-agreements")
+    if args.target_agreements and args.num_prompts > CALIBRATION_FIRST:
+        raise ValueError(f"--num-prompts {args.num_prompts}: with --target-agreements at most {CALIBRATION_FIRST}, "
+                         f"so that the measured PandaLM prompts stay apart from the calibration ones (records "
+                         f"{CALIBRATION_FIRST} on)")
     for k in args.draft_tokens:
         check_positive_integer(k, "each of --draft-tokens")
     for name in ("thresholds", "proxy_thresholds"):
@@ -318,7 +355,15 @@ def main(argv=None) -> dict[str, list[str]]:
           f"{args.clock} clock, median of {args.repeats} interleaved rounds")
     shape = (f"{L} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
              f"head/layer FLOPs {head_layer_ratio(config):.2f} at seq {LLAMA2_13B_SEQ_LEN}")
-    rows = run_suite(generator, prompts, args, exits, [n for n in exits if n < L])
+    calibrations = []
+    if args.target_agreements:
+        held_out = calibration_prompts(tokenizer, args.calibration_prompts)
+        generator.check_prompts(held_out, args.max_new_tokens)
+        for target in args.target_agreements:
+            calibrations.append(calibrate(generator, held_out, target, args.confidence, exits,
+                                          args.max_new_tokens, None, batch_size=args.batch_size))
+            print(f"   {calibrations[-1].summary()}")
+    rows = run_suite(generator, prompts, args, exits, [n for n in exits if n < L], calibrations)
     goals = {"model": report(f"{title}: {shape}", rows, note)}
     curves = [(f"model ({L} layers)", rows)]
 

@@ -6,9 +6,11 @@ See `generate_dynamic` for how the deeper layers' keys/values of early-exited to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from soft_ds.exits import check_exit_layers, default_exit_layers
+from soft_ds.exits import check_exit_layer, check_exit_layers, default_exit_layers
 from soft_ds.inference.cache import KVCache
 from soft_ds.inference.core import (GREEDY, CachedModel, Generation, Outputs, Sampling, check_confidence_measure,
                                     confidence, pick)
@@ -20,18 +22,34 @@ def check_threshold(threshold: float, name: str = "threshold") -> float:
     return threshold
 
 
+def exit_thresholds(threshold: float | Mapping[int, float], exits, num_layers: int) -> dict[int, float]:
+    """The stopping rule as {exit layer: threshold}, one per exit below the last layer (the last
+    layer always decides). A float applies to every exit of `exits` (default: the training default
+    for the depth); a mapping is the rule itself (e.g. `calibrate.calibrate_thresholds`'s), its
+    keys the exits (1..num_layers - 1), and `exits` is not used. ValueError naming a bad entry."""
+    if isinstance(threshold, Mapping):
+        return {check_exit_layer(layer, num_layers, "threshold exit", deepest=num_layers - 1):
+                check_threshold(value, f"threshold of exit {layer}") for layer, value in sorted(threshold.items())}
+    check_threshold(threshold)
+    exits = check_exit_layers(default_exit_layers(num_layers) if exits is None else exits, num_layers)
+    return {layer: threshold for layer in exits if layer < num_layers}
+
+
 @torch.inference_mode()
-def generate_dynamic(model: CachedModel, prompts: list[list[int]], threshold: float, measure: str = "max_prob",
-                     exits=None, max_new_tokens: int = 64, sampling: Sampling = GREEDY,
+def generate_dynamic(model: CachedModel, prompts: list[list[int]], threshold: float | Mapping[int, float],
+                     measure: str = "max_prob", exits=None, max_new_tokens: int = 64, sampling: Sampling = GREEDY,
                      eos_token_id: int | None = None) -> Generation:
-    """Each token stops at the first exit whose confidence exceeds `threshold`.
+    """Each token stops at the first exit whose confidence exceeds that exit's threshold.
 
     confidence: `measure` of the exit's softmax ("max_prob" or "margin", see `confidence`),
-    compared strictly (confidence > threshold). Threshold 0 stops every token at the first
-    exit; threshold 1 never stops early (no confidence exceeds 1), so it is the full model and
-    checks no exit. Exits: `exits` (default: `exits.default_exit_layers` for the depth); the last
-    layer decides when no exit is confident. The prompt's pass is decided like a token's: it stops
-    at its last position's exit.
+    compared strictly (confidence > threshold). threshold: one float for every exit of `exits`
+    (default: `exits.default_exit_layers` for the depth), or per-exit thresholds {exit layer:
+    threshold} (`exit_thresholds`; `calibrate.calibrate_thresholds` chooses them for a requested
+    agreement with the full model), equal to the float when all are equal. Threshold 0 stops every
+    token at that exit; threshold 1 never stops there (no confidence exceeds 1), so that exit's
+    head is not even computed, and all thresholds 1 is the full model. The last layer decides when
+    no exit is confident. The prompt's pass is decided like a token's: it stops at its last
+    position's exit.
 
     The deeper layers' keys/values of an early-exited token are RECOMPUTED, not approximated.
     A token that stops at layer e keeps its layer-e hidden state; the next token that goes
@@ -52,14 +70,12 @@ def generate_dynamic(model: CachedModel, prompts: list[list[int]], threshold: fl
     In a batch the depth of a step is that of its least confident sequence; each sequence
     still takes its token from its own first confident exit.
     """
-    check_threshold(threshold)
     check_confidence_measure(measure)
     L = model.num_layers
-    exits = check_exit_layers(default_exit_layers(L) if exits is None else exits, L)
     model.check_prompts(prompts, max_new_tokens)
-    # No confidence exceeds 1, so threshold 1 checks no exit (their heads would be wasted).
-    stops = [layer for layer in exits if layer < L] if threshold < 1 else []
-    rule = dict(stops=stops, threshold=threshold, measure=measure, sampling=sampling,
+    # No confidence exceeds 1, so an exit of threshold 1 is not checked (its head would be wasted).
+    stops = {layer: value for layer, value in exit_thresholds(threshold, exits, L).items() if value < 1}
+    rule = dict(stops=stops, measure=measure, sampling=sampling,
                 generator=sampling.generator(model.device))
     out = Outputs(len(prompts), max_new_tokens, eos_token_id)
     deferred: dict[int, torch.Tensor] = {}  # column -> (B, H) output of its deepest layer so far
@@ -81,13 +97,14 @@ def generate_dynamic(model: CachedModel, prompts: list[list[int]], threshold: fl
 
 
 def _dynamic_pass(model: CachedModel, cache: KVCache, x: torch.Tensor, first_row: int, deferred: dict, undecided,
-                  stops, threshold, measure, sampling, generator):
+                  stops, measure, sampling, generator):
     """Deepen the rows x (B, R, H) of columns first_row.. until every sequence in `undecided`
     has a confident exit; return each sequence's (token, exit layer) for the last column.
 
     At layer i, the columns whose layer-i keys/values are missing (tokens that stopped above
     it) join as rows, from their deepest hidden state kept in `deferred`; afterwards every
     row's new deepest hidden state is kept there, or dropped once the row reached layer L.
+    stops: {exit layer: threshold} of the exits checked (thresholds below 1).
     """
     L, end = model.num_layers, cache.columns
     undecided = undecided.clone()
@@ -106,6 +123,7 @@ def _dynamic_pass(model: CachedModel, cache: KVCache, x: torch.Tensor, first_row
         depth = index + 1
         if depth in stops or depth == L:
             logits = model.head(x[:, -1], depth)  # (B, V)
+            threshold = stops.get(depth)
             confident = undecided if depth == L else undecided & (
                 (confidence(logits, measure) > threshold) | (threshold == 0))
             if confident.any():

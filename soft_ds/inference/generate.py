@@ -6,11 +6,18 @@ with dynamic exit.
     soft-ds generate --model exported/full --prompt "..." --speculative-exit 4 --draft-tokens 3
     soft-ds generate --model exported/full --instructions data/pandalm_testset_inference_v1.json \\
         --dynamic-threshold 0.9 --output answers.json
+    soft-ds generate --model exported/full --prompt "..." --target-agreement 0.97 --stats
 
 A prompt is formatted with the training template (`data.encode_prompt`: the Alpaca prompt, or the
 tokenizer's chat template; by default the one the export's config.json records, else alpaca), as
 an instruction with --prompt or as Alpaca-style records ({"instruction", "input"}) with
 --instructions; --raw feeds the --prompt text as it is. Greedy unless --temperature > 0.
+
+--target-agreement T is dynamic exit with per-exit thresholds calibrated first (calibrate.py): the
+full model decodes --calibration-prompts held-out instructions (PandaLM records 85 on, or those of
+--calibration-instructions), and each exit gets the lowest threshold whose stopped tokens agree
+with the full model's greedy token at rate >= T (a Wilson lower bound at --calibration-level).
+The thresholds and what they did on the calibration tokens are printed to stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from soft_ds.exits import check_exit_layer, check_exit_layers
 from soft_ds.hf_io import CheckpointError, load_llama_config
 from soft_ds.inference.core import (CONFIDENCE_MEASURES, DTYPES, Sampling, check_positive_integer, check_temperature,
                                     check_top_p)
+from soft_ds.inference.calibrate import (calibrate, calibration_records, check_confidence_level,
+                                         check_target_agreement, prefix_agreement)
 from soft_ds.inference.dynamic import check_threshold
 from soft_ds.inference.generator import SoftGenerator
 from soft_ds.inference.speculative import check_draft_exit
@@ -53,11 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="self-speculative decoding: draft with exit N, verify with the full model")
     mode.add_argument("--dynamic-threshold", type=float,
                       help="dynamic exit: each token stops at the first exit whose confidence exceeds this")
+    mode.add_argument("--target-agreement", type=float,
+                      help="dynamic exit with per-exit thresholds calibrated on held-out prompts so that this share "
+                           "of tokens, in [0, 1], agree with the full model's greedy token (greedy only)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (--speculative-exit)")
     p.add_argument("--confidence", choices=CONFIDENCE_MEASURES, default="max_prob",
-                   help="confidence measure for --dynamic-threshold")
-    p.add_argument("--exits", help="comma-separated exits --dynamic-threshold may stop at "
+                   help="confidence measure for --dynamic-threshold / --target-agreement")
+    p.add_argument("--exits", help="comma-separated exits --dynamic-threshold / --target-agreement may stop at "
                                                     "(default: the training default for the model's depth)")
+    p.add_argument("--calibration-prompts", type=int, default=32,
+                   help="held-out instructions --target-agreement calibrates on (generated with --max-new-tokens)")
+    p.add_argument("--calibration-instructions",
+                   help="JSON records to calibrate on (default: PandaLM's test records 85 on, which the benchmark "
+                        "does not measure); they must not include the prompts being answered")
+    p.add_argument("--calibration-level", type=float, default=0.95,
+                   help="confidence level of the lower bound on each exit's agreement (0.5: the raw rate)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
@@ -85,6 +104,12 @@ def main(argv=None) -> list[str]:
         check_positive_integer(value, name)
     if args.dynamic_threshold is not None:
         check_threshold(args.dynamic_threshold, "--dynamic-threshold")
+    check_positive_integer(args.calibration_prompts, "--calibration-prompts")
+    check_confidence_level(args.calibration_level, "--calibration-level")
+    if args.target_agreement is not None:
+        check_target_agreement(args.target_agreement, "--target-agreement")
+        if args.temperature > 0:
+            raise ValueError("--target-agreement calibrates greedy decoding; it cannot be used with --temperature > 0")
     sampling = Sampling(check_temperature(args.temperature, "--temperature"), check_top_p(args.top_p, "--top-p"),
                         args.seed)
     records = [{"instruction": args.prompt}] if args.prompt is not None else load_instructions(args.instructions)
@@ -106,6 +131,9 @@ def main(argv=None) -> list[str]:
     else:
         prompts = [encode_prompt(record, tokenizer, template) for record in records]
     generator.check_prompts(prompts, args.max_new_tokens)  # every prompt, before the first batch runs
+    dynamic = args.dynamic_threshold
+    if args.target_agreement is not None:
+        dynamic = calibrated_thresholds(args, generator, tokenizer, template, records)
 
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
     texts, results, start = [], [], time.perf_counter()
@@ -113,8 +141,8 @@ def main(argv=None) -> list[str]:
         batch = prompts[first:first + args.batch_size]
         if args.speculative_exit is not None:
             result = generator.generate_speculative(batch, args.speculative_exit, args.draft_tokens, **common)
-        elif args.dynamic_threshold is not None:
-            result = generator.generate_dynamic(batch, args.dynamic_threshold, args.confidence, **common)
+        elif dynamic is not None:
+            result = generator.generate_dynamic(batch, dynamic, args.confidence, **common)
         else:
             result = generator.generate(batch, args.exit, **common)
         results.append(result)
@@ -136,8 +164,33 @@ def main(argv=None) -> list[str]:
             drafted = sum(result.drafted for result in results)
             accepted = sum(result.accepted for result in results)
             line += f"; draft acceptance {accepted}/{drafted} = {accepted / max(drafted, 1):.3f}"
-        if args.dynamic_threshold is not None:
+        if dynamic is not None:
             layers = [layer for result in results for sequence in result.exit_layers for layer in sequence]
             line += f"; mean exit layer {sum(layers) / max(len(layers), 1):.2f} of {num_layers}"
+            agreeing = total = 0
+            for first, result in zip(range(0, len(prompts), args.batch_size), results):
+                counts = prefix_agreement(generator, prompts[first:first + args.batch_size], result)
+                agreeing, total = agreeing + counts[0], total + counts[1]
+            line += f"; agreement with the full model's greedy token after the same prefix {agreeing / max(total, 1):.3f}"
         print(line, file=sys.stderr)
     return texts
+
+
+def calibrated_thresholds(args, generator: SoftGenerator, tokenizer, template: str, records: list[dict]) -> dict:
+    """--target-agreement: per-exit thresholds calibrated on held-out instructions that are not among
+    the `records` being answered; the calibration's summary goes to stderr."""
+    if args.calibration_instructions:
+        calibration = calibration_records(args.calibration_prompts, args.calibration_instructions, first=0)
+    else:
+        calibration = calibration_records(args.calibration_prompts)
+    held = {(record["instruction"], record.get("input") or "") for record in calibration}
+    shared = [index for index, record in enumerate(records) if (record["instruction"], record.get("input") or "") in held]
+    if shared:
+        raise ValueError(f"instruction record(s) {shared[:5]} are also calibration prompts: the agreement would not "
+                         "be measured on held-out prompts (pass --calibration-instructions with other records)")
+    prompts = [encode_prompt(record, tokenizer, template) for record in calibration]
+    generator.check_prompts(prompts, args.max_new_tokens)
+    result = calibrate(generator, prompts, args.target_agreement, args.confidence, generator.exits,
+                       args.max_new_tokens, tokenizer.eos_token_id, args.calibration_level, args.batch_size)
+    print(result.summary(), file=sys.stderr)
+    return result.thresholds

@@ -52,9 +52,10 @@ class SoftGenerator(CachedModel):
         `speculative.generate_speculative`."""
         return generate_speculative(self, prompts, draft_exit, draft_tokens, max_new_tokens, sampling, eos_token_id)
 
-    def generate_dynamic(self, prompts: list[list[int]], threshold: float, measure: str = "max_prob",
+    def generate_dynamic(self, prompts: list[list[int]], threshold, measure: str = "max_prob",
                          exits=None, max_new_tokens: int = 64, sampling: Sampling = GREEDY,
                          eos_token_id: int | None = None) -> Generation:
-        """Dynamic exit over `exits` (default: the generator's); see `dynamic.generate_dynamic`."""
+        """Dynamic exit: one float threshold over `exits` (default: the generator's), or per-exit
+        thresholds {exit layer: threshold}; see `dynamic.generate_dynamic`."""
         return generate_dynamic(self, prompts, threshold, measure, self.exits if exits is None else exits,
                                 max_new_tokens, sampling, eos_token_id)
