@@ -233,3 +233,27 @@ def test_generate_cli_draft_options(checkpoint, capsys):
         result = run_cli(capsys, "generate", *base, *extra)
         assert result.returncode == 2, extra
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_benchmark_draft_rows(checkpoint, capsys, tmp_path):
+    """The benchmark's reduced-head, draft-stop, adaptive and transformers rows, each identical to
+    full greedy, with a bound beside the speedup."""
+    from soft_ds.bench import inference as benchmark_inference
+    directory, _ = checkpoint
+    benchmark_inference.main([
+        "--model", str(directory), "--num-prompts", "2", "--max-new-tokens", "4", "--repeats", "1",
+        "--draft-tokens", "2", "--thresholds", "1", "--exits", "3,8", "--draft-vocab", "256",
+        "--draft-stop", "0.5", "--adaptive-k", "--no-proxy", "--plot", str(tmp_path / "speed.png")])
+    out = capsys.readouterr().out
+    assert "draft vocabularies: the most frequent response tokens of alpaca_5000.json (top 256:" in out
+    rows = [row for row in map(str.split, out.splitlines()) if row[:2] == ["3", "2"] and len(row) > 10]
+    kinds = sorted((row[2], " ".join(row[3:-9])) for row in rows)
+    assert kinds == sorted((head, mode) for head in ("full", "256") for mode in ("fixed", "stop 0.5", "adaptive"))
+    assert all(row[-1] == "100.0%" and row[-7].endswith("x") for row in rows)  # identical; a bound
+    transformers_rows = [line.split() for line in out.split("assistant_early_exit")[1].splitlines()[3:5]]
+    assert transformers_rows[0][0] == "greedy" and transformers_rows[1][:2] == ["3", "2"]
+    assert all(row[-1] == "100.0%" for row in transformers_rows)
+    with pytest.raises(ValueError, match="each of --draft-vocab 5000 exceeds the model's vocabulary"):
+        benchmark_inference.main(["--model", str(directory), "--draft-vocab", "5000", "--no-proxy"])
+    with pytest.raises(ValueError, match=r"each of --draft-stop must be in \[0, 1\]"):
+        benchmark_inference.main(["--model", str(directory), "--draft-stop", "1.5", "--no-proxy"])

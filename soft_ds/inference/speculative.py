@@ -176,6 +176,7 @@ def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exi
                 draft = reduced.token_ids[draft]
             drafts.append(draft)
         k = len(drafts)
+        result.draft_lengths.append(k)
         spans = positions[:, None] + torch.arange(k + 1, device=device)  # (B, k + 1)
         verified = model.run(cache, torch.cat(draft_hidden, dim=1), n, L, model.rope(spans))
         logits = model.head(verified)  # (B, k + 1, V)
