@@ -47,6 +47,7 @@ IGNORE_INDEX = -100
 BUNDLED = Path(__file__).resolve().parents[1] / "data"
 BUNDLED_RECORDS = str(BUNDLED / "alpaca_5000.json")
 BUNDLED_TOKENIZER = str(BUNDLED / "tokenizer")
+BUNDLED_INSTRUCTIONS = str(BUNDLED / "pandalm_testset_inference_v1.json")  # PandaLM's held-out instructions
 
 # The Stanford Alpaca templates, with one difference: they end in "### Response:\n" where Stanford's
 # train.py stops at "### Response:". The newline is encoded as a byte token that no merge crosses,
@@ -381,6 +382,26 @@ def tokenized_stats(dataset):
         "target_tokens": sum(counted),
         "longest_untruncated": max(lengths, default=0),
     }
+
+
+def response_token_counts(data_path, tokenizer, vocab_size, template="alpaca"):
+    """(vocab_size,) how often each id is a target in the file's records: the response tokens and
+    the closing eos (`tokenize_record`, untruncated). Ids the tokenizer makes beyond vocab_size
+    (none for a matching model) are refused."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for record in load_records(data_path):
+        targets = torch.tensor(tokenize_record(record, tokenizer, max_length=1 << 30, template=template)["targets"])
+        targets = targets[targets != IGNORE_INDEX]
+        if targets.numel() and int(targets.max()) >= vocab_size:
+            raise DataError(f"data file {data_path}: the tokenizer makes id {int(targets.max())}, outside the "
+                            f"model's vocabulary of {vocab_size} (do the tokenizer and the model match?)")
+        counts += torch.bincount(targets, minlength=vocab_size)
+    return counts
+
+
+def frequent_tokens(counts, size):
+    """The `size` ids of highest count, most frequent first (equal counts: lower id first)."""
+    return torch.sort(counts, descending=True, stable=True).indices[:size]
 
 
 def build_datasets(data_path, tokenizer, max_length, val_size, seed, template="alpaca"):

@@ -88,7 +88,7 @@ def test_bad_confidence_levels_are_refused():
 
 
 def test_calibration_records_are_disjoint_from_the_measured_ones():
-    from soft_ds.bench.inference import PANDALM
+    from soft_ds.data import BUNDLED_INSTRUCTIONS as PANDALM
     from soft_ds.data import load_instructions
     records = load_instructions(PANDALM)
     calibration = calibration_records(85)

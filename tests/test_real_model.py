@@ -15,7 +15,7 @@ import transformers
 from safetensors import safe_open
 
 from conftest import REPO, deepspeed_launch, first_step_exit_losses, run_cli, scalars
-from soft_ds.data import encode_prompt, load_tokenizer
+from soft_ds.data import encode_prompt, frequent_tokens, load_tokenizer, response_token_counts
 from soft_ds.hf_io import load_model
 from soft_ds.inference import SoftGenerator
 
@@ -46,6 +46,25 @@ def test_greedy_at_the_last_exit_equals_transformers_generate(smollm2_dir, token
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         assert tokens == out[0, len(prompt):].tolist()
     assert "Paris" in tokenizer.decode(ours[0])
+
+
+def test_reduced_vocabulary_drafts_keep_greedy_exact(smollm2_dir, tokenizer):
+    """Exit 25 drafting over the 8,192 most frequent response tokens of the bundled data (rows of the
+    tied embedding), with a confidence stop and adaptive k: the full model's greedy output, batched
+    and alone (float64, as above)."""
+    prompts = [encode_prompt(record, tokenizer) for record in INSTRUCTIONS]
+    generator = SoftGenerator.from_pretrained(smollm2_dir, dtype=torch.float64)
+    full = generator.generate(prompts, None, max_new_tokens=16).tokens
+    counts = response_token_counts(os.path.join(REPO, "data", "alpaca_5000.json"), tokenizer,
+                                   generator.config.vocab_size)
+    vocabulary = frequent_tokens(counts, 8192)
+    assert counts[vocabulary].sum() / counts.sum() > 0.85
+    for options in (dict(), dict(draft_stop=0.3, adaptive=True)):
+        batched = generator.generate_speculative(prompts, 25, 3, max_new_tokens=16, draft_vocabulary=vocabulary,
+                                                 **options)
+        assert batched.tokens == full and batched.accepted > 0
+        assert generator.generate_speculative(prompts[:1], 25, 3, max_new_tokens=16, draft_vocabulary=vocabulary,
+                                              **options).tokens == full[:1]
 
 
 def test_one_soft_step_on_two_stages_then_a_tied_export(smollm2_dir, tokenizer, tmp_path, capsys):

@@ -36,11 +36,27 @@ thresholds calibrated (inference/calibrate.py) on --calibration-prompts PandaLM 
 disjoint from the measured prompts (so --num-prompts <= 85), then timed like the other rows; its
 table gives both agreements: per position with full greedy (as above) and per token after the same
 prefix (what calibration targets).
+
+Cheaper drafts (--draft-vocab, --draft-stop, --adaptive-k; see inference/speculative.py) add rows
+for the reduced-vocabulary draft head (the m most frequent response tokens of the bundled Alpaca
+sample, counted with the model's tokenizer) and for adaptive draft length. transformers' own
+self-speculative decoding, `generate(assistant_early_exit=n)` (LayerSkip's path: no shared cache,
+batch 1), runs on the same weights and prompts, one prompt at a time, with k constant and no
+confidence stop, beside transformers' plain greedy (--no-transformers skips it).
+
+Bound of a speculative row: what its measured acceptance allows at the measured per-pass costs,
+    tokens per round x cost(full step) / (k x cost(draft step) + cost(verify)),
+tokens per round = tokens emitted after the prompt's / rounds, per sequence; k = mean tokens
+drafted per round; cost(draft step) = layers[:n] + the draft head on one token; cost(verify) =
+layers[:n] on the last draft + layers[n:] and the full head on k + 1 tokens (k rounded); costs are
+medians of --repeats x 5 timed passes on the first prompt batch, at its prompt length. The bound
+leaves out the bookkeeping between passes, which is what "achieved / bound" measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -50,19 +66,18 @@ from transformers import LlamaConfig
 
 from soft_ds.bench.proxy import LLAMA2_13B, LLAMA2_13B_SEQ_LEN, head_layer_ratio, proxy_config
 from soft_ds.cli import parse_list
-from soft_ds.data import encode_prompt, load_instructions, load_tokenizer
+from soft_ds.data import (BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, BUNDLED_TOKENIZER, encode_prompt, frequent_tokens,
+                          load_instructions, load_tokenizer, response_token_counts)
 from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers
 from soft_ds.inference import SoftGenerator
 from soft_ds.inference.calibrate import (CALIBRATION_FIRST, calibrate, calibration_prompts, check_target_agreement,
                                          prefix_agreement)
 from soft_ds.inference.core import CONFIDENCE_MEASURES, check_positive_integer
 from soft_ds.inference.dynamic import check_threshold
+from soft_ds.inference.speculative import ReducedHead, check_draft_vocabulary_size
 from soft_ds.model import Llama, preset_config, random_weights
 from soft_ds.partition import exit_flop_ratio
 
-REPO = Path(__file__).resolve().parents[2]
-PANDALM = REPO / "data" / "pandalm_testset_inference_v1.json"
-TOKENIZER = REPO / "data" / "tokenizer"
 GOAL_EXIT_FRACTION, GOAL_SPECULATIVE, GOAL_DYNAMIC, GOAL_AGREEMENT = 0.9, 1.8, 1.5, 0.97
 GOOD_ACCEPTANCE = 0.8  # "where the draft exit agrees well"
 
@@ -78,7 +93,7 @@ def build_random(config: LlamaConfig, seed: int, damping: float = 1.0) -> Llama:
 
 
 def load_prompts(tokenizer, count: int) -> list[list[int]]:
-    records = load_instructions(PANDALM)[:count]
+    records = load_instructions(BUNDLED_INSTRUCTIONS)[:count]
     return [encode_prompt(record, tokenizer) for record in records]
 
 
@@ -98,9 +113,95 @@ def make_clock(kind: str, device: torch.device):
     return wall
 
 
-def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calibrations=()) -> dict:
-    """Time every configuration (calibrations: calibrate.Calibration rules for dynamic exit); return
-    the rows for the report.
+def pass_costs(generator: SoftGenerator, batch, n: int, draft_head, ks, clock, repeats: int) -> dict:
+    """Median seconds of one decoding pass over `batch` after its prompt: "full" (all layers + head
+    on one token), "draft" (layers[:n] + draft_head, or exit n's head, on one token) and ("verify",
+    k) for each k (layers[:n] on one token + layers[n:] and the full head on k + 1 tokens). Each pass
+    is rolled back, so all start from the same cache."""
+    L, device = generator.num_layers, generator.device
+    cache, positions, _ = generator.prefill(batch, L, max(ks, default=0) + 2)
+    start = cache.columns
+    token = torch.zeros(len(batch), dtype=torch.long, device=device)
+
+    def timed(step) -> float:
+        times = []
+        for _ in range(repeats):
+            begin = clock()
+            step()
+            times.append(clock() - begin)
+            cache.rollback(start)
+        return statistics.median(times)
+
+    def one_token(depth, head):
+        x, rope = generator.embed_new(cache, token, positions)
+        return head(generator.run(cache, x, 0, depth, rope)[:, -1])
+
+    def verify(k):
+        x, rope = generator.embed_new(cache, token, positions)
+        hidden = [generator.run(cache, x, 0, n, rope)]
+        spans = positions[:, None] + torch.arange(k + 1, device=device)  # (B, k + 1)
+        for i in range(1, k + 1):  # the drafts' layer-n states, untimed
+            cache.reserve(spans[:, i:i + 1], torch.ones_like(spans[:, i:i + 1], dtype=torch.bool))
+            hidden.append(hidden[0])
+        begin = clock()
+        x, rope = generator.embed_new(cache, token, positions + k + 1)
+        generator.run(cache, x, 0, n, rope)
+        generator.head(generator.run(cache, torch.cat(hidden, dim=1), n, L, generator.rope(spans)))
+        return clock() - begin
+
+    with torch.inference_mode():
+        costs = {"full": timed(lambda: one_token(L, generator.head)),
+                 "draft": timed(lambda: one_token(n, draft_head or (lambda h: generator.head(h, n))))}
+        for k in ks:
+            times = []
+            for _ in range(repeats):
+                times.append(verify(k))
+                cache.rollback(start)
+            costs[("verify", k)] = statistics.median(times)
+    return costs
+
+
+def transformers_rows(generator: SoftGenerator, prompts, args, draft_exits, full_tokens, clock) -> list[dict]:
+    """transformers' plain greedy and `generate(assistant_early_exit=n)` on the same weights and
+    prompts, one prompt at a time (its early-exit path is batch 1), median of --repeats rounds."""
+    import transformers
+    model = transformers.LlamaForCausalLM(generator.config).to(generator.device, generator.model.lm_head.weight.dtype)
+    model.load_state_dict(generator.model.state_dict(), strict=True)
+    model.eval()
+    configs = {("transformers", None, None): {}}
+    for n in draft_exits:
+        for k in args.draft_tokens:
+            configs[("transformers", n, k)] = dict(assistant_early_exit=n, num_assistant_tokens=k,
+                                                   num_assistant_tokens_schedule="constant",
+                                                   assistant_confidence_threshold=0.0)
+    seconds = {key: [0.0] * args.repeats for key in configs}
+    outputs = {key: [] for key in configs}
+    with torch.inference_mode():
+        for round_index in range(args.repeats):
+            for key, options in configs.items():
+                tokens = []
+                for prompt in prompts:
+                    ids = torch.tensor([prompt], device=generator.device)
+                    start = clock()
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                         eos_token_id=None, pad_token_id=0, **options)
+                    seconds[key][round_index] += clock() - start
+                    tokens.append(out[0, len(prompt):].tolist())
+                outputs[key] = tokens
+    num_tokens = sum(map(len, full_tokens))
+    rows = []
+    for key in configs:
+        pairs = [(a, b) for ours, full in zip(outputs[key], full_tokens) for a, b in zip(ours, full)]
+        rows.append(dict(exit=key[1], k=key[2], tokens_per_s=num_tokens / statistics.median(seconds[key]),
+                         identical=sum(a == b for a, b in pairs) / len(pairs)))
+    return rows
+
+
+def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calibrations=(), vocabulary=None) -> dict:
+    """Time every configuration; return the rows for the report. calibrations: calibrate.Calibration
+    rules for dynamic exit; vocabulary: token ids, most frequent first, whose first m form the draft
+    head of --draft-vocab m.
 
     Configurations are interleaved prompt batch by prompt batch (in alternating order), so that
     a slow spell of the machine falls on all of them alike; a configuration's time is the median
@@ -113,10 +214,16 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
     configs = {}
     for n in exits:
         configs[("exit", n)] = lambda batch, n=n: generator.generate(batch, exit_layer=n, **common)
-    for n in draft_exits:
-        for k in args.draft_tokens:
-            configs[("speculative", n, k)] = lambda batch, n=n, k=k: generator.generate_speculative(
-                batch, n, k, **common)
+    # A speculative configuration: (draft exit, k, draft vocabulary size or None, draft stop or None, adaptive).
+    heads = [None] + list(args.draft_vocab)
+    modes = [(None, False)] + [(stop, False) for stop in args.draft_stop] + ([(None, True)] if args.adaptive_k else [])
+    variants = [(n, k, m, stop, adaptive) for n in draft_exits for k in args.draft_tokens for m in heads
+                for stop, adaptive in modes]
+    for variant in variants:
+        n, k, m, stop, adaptive = variant
+        configs[("speculative", *variant)] = lambda batch, n=n, k=k, m=m, stop=stop, adaptive=adaptive: (
+            generator.generate_speculative(batch, n, k, draft_vocabulary=None if m is None else vocabulary[:m],
+                                           draft_stop=stop, adaptive=adaptive, **common))
     for threshold in args.thresholds:
         configs[("dynamic", threshold)] = lambda batch, t=threshold: generator.generate_dynamic(
             batch, t, args.confidence, exits=exits, **common)
@@ -154,17 +261,40 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
                                   speed_ratio=speed[("exit", n)] / speed[("exit", L)],
                                   flop_ratio=exit_flop_ratio(generator.config, n, context),
                                   agreement=agreement(("exit", n))))
-    for n in draft_exits:
-        for k in args.draft_tokens:
-            key = ("speculative", n, k)
-            drafted = sum(result.drafted for result in outputs[key])
-            accepted = sum(result.accepted for result in outputs[key])
-            rounds = sum(result.steps for result in outputs[key])
-            rows["speculative"].append(dict(exit=n, k=k, tokens_per_s=speed[key],
-                                            speedup=speed[key] / speed[("exit", L)],
-                                            acceptance=accepted / max(drafted, 1),
-                                            tokens_per_round=num_tokens / max(rounds, 1),
-                                            identical=agreement(key)))
+    costs, repeats = {}, 5 * args.repeats
+    for variant in variants:
+        n, k, m, stop, adaptive = variant
+        key = ("speculative", *variant)
+        drafted = sum(result.drafted for result in outputs[key])
+        accepted = sum(result.accepted for result in outputs[key])
+        lengths = [length for result in outputs[key] for length in result.draft_lengths]
+        mean_k = statistics.mean(lengths) if lengths else 0.0
+        # Tokens per round and sequence, after the prompt's own token (plain greedy makes it too).
+        sequence_rounds = sum(result.steps * len(result.tokens) for result in outputs[key])
+        emitted = (num_tokens - len(prompts)) / max(sequence_rounds, 1)
+        verify_k = round(mean_k)
+        if (n, m) not in costs:
+            head = None if m is None else ReducedHead(generator.model, vocabulary[:m], n)
+            costs[(n, m)] = pass_costs(generator, batches[0], n, head, [], clock, repeats)
+        if (n, "verify", verify_k) not in costs:
+            costs[(n, "verify", verify_k)] = pass_costs(generator, batches[0], n, None, [verify_k], clock,
+                                                        repeats)[("verify", verify_k)]
+        cost = {**costs[(n, m)], ("verify", verify_k): costs[(n, "verify", verify_k)]}
+        bound = emitted * cost["full"] / (mean_k * cost["draft"] + cost[("verify", verify_k)])
+        speedup = speed[key] / speed[("exit", L)]
+        rows["speculative"].append(dict(exit=n, k=k, head="full" if m is None else str(m),
+                                        mode="fixed" if stop is None and not adaptive else
+                                        (f"stop {stop:g}" if stop is not None else "adaptive"),
+                                        tokens_per_s=speed[key], speedup=speedup,
+                                        acceptance=accepted / max(drafted, 1), mean_k=mean_k,
+                                        tokens_per_round=emitted, bound=bound, of_bound=speedup / bound,
+                                        draft_cost=cost["draft"] / cost["full"],
+                                        identical=agreement(key)))
+    rows["transformers"] = []
+    if getattr(args, "transformers", False):
+        rows["transformers"] = transformers_rows(generator, prompts, args, draft_exits, full_tokens, clock)
+        for row in rows["transformers"]:
+            row["speedup"] = row["tokens_per_s"] / speed[("exit", L)]
     for threshold in args.thresholds:
         key = ("dynamic", threshold)
         depths = [layer for result in outputs[key] for sequence in result.exit_layers for layer in sequence]
@@ -198,11 +328,24 @@ def report(title: str, rows: dict, note: str) -> list[str]:
         name = f"{row['exit']}" + (" (full)" if row["exit"] == L else "")
         print(f"   {name:>9} {row['tokens_per_s']:8.1f}  {row['speed_ratio']:10.2f}  {row['flop_ratio']:10.2f}  "
               f"{goal:>20}  {row['agreement']:7.1%}")
-    print("\n   self-speculative (greedy): draft exit, k drafted per round; identical = tokens equal to full greedy")
-    print("   draft  k  tokens/s  speedup  acceptance  tokens/round  identical")
+    print("\n   self-speculative (greedy): draft exit, k drafted per round (first round's k when adaptive), draft head")
+    print("   (full or the m most frequent tokens), mode (fixed k, stop below a draft confidence, adaptive k);")
+    print("   draft cost = draft step / full step; bound = tokens/round x full / (k x draft + verify), measured passes;")
+    print("   identical = tokens equal to full greedy")
+    print("   draft  k   head  mode       tokens/s  speedup  bound  of bound  acceptance  mean k  tokens/round  "
+          "draft cost  identical")
     for row in rows["speculative"]:
-        print(f"   {row['exit']:5d} {row['k']:2d}  {row['tokens_per_s']:8.1f}  {row['speedup']:6.2f}x  "
-              f"{row['acceptance']:10.1%}  {row['tokens_per_round']:12.2f}  {row['identical']:8.1%}")
+        print(f"   {row['exit']:5d} {row['k']:2d} {row['head']:>6}  {row['mode']:<9} {row['tokens_per_s']:8.1f}  "
+              f"{row['speedup']:6.2f}x {row['bound']:5.2f}x  {row['of_bound']:8.0%}  {row['acceptance']:10.1%}  "
+              f"{row['mean_k']:6.2f}  {row['tokens_per_round']:12.2f}  {row['draft_cost']:10.2f}  "
+              f"{row['identical']:8.1%}")
+    if rows.get("transformers"):
+        print("\n   transformers on the same weights, one prompt at a time: greedy, and generate(assistant_early_exit=n)")
+        print("   with k constant; speedup vs soft-ds full greedy at this run's batch size")
+        print("   draft  k  tokens/s  speedup  identical")
+        for row in rows["transformers"]:
+            name = "greedy" if row["exit"] is None else f"{row['exit']:5d} {row['k']:2d}"
+            print(f"   {name:>8}  {row['tokens_per_s']:8.1f}  {row['speedup']:6.2f}x  {row['identical']:8.1%}")
     print("\n   dynamic exit: threshold on the exit's confidence; agreement = same token as full greedy")
     print("   threshold  tokens/s  speedup  mean exit  agreement")
     for row in rows["dynamic"]:
@@ -285,6 +428,13 @@ def main(argv=None) -> dict[str, list[str]]:
     p.add_argument("--repeats", type=int, default=2, help="timing rounds; the median is reported")
     p.add_argument("--exits", help="comma-separated exits (default: the training default for the depth)")
     p.add_argument("--draft-tokens", default="2,4,6", help="k values for self-speculative decoding")
+    p.add_argument("--draft-vocab", default="",
+                   help="comma-separated sizes m: also draft with a head over the m most frequent response tokens")
+    p.add_argument("--draft-stop", default="",
+                   help="comma-separated draft-confidence stops: also draft until the top probability is below each")
+    p.add_argument("--adaptive-k", action="store_true", help="also draft with k adapted from acceptance (+2/-1)")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false",
+                   help="skip transformers' generate(assistant_early_exit=n) rows")
     p.add_argument("--thresholds", default="0,0.2,0.4,0.6,0.8,0.9,0.95,1", help="dynamic-exit thresholds")
     p.add_argument("--confidence", default="max_prob", choices=CONFIDENCE_MEASURES)
     p.add_argument("--target-agreements", default="",
@@ -314,6 +464,12 @@ def main(argv=None) -> dict[str, list[str]]:
     for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats", "threads", "calibration_prompts"):
         check_positive_integer(getattr(args, name), f"--{name.replace('_', '-')}")
     args.draft_tokens = parse_list(args.draft_tokens, "--draft-tokens")
+    args.draft_vocab = parse_list(args.draft_vocab, "--draft-vocab") if args.draft_vocab else []
+    args.draft_stop = parse_list(args.draft_stop, "--draft-stop", float) if args.draft_stop else []
+    for m in args.draft_vocab:
+        check_positive_integer(m, "each of --draft-vocab")
+    for stop in args.draft_stop:
+        check_threshold(stop, "each of --draft-stop")
     args.thresholds = parse_list(args.thresholds, "--thresholds", float)
     args.proxy_thresholds = parse_list(args.proxy_thresholds, "--proxy-thresholds", float)
     args.target_agreements = parse_list(args.target_agreements, "--target-agreements", float)
@@ -342,13 +498,22 @@ def main(argv=None) -> dict[str, list[str]]:
         title = "random tiny model (no --model given)"
         note = ("RANDOM WEIGHTS: its exits do not agree with its full model, so acceptance, agreement and "
                 "the speculative/dynamic goals below say nothing about a trained SoFT model")
-    tokenizer = generator.tokenizer or load_tokenizer(TOKENIZER)
+    tokenizer = generator.tokenizer or load_tokenizer(BUNDLED_TOKENIZER)
     config = generator.config
     L = config.num_hidden_layers
     exits = parse_list(args.exits, "--exits") if args.exits else list(default_exit_layers(L))
     exits = list(check_exit_layers(exits + [L], L))  # the full model is always measured
     prompts = load_prompts(tokenizer, args.num_prompts)
     generator.check_prompts(prompts, args.max_new_tokens)
+    vocabulary = None
+    if args.draft_vocab:
+        for m in args.draft_vocab:
+            check_draft_vocabulary_size(m, config.vocab_size, "each of --draft-vocab")
+        counts = response_token_counts(BUNDLED_RECORDS, tokenizer, config.vocab_size)
+        vocabulary = frequent_tokens(counts, max(args.draft_vocab))
+        coverage = ", ".join(f"top {m}: {counts[vocabulary[:m]].sum() / counts.sum():.1%}" for m in args.draft_vocab)
+        print(f"draft vocabularies: the most frequent response tokens of {os.path.basename(BUNDLED_RECORDS)} ({coverage} "
+              "of its response tokens)")
     print(f"soft-ds inference benchmark: {len(prompts)} PandaLM prompts (training template), "
           f"{args.max_new_tokens} new tokens each, batch {args.batch_size}, greedy, "
           f"{next(generator.model.parameters()).dtype} on {args.device}, {args.threads} CPU thread(s), "
@@ -363,7 +528,7 @@ def main(argv=None) -> dict[str, list[str]]:
             calibrations.append(calibrate(generator, held_out, target, args.confidence, exits,
                                           args.max_new_tokens, None, batch_size=args.batch_size))
             print(f"   {calibrations[-1].summary()}")
-    rows = run_suite(generator, prompts, args, exits, [n for n in exits if n < L], calibrations)
+    rows = run_suite(generator, prompts, args, exits, [n for n in exits if n < L], calibrations, vocabulary)
     goals = {"model": report(f"{title}: {shape}", rows, note)}
     curves = [(f"model ({L} layers)", rows)]
 
@@ -376,7 +541,8 @@ def main(argv=None) -> dict[str, list[str]]:
         proxy_prompts = [[token % proxy.vocab_size for token in prompt] for prompt in prompts]
         draft_exits = [n for n in parse_list(args.proxy_draft_exits, "--proxy-draft-exits")
                        if n in proxy_exits and n < proxy.num_hidden_layers]
-        proxy_args = argparse.Namespace(**{**vars(args), "thresholds": args.proxy_thresholds})
+        proxy_args = argparse.Namespace(**{**vars(args), "thresholds": args.proxy_thresholds, "draft_vocab": [],
+                                           "draft_stop": [], "adaptive_k": False, "transformers": False})
         proxy_rows = run_suite(proxy_generator, proxy_prompts, proxy_args, proxy_exits, draft_exits)
         shape = (f"{proxy.num_hidden_layers} layers, hidden {proxy.hidden_size}, intermediate "
                  f"{proxy.intermediate_size}, {proxy.num_attention_heads} heads, vocab {proxy.vocab_size} "

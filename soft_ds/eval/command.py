@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from soft_ds.config import TEMPLATES, SoftOptions
-from soft_ds.data import BUNDLED, BUNDLED_RECORDS, encode_prompt, load_instructions, load_tokenizer
+from soft_ds.data import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, encode_prompt, load_instructions, load_tokenizer
 from soft_ds.eval import claims, judge, metrics, triviaqa
 from soft_ds.eval.inputs import (held_out_records, open_checkpoint, parse_spec, parse_specs, shared_template,
                                  shared_tokenizer)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--b-exits", help="B's exits (default: its last layer); the grid is A's exits x B's")
     pair.add_argument("--judge", required=True, metavar="DIR",
                       help="judge model: a local Hugging Face causal LM directory (PandaLM-7B-v1 for real use)")
-    pair.add_argument("--instructions", default=str(BUNDLED / "pandalm_testset_inference_v1.json"),
+    pair.add_argument("--instructions", default=BUNDLED_INSTRUCTIONS,
                       help="JSON list of {instruction, input} (default: PandaLM's 170 test instructions)")
     pair.add_argument("--limit", type=int, help="use only the first N instructions")
     pair.add_argument("--max-new-tokens", type=int, default=128, help="longest response generated per system")

@@ -38,16 +38,15 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import NormalDist
 
 import torch
 
+from soft_ds.data import BUNDLED_INSTRUCTIONS, load_instructions
 from soft_ds.inference.core import CachedModel, Generation, check_confidence_measure, check_positive_integer, confidence
 from soft_ds.inference.dynamic import exit_thresholds
 from soft_ds.inference.exit import generate_at_exit
 
-PANDALM = Path(__file__).resolve().parents[2] / "data" / "pandalm_testset_inference_v1.json"
 # PandaLM's 170 records: 0..84 are measured (the benchmark's prompts), 85..169 calibrate.
 CALIBRATION_FIRST = 85
 
@@ -66,9 +65,9 @@ def check_confidence_level(level: float, name: str = "confidence level") -> floa
     return level
 
 
-def calibration_records(count: int, path: str | os.PathLike = PANDALM, first: int = CALIBRATION_FIRST) -> list[dict]:
+def calibration_records(count: int, path: str | os.PathLike = BUNDLED_INSTRUCTIONS,
+                        first: int = CALIBRATION_FIRST) -> list[dict]:
     """The calibration instructions: `count` records of `path` from record `first` on."""
-    from soft_ds.data import load_instructions
     check_positive_integer(count, "calibration prompt count")
     records = load_instructions(path)[first:]
     if len(records) < count:

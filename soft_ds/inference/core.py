@@ -134,6 +134,7 @@ class Generation:
     steps: int = 0  # decoding iterations after the prompt (one per token, or per draft-verify round)
     drafted: int = 0  # speculative: draft tokens proposed for sequences still generating
     accepted: int = 0  # speculative: of those, accepted by the verifier
+    draft_lengths: list[int] = field(default_factory=list)  # speculative: each round's k (tokens drafted)
     exit_layers: list[list[int]] = field(default_factory=list)  # dynamic: the exit of every token
 
     @property

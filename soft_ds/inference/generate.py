@@ -4,6 +4,8 @@ with dynamic exit.
     soft-ds generate --model exported/full --prompt "Name three primary colors."
     soft-ds generate --model exported/full --prompt "..." --exit 4
     soft-ds generate --model exported/full --prompt "..." --speculative-exit 4 --draft-tokens 3
+    soft-ds generate --model exported/full --prompt "..." --speculative-exit 20 --draft-vocab 8192 \\
+        --draft-stop 0.5 --adaptive-k
     soft-ds generate --model exported/full --instructions data/pandalm_testset_inference_v1.json \\
         --dynamic-threshold 0.9 --output answers.json
     soft-ds generate --model exported/full --prompt "..." --target-agreement 0.97 --stats
@@ -31,7 +33,8 @@ import torch
 
 from soft_ds.cli import parse_list
 from soft_ds.config import TEMPLATES
-from soft_ds.data import checkpoint_template, encode_prompt, encode_text, load_instructions, load_tokenizer
+from soft_ds.data import (BUNDLED_RECORDS, checkpoint_template, encode_prompt, encode_text, frequent_tokens, load_instructions,
+                          load_tokenizer, response_token_counts)
 from soft_ds.exits import check_exit_layer, check_exit_layers
 from soft_ds.hf_io import CheckpointError, load_llama_config
 from soft_ds.inference.core import (CONFIDENCE_MEASURES, DTYPES, Sampling, check_positive_integer, check_temperature,
@@ -40,7 +43,7 @@ from soft_ds.inference.calibrate import (calibrate, calibration_records, check_c
                                          check_target_agreement, prefix_agreement)
 from soft_ds.inference.dynamic import check_threshold
 from soft_ds.inference.generator import SoftGenerator
-from soft_ds.inference.speculative import check_draft_exit
+from soft_ds.inference.speculative import check_draft_exit, check_draft_vocabulary_size
 
 COMMAND_HELP = "Generate text with an exported SoFT checkpoint: any exit, self-speculative, or dynamic exit."
 
@@ -66,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dynamic exit with per-exit thresholds calibrated on held-out prompts so that this share "
                            "of tokens, in [0, 1], agree with the full model's greedy token (greedy only)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (--speculative-exit)")
+    p.add_argument("--draft-vocab", type=int,
+                   help="draft with a head over only the N most frequent response tokens of --draft-vocab-data "
+                        "(cheaper drafts; the full model still verifies, so greedy output is unchanged)")
+    p.add_argument("--draft-vocab-data", default=BUNDLED_RECORDS,
+                   help="Alpaca file whose responses --draft-vocab counts tokens in (default: the bundled sample)")
+    p.add_argument("--draft-stop", type=float,
+                   help="end a round's drafting when the draft's top probability falls below this for every "
+                        "sequence (Kangaroo)")
+    p.add_argument("--adaptive-k", action="store_true",
+                   help="--draft-tokens is the first round's k; then +2 after a fully accepted round, else -1")
     p.add_argument("--confidence", choices=CONFIDENCE_MEASURES, default="max_prob",
                    help="confidence measure for --dynamic-threshold / --target-agreement")
     p.add_argument("--exits", help="comma-separated exits --dynamic-threshold / --target-agreement may stop at "
@@ -110,6 +123,12 @@ def main(argv=None) -> list[str]:
         check_target_agreement(args.target_agreement, "--target-agreement")
         if args.temperature > 0:
             raise ValueError("--target-agreement calibrates greedy decoding; it cannot be used with --temperature > 0")
+    drafting = [name for name, value in (("--draft-vocab", args.draft_vocab), ("--draft-stop", args.draft_stop),
+                                         ("--adaptive-k", args.adaptive_k or None)) if value is not None]
+    if drafting and args.speculative_exit is None:
+        parser.error(f"{', '.join(drafting)}: only with --speculative-exit")
+    if args.draft_stop is not None:
+        check_threshold(args.draft_stop, "--draft-stop")
     sampling = Sampling(check_temperature(args.temperature, "--temperature"), check_top_p(args.top_p, "--top-p"),
                         args.seed)
     records = [{"instruction": args.prompt}] if args.prompt is not None else load_instructions(args.instructions)
@@ -120,6 +139,8 @@ def main(argv=None) -> list[str]:
         check_exit_layer(args.exit, num_layers, "--exit")
     if args.speculative_exit is not None:
         check_draft_exit(args.speculative_exit, num_layers, "--speculative-exit")
+    if args.draft_vocab is not None:
+        check_draft_vocabulary_size(args.draft_vocab, config.vocab_size, "--draft-vocab")
     exits = None if args.exits is None else check_exit_layers(parse_list(args.exits, "--exits"), num_layers)
 
     generator = SoftGenerator.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, exits=exits)
@@ -134,13 +155,19 @@ def main(argv=None) -> list[str]:
     dynamic = args.dynamic_threshold
     if args.target_agreement is not None:
         dynamic = calibrated_thresholds(args, generator, tokenizer, template, records)
+    draft_vocabulary = None
+    if args.draft_vocab is not None:
+        counts = response_token_counts(args.draft_vocab_data, tokenizer, config.vocab_size, template)
+        draft_vocabulary = frequent_tokens(counts, args.draft_vocab)
 
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
     texts, results, start = [], [], time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
         batch = prompts[first:first + args.batch_size]
         if args.speculative_exit is not None:
-            result = generator.generate_speculative(batch, args.speculative_exit, args.draft_tokens, **common)
+            result = generator.generate_speculative(batch, args.speculative_exit, args.draft_tokens, **common,
+                                                    draft_vocabulary=draft_vocabulary, draft_stop=args.draft_stop,
+                                                    adaptive=args.adaptive_k)
         elif dynamic is not None:
             result = generator.generate_dynamic(batch, dynamic, args.confidence, **common)
         else:

@@ -47,10 +47,12 @@ class SoftGenerator(CachedModel):
 
     def generate_speculative(self, prompts: list[list[int]], draft_exit: int, draft_tokens: int = 4,
                              max_new_tokens: int = 64, sampling: Sampling = GREEDY,
-                             eos_token_id: int | None = None) -> Generation:
-        """Self-speculative decoding drafting with exit `draft_exit`; see
-        `speculative.generate_speculative`."""
-        return generate_speculative(self, prompts, draft_exit, draft_tokens, max_new_tokens, sampling, eos_token_id)
+                             eos_token_id: int | None = None, draft_vocabulary=None,
+                             draft_stop: float | None = None, adaptive: bool = False) -> Generation:
+        """Self-speculative decoding drafting with exit `draft_exit` (optionally over a reduced
+        vocabulary, with a confidence stop or an adaptive k); see `speculative.generate_speculative`."""
+        return generate_speculative(self, prompts, draft_exit, draft_tokens, max_new_tokens, sampling, eos_token_id,
+                                    draft_vocabulary, draft_stop, adaptive)
 
     def generate_dynamic(self, prompts: list[list[int]], threshold, measure: str = "max_prob",
                          exits=None, max_new_tokens: int = 64, sampling: Sampling = GREEDY,

@@ -9,15 +9,31 @@ full model's greedy output, token for token (up to rounding: the verifier scores
 kernel call, see cache.py). Sampling: standard speculative sampling (accept with probability
 min(1, p/q), else resample from max(0, p - q)), so the output is distributed as the full model's
 samples.
+
+Two ways to make drafts cheaper or better aimed, both verified by the full model as before:
+  reduced draft vocabulary (FR-Spec, Zhao et al. 2025): the draft's head projects onto only the m
+      most frequent tokens of the training responses (`ReducedHead`: m rows of lm_head, the shared
+      final norm), so a draft costs layers[:n] + m/V of the head; the verifier keeps the full head,
+      so greedy output is still the full model's. In sampling the draft distribution q is zero
+      outside the subset, which speculative sampling allows (a drafted token always has q > 0; the
+      residual max(0, p - q) is p itself outside the subset).
+  adaptive draft length: `draft_stop` ends a round's drafting when the draft's top probability
+      falls below it for every sequence still generating (Kangaroo, Liu et al. 2024); `adaptive`
+      changes the next round's k by +2 when every sequence accepted all drafts, else -1 (at least
+      1), transformers' schedule for assistant tokens. A batch drafts one k per round: the round
+      goes on while any sequence is confident, and the schedule grows k only if all accepted.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from soft_ds.exits import check_exit_layer
 from soft_ds.inference.core import (GREEDY, CachedModel, Generation, Outputs, Sampling, check_positive_integer,
-                                    distribution, pick)
+                                    confidence, distribution, pick)
+from soft_ds.inference.dynamic import check_threshold
+from soft_ds.model import Llama
 
 
 def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
@@ -53,12 +69,62 @@ def check_draft_exit(draft_exit: int, num_layers: int, name: str = "draft exit")
     return check_exit_layer(draft_exit, num_layers, name, deepest=num_layers - 1)
 
 
+def check_draft_vocabulary(token_ids, vocab_size: int, name: str = "draft vocabulary") -> torch.Tensor:
+    """Distinct token ids inside the vocabulary, at least one: a 1-D LongTensor (ValueError naming
+    the problem)."""
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be a non-empty 1-D list of token ids, got shape {tuple(ids.shape)} "
+                         f"of {ids.dtype}")
+    ids = ids.long()
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.numel():
+        raise ValueError(f"{name} has token ids {outside[:5].tolist()} outside the vocabulary 0..{vocab_size - 1}")
+    if ids.unique().numel() != ids.numel():
+        raise ValueError(f"{name} repeats token ids")
+    return ids
+
+
+def check_draft_vocabulary_size(size: int, vocab_size: int, name: str = "draft vocabulary size") -> int:
+    check_positive_integer(size, name)
+    if size > vocab_size:
+        raise ValueError(f"{name} {size} exceeds the model's vocabulary ({vocab_size} tokens)")
+    return size
+
+
+class ReducedHead:
+    """Exit n's head on a subset of the vocabulary: the same final norm, the subset's rows of the
+    output projection (the tied embedding's rows for a tied model). Its logits are the full head's
+    logits at those ids, in the subset's order: head(hidden)[..., i] = full(hidden)[..., token_ids[i]].
+
+    The m rows are gathered once, here (m x H, e.g. 8192 x 576 floats for SmolLM2): indexing the
+    full matrix on every draft step would move them every step."""
+
+    def __init__(self, model: Llama, token_ids, exit_layer: int | None = None):
+        self.token_ids = check_draft_vocabulary(token_ids, model.config.vocab_size).to(model.lm_head.weight.device)
+        own = exit_layer is not None and str(exit_layer) in model.exit_heads  # SFT+ICT: the exit's own head
+        head = model.exit_heads[str(exit_layer)] if own else None
+        self.norm = head.norm if own else model.model.norm
+        self.weight = (head.lm_head.weight if own else model.lm_head.weight)[self.token_ids]  # (m, H)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(hidden), self.weight)  # (..., m)
+
+
 @torch.inference_mode()
 def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exit: int, draft_tokens: int = 4,
-                         max_new_tokens: int = 64, sampling: Sampling = GREEDY,
-                         eos_token_id: int | None = None) -> Generation:
-    """Draft `draft_tokens` tokens with exit `draft_exit`, verify them with the full model in one
-    forward over layers draft_exit+1..L, keep the accepted prefix plus the verifier's token.
+                         max_new_tokens: int = 64, sampling: Sampling = GREEDY, eos_token_id: int | None = None,
+                         draft_vocabulary=None, draft_stop: float | None = None,
+                         adaptive: bool = False) -> Generation:
+    """Draft up to `draft_tokens` tokens with exit `draft_exit`, verify them with the full model in
+    one forward over layers draft_exit+1..L, keep the accepted prefix plus the verifier's token.
+
+    draft_vocabulary: token ids the draft may propose (its head is then a `ReducedHead`; e.g.
+        `data.frequent_response_tokens`); None: the whole vocabulary.
+    draft_stop: end a round's drafting once the draft's top probability is below this for every
+        sequence still generating (a round may then draft nothing: one full-model step).
+    adaptive: draft_tokens is the first round's k; later rounds add 2 after a round whose drafts
+        were all accepted, else subtract 1 (never below 1).
 
     One round, for pending token x0 (produced but not yet in the cache) at column C:
       draft:  x0..x_{k-1} through layers[:n] one at a time, each giving the next draft x_{i+1};
@@ -71,32 +137,46 @@ def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exi
     """
     n = check_draft_exit(draft_exit, model.num_layers)
     check_positive_integer(draft_tokens, "draft_tokens")
+    if draft_stop is not None:
+        check_threshold(draft_stop, "draft_stop")
     model.check_prompts(prompts, max_new_tokens)
-    L, device = model.num_layers, model.device
+    reduced = None if draft_vocabulary is None else ReducedHead(model.model, draft_vocabulary, n)
+    L, device, V = model.num_layers, model.device, model.config.vocab_size
     generator = sampling.generator(device)
     cache, positions, hidden = model.prefill(prompts, L, max_new_tokens + draft_tokens + 1)
     out = Outputs(len(prompts), max_new_tokens, eos_token_id)
     token = pick(model.head(hidden), sampling, generator)
     out.add_each(token)
     result = Generation(out.tokens)
+    planned = draft_tokens  # this round's k before the remaining-length and draft_stop cuts
     while not out.all_done:
         active = out.active(device)
-        k = min(draft_tokens, out.remaining() - 1)  # a round emits at most k + 1 tokens
+        most = min(planned, out.remaining() - 1)  # a round emits at most k + 1 tokens
         start = cache.columns
         draft_hidden, drafts, draft_probs = [], [], []
         draft = token
-        for i in range(k + 1):
+        for i in range(most + 1):
             x, rope = model.embed_new(cache, draft, positions + i)
             x = model.run(cache, x, 0, n, rope)  # (B, 1, H)
             draft_hidden.append(x)
-            if i < k:
-                logits = model.head(x[:, -1], n)  # (B, V)
-                if sampling.greedy:
-                    draft = logits.argmax(-1)
-                else:
-                    draft_probs.append(distribution(logits, sampling))
-                    draft = torch.multinomial(draft_probs[-1], 1, generator=generator)[:, 0]
-                drafts.append(draft)
+            if i == most:
+                break
+            logits = model.head(x[:, -1], n) if reduced is None else reduced(x[:, -1])  # (B, V) or (B, m)
+            if draft_stop is not None and not bool((confidence(logits, "max_prob")[active] >= draft_stop).any()):
+                break  # x_i's layer-n state is in; nobody is confident of x_{i+1}
+            if sampling.greedy:
+                draft = logits.argmax(-1)
+            else:
+                probs = distribution(logits, sampling)
+                draft = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                if reduced is not None:  # q over the whole vocabulary: zero outside the subset
+                    probs = probs.new_zeros(len(prompts), V).scatter_(-1, reduced.token_ids.expand_as(probs), probs)
+                draft_probs.append(probs)
+            if reduced is not None:
+                draft = reduced.token_ids[draft]
+            drafts.append(draft)
+        k = len(drafts)
+        result.draft_lengths.append(k)
         spans = positions[:, None] + torch.arange(k + 1, device=device)  # (B, k + 1)
         verified = model.run(cache, torch.cat(draft_hidden, dim=1), n, L, model.rope(spans))
         logits = model.head(verified)  # (B, k + 1, V)
@@ -116,6 +196,9 @@ def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exi
                 result.drafted += k
                 result.accepted += count
             out.add(row, drafts[row, :count].tolist() + [value])
+        if adaptive and k:
+            all_accepted = bool((accepted[active] == k).all())
+            planned = planned + 2 if all_accepted else max(1, planned - 1)
         keep = int(accepted.max()) + 1  # columns of this round every sequence may need
         columns = torch.arange(start, start + keep, device=device)
         holes = columns[None, :] > start + accepted[:, None]  # (B, keep): drafts a sequence rejected
