@@ -20,6 +20,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from soft_ds.exits import EXIT_LOSS_IMPLEMENTATIONS
+
 # DeepSpeed keys a config file may carry (passed through after validation).
 DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
@@ -54,7 +56,12 @@ class SoftOptions:
     warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
-    exit_chunk_tokens: int = 1024  # exit loss in chunks of counted tokens under recompute (0: all at once)
+    # How each exit's loss is computed (soft_ds.exits.exit_loss; measured by soft_ds.bench.overhead):
+    # "fused" computes the head's gradients in the forward pass chunk by chunk, keeps no logits and
+    # recomputes nothing; "whole" keeps every exit's logits until backward; "chunked" recomputes
+    # the head forward in backward. Default "fused": exact, and the leanest in time (soft-ds bench overhead).
+    exit_loss: str = "fused"
+    exit_chunk_tokens: int = 1024  # counted tokens per chunk of the chunked and fused exit losses
     val_size: int = 200  # held-out records for validation
     template: str = "alpaca"  # prompt template: "alpaca" text or the tokenizer's "chat" template
     eval_interval: int = 50  # validation every N steps (0: only at the end)
@@ -229,6 +236,11 @@ def validate(config: RunConfig):
     for name in ("warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
+    if s.exit_loss not in EXIT_LOSS_IMPLEMENTATIONS:
+        raise ConfigError(f"exit_loss must be one of {', '.join(EXIT_LOSS_IMPLEMENTATIONS)}, got {s.exit_loss!r}")
+    if s.exit_loss != "whole" and s.exit_chunk_tokens < 1:
+        raise ConfigError(f"exit_chunk_tokens={s.exit_chunk_tokens}: the {s.exit_loss} exit loss works in chunks "
+                          "of counted tokens, so it must be >= 1 (exit_loss 'whole' computes them all at once)")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ConfigError(f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     if s.warmup_steps > s.train_steps:
