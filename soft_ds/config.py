@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from soft_ds.exits import EXIT_LOSS_IMPLEMENTATIONS
+from soft_ds.exits import EXIT_LOSS_CHOICES, resolve_exit_loss
 
 # DeepSpeed keys a config file may carry (passed through after validation).
 DEEPSPEED_KEYS = {
@@ -59,8 +59,9 @@ class SoftOptions:
     # How each exit's loss is computed (soft_ds.exits.exit_loss; measured by soft_ds.bench.overhead):
     # "fused" computes the head's gradients in the forward pass chunk by chunk, keeps no logits and
     # recomputes nothing; "whole" keeps every exit's logits until backward; "chunked" recomputes
-    # the head forward in backward. Default "fused": exact, and the leanest in time (soft-ds bench overhead).
-    exit_loss: str = "fused"
+    # the head forward in backward. Default "auto": fused in fp32, chunked under bf16
+    # (exits.resolve_exit_loss says why, with the figures; RunConfig.exit_loss resolves it).
+    exit_loss: str = "auto"
     exit_chunk_tokens: int = 1024  # counted tokens per chunk of the chunked and fused exit losses
     val_size: int = 200  # held-out records for validation
     template: str = "alpaca"  # prompt template: "alpaca" text or the tokenizer's "chat" template
@@ -91,6 +92,11 @@ class RunConfig:
     @property
     def bf16(self) -> bool:
         return bool(self.ds.get("bf16", {}).get("enabled", False))
+
+    @property
+    def exit_loss(self) -> str:
+        """The exit loss implementation this run uses (soft.exit_loss with "auto" resolved)."""
+        return resolve_exit_loss(self.soft.exit_loss, self.bf16)
 
     def data_parallel_size(self, world_size: int) -> int:
         pp = self.soft.pipeline_stages
@@ -236,10 +242,10 @@ def validate(config: RunConfig):
     for name in ("warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
-    if s.exit_loss not in EXIT_LOSS_IMPLEMENTATIONS:
-        raise ConfigError(f"exit_loss must be one of {', '.join(EXIT_LOSS_IMPLEMENTATIONS)}, got {s.exit_loss!r}")
-    if s.exit_loss != "whole" and s.exit_chunk_tokens < 1:
-        raise ConfigError(f"exit_chunk_tokens={s.exit_chunk_tokens}: the {s.exit_loss} exit loss works in chunks "
+    if s.exit_loss not in EXIT_LOSS_CHOICES:
+        raise ConfigError(f"exit_loss must be one of {', '.join(EXIT_LOSS_CHOICES)}, got {s.exit_loss!r}")
+    if config.exit_loss != "whole" and s.exit_chunk_tokens < 1:
+        raise ConfigError(f"exit_chunk_tokens={s.exit_chunk_tokens}: the {config.exit_loss} exit loss works in chunks "
                           "of counted tokens, so it must be >= 1 (exit_loss 'whole' computes them all at once)")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ConfigError(f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")

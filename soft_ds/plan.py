@@ -35,7 +35,8 @@ H hidden, I intermediate, KV = kv_heads * head_dim, V vocabulary):
         fused:   the input gradient N*H*a per exit kept until backward, and under bf16 the head's
                  V x H weight gradient (a bytes each) too; fp32 adds it straight into the gradient
                  instead. Transient once per stage: one chunk's C x V fp32 logits/softmax and their
-                 a-byte copy, and the V x H fp32 weight-gradient sum.
+                 a-byte copy, and under bf16 the V x H fp32 weight-gradient sum (fp32 sums it
+                 straight into the gradient).
     in flight under 1F1B: stage s (0-based) holds min(pp - s, grad_accum) micro-batches.
 
 FLOPs per micro-batch (B*T tokens; `partition.decoder_layer_flops` and `partition.head_flops`):
@@ -55,7 +56,7 @@ from transformers import LlamaConfig
 
 from soft_ds.cli import parse_list
 from soft_ds.config import SoftOptions
-from soft_ds.exits import EXIT_LOSS_IMPLEMENTATIONS, make_exits
+from soft_ds.exits import EXIT_LOSS_CHOICES, EXIT_LOSS_IMPLEMENTATIONS, make_exits, resolve_exit_loss
 from soft_ds.hf_io import CheckpointError, read_llama_config_file, stage_tensor_names
 from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
@@ -151,7 +152,8 @@ def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1,
         exit_kept, exit_transient = 0, chunk * v * 4 * 2
     else:  # fused: bf16 keeps the weight gradient for backward, fp32 adds it in the forward pass
         exit_kept = counted * h * a + (v * h * a if bf16 else 0)
-        exit_transient = chunk * v * (4 + a) + v * h * 4
+        # fp32 sums the weight gradient straight into the gradient; bf16 sums it in fp32 first
+        exit_transient = chunk * v * (4 + a) + (v * h * 4 if bf16 else 0)
 
     plans = []
     for index, stage in enumerate(stages):
@@ -242,8 +244,9 @@ def main(argv=None):
     p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="ZeRO stage")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each decoder layer in backward")
-    p.add_argument("--exit-loss", choices=EXIT_LOSS_IMPLEMENTATIONS, default=SoftOptions.exit_loss,
-                   help="the exit loss implementation, as training's soft.exit_loss")
+    p.add_argument("--exit-loss", choices=EXIT_LOSS_CHOICES, default=SoftOptions.exit_loss,
+                   help="the exit loss implementation, as training's soft.exit_loss (auto: fused in fp32, "
+                        "chunked under bf16)")
     p.add_argument("--exit-chunk-tokens", type=int, default=SoftOptions.exit_chunk_tokens,
                    help="counted tokens per chunk of the chunked and fused exit losses; as training")
     p.add_argument("--counted-share", type=float, default=1.0,
@@ -253,6 +256,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     config = load_model_config(args.model)  # errors: ValueError subclasses, one line from soft-ds
     exits = parse_list(args.exits, "--exits") if args.exits else None
+    args.exit_loss = resolve_exit_loss(args.exit_loss, args.bf16)
     plans = plan(config, exits, mode=args.mode, pipeline_stages=args.pp, data_parallel=args.dp,
                  micro_batch=args.micro_batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
                  bf16=args.bf16, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
