@@ -20,6 +20,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from soft_ds.exits import EXIT_LOSS_CHOICES, resolve_exit_loss
+
 # DeepSpeed keys a config file may carry (passed through after validation).
 DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
@@ -54,7 +56,13 @@ class SoftOptions:
     warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
-    exit_chunk_tokens: int = 1024  # exit loss in chunks of counted tokens under recompute (0: all at once)
+    # How each exit's loss is computed (soft_ds.exits.exit_loss; measured by soft_ds.bench.overhead):
+    # "fused" computes the head's gradients in the forward pass chunk by chunk, keeps no logits and
+    # recomputes nothing; "whole" keeps every exit's logits until backward; "chunked" recomputes
+    # the head forward in backward. Default "auto": fused in fp32, chunked under bf16
+    # (exits.resolve_exit_loss says why, with the figures; RunConfig.exit_loss resolves it).
+    exit_loss: str = "auto"
+    exit_chunk_tokens: int = 1024  # counted tokens per chunk of the chunked and fused exit losses
     val_size: int = 200  # held-out records for validation
     template: str = "alpaca"  # prompt template: "alpaca" text or the tokenizer's "chat" template
     eval_interval: int = 50  # validation every N steps (0: only at the end)
@@ -84,6 +92,11 @@ class RunConfig:
     @property
     def bf16(self) -> bool:
         return bool(self.ds.get("bf16", {}).get("enabled", False))
+
+    @property
+    def exit_loss(self) -> str:
+        """The exit loss implementation this run uses (soft.exit_loss with "auto" resolved)."""
+        return resolve_exit_loss(self.soft.exit_loss, self.bf16)
 
     def data_parallel_size(self, world_size: int) -> int:
         pp = self.soft.pipeline_stages
@@ -229,6 +242,11 @@ def validate(config: RunConfig):
     for name in ("warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
+    if s.exit_loss not in EXIT_LOSS_CHOICES:
+        raise ConfigError(f"exit_loss must be one of {', '.join(EXIT_LOSS_CHOICES)}, got {s.exit_loss!r}")
+    if config.exit_loss != "whole" and s.exit_chunk_tokens < 1:
+        raise ConfigError(f"exit_chunk_tokens={s.exit_chunk_tokens}: the {config.exit_loss} exit loss works in chunks "
+                          "of counted tokens, so it must be >= 1 (exit_loss 'whole' computes them all at once)")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ConfigError(f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     if s.warmup_steps > s.train_steps:

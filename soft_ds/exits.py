@@ -87,33 +87,140 @@ def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tup
     return tuple(exits)
 
 
+EXIT_LOSS_IMPLEMENTATIONS = ("whole", "chunked", "fused")
+EXIT_LOSS_CHOICES = ("auto", *EXIT_LOSS_IMPLEMENTATIONS)  # what soft.exit_loss and the commands accept
+
+
+def resolve_exit_loss(choice: str, bf16: bool) -> str:
+    """The implementation an exit_loss choice means. "auto": fused in fp32, where it adds the head's
+    weight gradient straight into the gradient (nothing (V, H) kept, nothing recomputed); chunked
+    under bf16, where fused would keep a V x H weight gradient per exit per micro-batch in flight
+    (13B, pp 4, grad_accum 8: +1.7-2.2 GiB per stage, `soft-ds plan`) to save one head forward on
+    the counted tokens (+0.1-0.4% of a stage's FLOPs)."""
+    if choice == "auto":
+        return "chunked" if bf16 else "fused"
+    return choice
+
+
 def _token_ce_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Token-mean cross-entropy of `normed @ weight.T` whose gradients are computed in the forward pass.
+
+    normed (N, H): the counted rows after the head's norm; weight (V, H); targets (N,). Chunk by chunk
+    of `chunk_tokens` rows: fp32 logits (chunk, V), the loss via logsumexp, grad_logits = softmax -
+    onehot, and from it the input gradient (chunk, H) and the weight gradient (V, H), summed over the
+    chunks. No logits outlive their chunk and backward recomputes nothing: it scales the gradients
+    kept from the forward pass by the upstream gradient.
+
+    The weight gradient kept for backward is a (V, H) tensor per call, alive until that backward (per
+    exit per micro-batch in flight in a 1F1B pipeline). With `weight_grad_factor` (a float: the
+    gradient the caller's backward will bring to this loss, which `backward` checks) it is instead
+    added into `weight.grad` in the forward pass, already scaled, and nothing (V, H) is kept. That
+    is only right when this forward runs once per backward (not recomputed under activation
+    checkpointing) and `weight.grad` is where the gradient is read from (fp32 training; under bf16
+    DeepSpeed's optimizer clears the bf16 gradients at each backward and reads its own fp32 buffers,
+    so bf16 keeps the weight gradient instead: see `pipe.ExitLossSettings`).
+    """
+
+    @staticmethod
+    def forward(ctx, normed, weight, targets, chunk_tokens: int, weight_grad_factor):
+        count = len(targets)
+        train_weight = ctx.needs_input_grad[1]  # False for a frozen head
+        grad_normed = torch.zeros_like(normed)  # (N, H)
+        direct = train_weight and weight_grad_factor is not None
+        if direct and weight.dtype == torch.float32:
+            # Summed chunk by chunk into the gradient itself: no (V, H) tensor of its own at all.
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad_weight, alpha = weight.grad, weight_grad_factor
+        else:
+            grad_weight = torch.zeros(weight.shape if train_weight else (0, 0), dtype=torch.float32,
+                                      device=weight.device)  # (V, H)
+            alpha = 1.0
+        total = torch.zeros((), dtype=torch.float32, device=normed.device)
+        for start in range(0, count, chunk_tokens):
+            rows = normed[start:start + chunk_tokens]  # (C, H)
+            chunk_targets = targets[start:start + chunk_tokens]  # (C,)
+            logits = F.linear(rows, weight).float()  # (C, V), as the whole loss: head(hidden).float()
+            log_norm = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' storage
+            grad_logits[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1.0
+            grad_logits /= count  # the token mean
+            grad_low = grad_logits.to(weight.dtype)  # (C, V); the whole loss's backward casts it too
+            grad_normed[start:start + chunk_tokens] = grad_low @ weight  # (C, H)
+            if train_weight:
+                grad_weight.addmm_(grad_low.t().float(), rows.float(), alpha=alpha)  # (V, H), fp32 sum
+        ctx.weight_grad_factor = weight_grad_factor if direct else None
+        if not direct:
+            ctx.save_for_backward(grad_normed, grad_weight.to(weight.dtype))
+        else:
+            ctx.save_for_backward(grad_normed)
+            if grad_weight is not weight.grad:  # a low-precision weight: scaled once, then added
+                grad_weight.mul_(weight_grad_factor)
+                if weight.grad is None:
+                    weight.grad = grad_weight.to(weight.dtype)
+                else:
+                    weight.grad.add_(grad_weight.to(weight.dtype))
+        return total / max(count, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.weight_grad_factor is None:
+            grad_normed, grad_weight = ctx.saved_tensors
+            grad_weight = grad_weight * grad_output if ctx.needs_input_grad[1] else None
+            return grad_normed * grad_output, grad_weight, None, None, None
+        (grad_normed,) = ctx.saved_tensors
+        factor, upstream = ctx.weight_grad_factor, grad_output.item()  # a host sync on GPU, once per exit
+        if abs(upstream - factor) > 1e-6 * abs(factor):
+            raise RuntimeError(f"the exit loss added its weight gradient scaled by {factor} in the forward "
+                               f"pass, but backward brought {upstream}: keep the weight gradient "
+                               "(weight_grad_factor=None) for this loss")
+        return grad_normed * grad_output, None, None, None, None
+
+
+def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, implementation: str = "whole",
+              chunk_tokens: int = 1024, weight_grad_factor: float | None = None) -> torch.Tensor:
     """Token-mean cross-entropy of head(hidden) against next-token `targets` (-100 = not counted).
 
     hidden (B, T, H), targets (B, T). Only the counted rows reach the head: an uncounted position
     (prompt, padding) adds nothing to the loss, so running norm + lm_head on it is wasted work, and
     at the paper's 512 tokens about 1 row in 8 counts. The gather's backward scatters the rows'
     gradients back, so every uncounted position gets an exact zero gradient.
-    With chunk_tokens > 0 the logits are computed chunk by chunk (of counted tokens) under
-    activation checkpointing, so at most one chunk's (chunk, V) logits are alive at a time instead
-    of every exit's (counted, V) logits until backward; the price is one extra head forward.
+
+    implementation:
+    * "whole": one head forward over the counted rows; their (N, V) logits (and softmax) stay
+      alive until backward.
+    * "chunked": chunks of `chunk_tokens` counted rows under activation checkpointing: at most one
+      chunk's (chunk, V) logits alive at a time; the price is one extra head forward.
+    * "fused": `FusedLinearCrossEntropy` on the normed rows (the norm stays in autograd): gradients
+      computed chunk by chunk in the forward pass, no logits kept, nothing recomputed. Needs
+      `head.norm` and `head.output_weight`. weight_grad_factor: see FusedLinearCrossEntropy.
+    Without autograd (evaluation) every implementation computes the same plain loss.
     A micro-batch with no counted token contributes 0 (and zero gradients).
     """
+    if implementation not in EXIT_LOSS_IMPLEMENTATIONS:
+        raise ValueError(f"exit loss implementation must be one of {EXIT_LOSS_IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation != "whole" and chunk_tokens <= 0:
+        raise ValueError(f"the {implementation} exit loss needs chunk_tokens > 0, got {chunk_tokens}")
     targets = targets.reshape(-1)  # (B*T,)
     counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) row indices; a host sync on GPU
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted)  # (N, H)
     targets = targets.index_select(0, counted)  # (N,)
-    chunk = chunk_tokens if chunk_tokens > 0 else max(len(targets), 1)
-    recompute = chunk_tokens > 0 and torch.is_grad_enabled()
+    if not torch.is_grad_enabled() or implementation == "whole":
+        return _token_ce_sum(head, hidden, targets) / max(len(targets), 1)
+    if implementation == "fused":
+        weight = head.output_weight
+        factor = weight_grad_factor if weight.requires_grad else None
+        return FusedLinearCrossEntropy.apply(head.norm(hidden), weight, targets, chunk_tokens, factor)
     # An empty batch still runs the head once on its (0, H) rows: the loss stays connected to the
     # head and hidden, so backward gives them zero gradients rather than none (as the pipeline needs).
-    total = sum(checkpoint(_token_ce_sum, head, h, t, use_reentrant=False) if recompute
-                else _token_ce_sum(head, h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk)))
+    total = sum(checkpoint(_token_ce_sum, head, h, t, use_reentrant=False)
+                for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
     return total / max(len(targets), 1)
 
 

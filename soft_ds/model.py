@@ -311,6 +311,11 @@ class SharedHead(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def output_weight(self) -> nn.Parameter:
+        """The (V, H) output projection (the fused exit loss multiplies by it directly)."""
+        return self.lm_head.weight
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # (..., V)
 
@@ -324,9 +329,27 @@ class TiedHead(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
 
+    @property
+    def output_weight(self) -> nn.Parameter:
+        """The (V, H) output projection: the embedding matrix."""
+        return self.embed_tokens.weight
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The same product as nn.Linear with this (V, H) weight: exactly the untied head's numbers.
         return F.linear(self.norm(hidden), self.embed_tokens.weight)  # (..., V)
+
+
+class HeadView:
+    """A head given by its parts, norm then the (V, H) `output_weight`, for heads that are not a
+    module of their own (a whole Llama's `model.norm` + `lm_head`); `exit_loss` takes it like
+    SharedHead or TiedHead."""
+
+    def __init__(self, norm: nn.Module, output_weight: nn.Parameter):
+        self.norm = norm
+        self.output_weight = output_weight
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(hidden), self.output_weight)  # (..., V)
 
 
 def tied_embeddings(config: LlamaConfig) -> bool:
@@ -431,6 +454,13 @@ class Llama(nn.Module):
         n = self.config.num_hidden_layers if exit_layer is None else check_exit_layer(
             exit_layer, self.config.num_hidden_layers, "exit layer")
         return self.head(self.hidden_states(input_ids, [n])[n], n)  # (B, T, V)
+
+    def exit_head(self, exit_layer: int | None = None) -> "SharedHead | HeadView":
+        """Exit `exit_layer`'s head as a callable with `.norm` and `.output_weight` (for exit_loss):
+        its own head if it has one (SFT+ICT), else the shared norm + lm_head."""
+        if exit_layer is not None and str(exit_layer) in self.exit_heads:
+            return self.exit_heads[str(exit_layer)]
+        return HeadView(self.model.norm, self.lm_head.weight)
 
     def head(self, hidden: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
         """Exit `exit_layer`'s head on `hidden`: its own head if it has one (SFT+ICT), else the

@@ -38,7 +38,7 @@ from torch import nn
 from soft_ds.checkpoint import HEAD_FILE
 from soft_ds.exits import exit_loss
 from soft_ds.hf_io import EXIT_HEAD_PREFIX, hf_name
-from soft_ds.model import DecoderLayer, SharedHead, TiedHead, check_supported, tied_embeddings
+from soft_ds.model import DecoderLayer, HeadView, SharedHead, TiedHead, check_supported, tied_embeddings
 from soft_ds.partition import plan_stages
 
 HEAD_KEY = "head"
@@ -103,11 +103,33 @@ class ExitLossMeter:
         self.counts[layer] = self.counts.get(layer, 0) + 1
 
 
-def exit_forward(head, inputs, *, layer: int, share: float, chunk_tokens: int,
-                 meter: ExitLossMeter):
+class ExitLossSettings:
+    """How this stage's exits compute their loss (`exits.exit_loss`), one object shared by them all.
+
+    weight_grad_scale: set by `build_engine` where the fused loss may add the head's weight gradient
+    straight into `weight.grad` in the forward pass instead of keeping a (V, H) tensor per exit per
+    micro-batch in flight: the gradient the engine's backward brings to the running loss (1 /
+    gradient accumulation steps; each exit's loss gets its share of it). Only fp32 training: under
+    bf16 DeepSpeed's optimizer clears the bf16 gradients at each backward and reads its own fp32
+    copies, so bf16 keeps the weight gradient for backward. Only the shared head: an own head
+    (SFT+ICT) is a checkpointable layer, whose forward activation checkpointing would run twice."""
+
+    def __init__(self, implementation: str, chunk_tokens: int):
+        self.implementation = implementation
+        self.chunk_tokens = chunk_tokens
+        self.weight_grad_scale: float | None = None
+
+    def loss(self, head, hidden, targets, share: float, direct: bool) -> torch.Tensor:
+        scale = self.weight_grad_scale if direct and self.implementation == "fused" else None
+        return exit_loss(head, hidden, targets, self.implementation, self.chunk_tokens,
+                         weight_grad_factor=None if scale is None else share * scale)
+
+
+def exit_forward(head, inputs, *, layer: int, share: float, settings: ExitLossSettings,
+                 meter: ExitLossMeter, direct: bool = True):
     """Exit after `layer`: add share * L_layer to the running loss, pass the hidden state on."""
     hidden, running_loss, targets, positions = unpack(inputs)
-    loss = exit_loss(head, hidden, targets, chunk_tokens)
+    loss = settings.loss(head, hidden, targets, share, direct)
     meter.add(layer, loss)
     return hidden, running_loss + share * loss, targets, positions
 
@@ -115,12 +137,13 @@ def exit_forward(head, inputs, *, layer: int, share: float, chunk_tokens: int,
 class OwnHeadExitPipe(SharedHead):
     """An exit with a head of its own (the SFT+ICT baseline), trained while the model is frozen."""
 
-    def __init__(self, config, layer: int, share: float, chunk_tokens: int, meter: ExitLossMeter):
+    def __init__(self, config, layer: int, share: float, settings: ExitLossSettings, meter: ExitLossMeter):
         super().__init__(config)
-        self.exit_args = dict(layer=layer, share=share, chunk_tokens=chunk_tokens, meter=meter)
+        self.exit_args = dict(layer=layer, share=share, settings=settings, meter=meter, direct=False)
 
     def forward(self, inputs):
-        return exit_forward(super().forward, inputs, **self.exit_args)  # the head: SharedHead.forward
+        # The head as its parts: passing `self` would call this forward again.
+        return exit_forward(HeadView(self.norm, self.output_weight), inputs, **self.exit_args)
 
 
 def running_loss_of(outputs, _labels=None) -> torch.Tensor:
@@ -143,7 +166,7 @@ def layer_layout(num_layers: int, exits) -> list[tuple[str, int]]:
 class SoftPipelineModule(PipelineModule):
     """LLaMA as a DeepSpeed PipelineModule with SoFT exits on exit-aligned stages."""
 
-    def __init__(self, config, exits, topology, seq_len: int, exit_chunk_tokens: int = 0,
+    def __init__(self, config, exits, topology, seq_len: int, exit_loss: str = "whole", exit_chunk_tokens: int = 0,
                  activation_checkpoint_interval: int = 0):
         check_supported(config)
         self.config = config
@@ -151,6 +174,7 @@ class SoftPipelineModule(PipelineModule):
         self.layout = layer_layout(config.num_hidden_layers, self.exits)
         self.stages = plan_stages(config, [e.layer for e in self.exits], topology.get_dim("pipe"), seq_len)
         self.meter = ExitLossMeter()
+        self.exit_loss_settings = ExitLossSettings(exit_loss, exit_chunk_tokens)
         # SFT+ICT: only the exits' own heads train; the model itself is frozen.
         self.frozen_base = any(e.own_head for e in self.exits)
         total_weight = sum(e.weight for e in self.exits)
@@ -160,7 +184,7 @@ class SoftPipelineModule(PipelineModule):
         specs = []
         for kind, number in self.layout:
             exit_ = next((e for e in self.exits if e.layer == number), None)
-            exit_args = dict(layer=number, chunk_tokens=exit_chunk_tokens, meter=self.meter,
+            exit_args = dict(layer=number, settings=self.exit_loss_settings, meter=self.meter,
                              share=exit_.weight / total_weight if exit_ else 0.0)
             if kind == "embed" and self.tied:
                 specs.append(TiedLayerSpec(HEAD_KEY, head_class, config, tied_weight_attr=head_attrs,
@@ -345,21 +369,24 @@ class SoftPipelineEngine(PipelineEngine):
                         schedule.SendGrad: _exec_send_grads}
 
 
-def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_source,
+def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_source, exit_loss: str = "whole",
                    exit_chunk_tokens: int = 0, activation_checkpointing: bool = False) -> SoftPipelineModule:
     """The stage of the model this rank holds, with its weights loaded (distributed must be up)."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     world = torch_dist.get_world_size()
     topology = PipeDataParallelTopology(num_pp=pipeline_stages, num_dp=world // pipeline_stages)
-    module = SoftPipelineModule(config, exits, topology, seq_len, exit_chunk_tokens=exit_chunk_tokens,
+    module = SoftPipelineModule(config, exits, topology, seq_len, exit_loss=exit_loss,
+                                exit_chunk_tokens=exit_chunk_tokens,
                                 activation_checkpoint_interval=1 if activation_checkpointing else 0)
     module.load_hf_weights(weight_source)
     return module
 
 
 def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None,
-                 lr_multiplier=None) -> SoftPipelineEngine:
-    """The DeepSpeed engine; lr_multiplier(step) -> LR / peak LR gives the schedule."""
+                 lr_multiplier=None, direct_weight_gradient: bool = True) -> SoftPipelineEngine:
+    """The DeepSpeed engine; lr_multiplier(step) -> LR / peak LR gives the schedule.
+    direct_weight_gradient: let the fused exit loss add the head's weight gradient in the forward
+    pass where that is exact (fp32; see ExitLossSettings); False keeps it for backward everywhere."""
     import deepspeed
     scheduler = None
     if lr_multiplier is not None:
@@ -369,4 +396,8 @@ def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None,
         model_parameters=[p for p in module.parameters() if p.requires_grad])
     # deepspeed.initialize always builds a plain PipelineEngine; ours only overrides methods.
     engine.__class__ = SoftPipelineEngine
+    if direct_weight_gradient and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        # The last stage's backward starts from loss / gradient_accumulation_steps (fp32: no loss
+        # scaling); the running loss passes that gradient unchanged to every exit before it.
+        module.exit_loss_settings.weight_grad_scale = 1.0 / engine.gradient_accumulation_steps()
     return engine

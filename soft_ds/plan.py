@@ -25,15 +25,24 @@ H hidden, I intermediate, KV = kv_heads * head_dim, V vocabulary):
     without activation checkpointing: full_layer per layer held;
     with it (DeepSpeed checkpoints every layer): each layer's input B*T*H*a per layer held, plus
         one layer's full activations once per stage, alive while it is recomputed in backward.
-    exits, with the chunked exit loss (exit_chunk_tokens > 0): at most one chunk of
-        min(chunk, B*T) x V fp32 logits and their gradient, once per stage, never per micro-batch;
-        without chunking (0): B*T*(a*H + (a + 4)*V) per exit (norm output, logits, fp32
-        log-probabilities), kept until backward.
+    exits: the head sees only the counted tokens, N = counted_share * B*T of them (prompt and
+        padding positions never reach it; about 0.12 of a padded 512-token Alpaca row counts). By
+        the exit loss implementation (`exits.exit_loss`; C = min(exit_chunk_tokens, N)):
+        whole:   N*(a*H + (a + 4)*V) per exit (norm output, logits, fp32 log-probabilities), kept
+                 until backward;
+        chunked: nothing per exit beyond its input; one chunk's C x V fp32 logits and their
+                 gradient transient, once per stage;
+        fused:   the input gradient N*H*a per exit kept until backward, and under bf16 the head's
+                 V x H weight gradient (a bytes each) too; fp32 adds it straight into the gradient
+                 instead. Transient once per stage: one chunk's C x V fp32 logits/softmax and their
+                 a-byte copy, and under bf16 the V x H fp32 weight-gradient sum (fp32 sums it
+                 straight into the gradient).
     in flight under 1F1B: stage s (0-based) holds min(pp - s, grad_accum) micro-batches.
 
 FLOPs per micro-batch (B*T tokens; `partition.decoder_layer_flops` and `partition.head_flops`):
     3 x forward (forward + backward), plus one more decoder forward under activation
-    checkpointing and one more head forward per exit under the chunked exit loss (its recompute).
+    checkpointing and one more head forward per exit under the chunked exit loss (its recompute);
+    the heads' FLOPs are on the counted tokens only.
 The pipeline bubble of 1F1B is (pp - 1) / (grad_accum + pp - 1).
 """
 
@@ -46,7 +55,8 @@ from pathlib import Path
 from transformers import LlamaConfig
 
 from soft_ds.cli import parse_list
-from soft_ds.exits import make_exits
+from soft_ds.config import SoftOptions
+from soft_ds.exits import EXIT_LOSS_CHOICES, EXIT_LOSS_IMPLEMENTATIONS, make_exits, resolve_exit_loss
 from soft_ds.hf_io import CheckpointError, read_llama_config_file, stage_tensor_names
 from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
@@ -110,13 +120,19 @@ def layer_activation_bytes(config, tokens: int, act_bytes: int) -> int:
 
 def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1, data_parallel: int = 1,
          micro_batch: int = 1, seq_len: int = 512, grad_accum: int = 1, bf16: bool = True,
-         zero_stage: int = 0, activation_checkpointing: bool = False, exit_chunk_tokens: int = 1024,
-         gpu_gib: float = 80.0) -> list[StagePlan]:
+         zero_stage: int = 0, activation_checkpointing: bool = False, exit_loss: str = "fused",
+         exit_chunk_tokens: int = 1024, counted_share: float = 1.0, gpu_gib: float = 80.0) -> list[StagePlan]:
     """One StagePlan per pipeline stage (see the module docstring for every formula)."""
     for name, value in (("data_parallel", data_parallel), ("micro_batch", micro_batch),
                         ("seq_len", seq_len), ("grad_accum", grad_accum)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if exit_loss not in EXIT_LOSS_IMPLEMENTATIONS:
+        raise ValueError(f"exit loss must be one of {', '.join(EXIT_LOSS_IMPLEMENTATIONS)}, got {exit_loss!r}")
+    if exit_loss != "whole" and exit_chunk_tokens < 1:
+        raise ValueError(f"the {exit_loss} exit loss needs exit chunk tokens >= 1, got {exit_chunk_tokens}")
+    if not 0.0 < counted_share <= 1.0:
+        raise ValueError(f"counted share must be in (0, 1], got {counted_share}")
     check_supported(config)
     exits = make_exits(exit_layers, config.num_hidden_layers, mode=mode)
     stages = plan_stages(config, [e.layer for e in exits], pipeline_stages, seq_len)
@@ -127,8 +143,17 @@ def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1,
     h, v = config.hidden_size, config.vocab_size
     full_layer = layer_activation_bytes(config, tokens, a)
     layer_flops = decoder_layer_flops(config, seq_len) * tokens
-    exit_flops = head_flops(config) * tokens
-    chunked = exit_chunk_tokens > 0
+    counted = max(1, round(counted_share * tokens))  # the tokens an exit head computes
+    exit_flops = head_flops(config) * counted
+    chunk = min(exit_chunk_tokens, counted)
+    if exit_loss == "whole":
+        exit_kept, exit_transient = counted * (a * h + (a + 4) * v), 0
+    elif exit_loss == "chunked":
+        exit_kept, exit_transient = 0, chunk * v * 4 * 2
+    else:  # fused: bf16 keeps the weight gradient for backward, fp32 adds it in the forward pass
+        exit_kept = counted * h * a + (v * h * a if bf16 else 0)
+        # fp32 sums the weight gradient straight into the gradient; bf16 sums it in fp32 first
+        exit_transient = chunk * v * (4 + a) + (v * h * 4 if bf16 else 0)
 
     plans = []
     for index, stage in enumerate(stages):
@@ -136,10 +161,7 @@ def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1,
                                    has_exit=bool(stage.exits))
         parameters = sum(shapes[name].numel() for name in names)
         layers, heads = len(stage.layers), len(stage.exits)
-        if chunked:
-            exits_kept, exits_transient = 0, (min(exit_chunk_tokens, tokens) * v * 4 * 2 if heads else 0)
-        else:
-            exits_kept, exits_transient = heads * tokens * (a * h + (a + 4) * v), 0
+        exits_kept, exits_transient = heads * exit_kept, (exit_transient if heads else 0)
         checkpointed = layers * tokens * h * a + exits_kept
         full = layers * full_layer + exits_kept
         transient = exits_transient + (full_layer if activation_checkpointing else 0)
@@ -148,7 +170,7 @@ def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1,
         static = int(round(parameters * per_param))
         forward = layers * layer_flops + heads * exit_flops
         flops = 3 * forward + (layers * layer_flops if activation_checkpointing else 0) \
-            + (heads * exit_flops if chunked else 0)
+            + (heads * exit_flops if exit_loss == "chunked" else 0)
         plans.append(StagePlan(
             stage=index, first_layer=stage.first_layer, last_layer=stage.last_layer, exits=stage.exits,
             parameters=parameters, static_bytes=static, activation_bytes=activation,
@@ -222,18 +244,27 @@ def main(argv=None):
     p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="ZeRO stage")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each decoder layer in backward")
-    p.add_argument("--exit-chunk-tokens", type=int, default=1024,
-                   help="chunked exit loss: tokens per logits chunk (0: whole micro-batch); as training")
+    p.add_argument("--exit-loss", choices=EXIT_LOSS_CHOICES, default=SoftOptions.exit_loss,
+                   help="the exit loss implementation, as training's soft.exit_loss (auto: fused in fp32, "
+                        "chunked under bf16)")
+    p.add_argument("--exit-chunk-tokens", type=int, default=SoftOptions.exit_chunk_tokens,
+                   help="counted tokens per chunk of the chunked and fused exit losses; as training")
+    p.add_argument("--counted-share", type=float, default=1.0,
+                   help="share of a micro-batch's tokens that count in the loss (the heads compute only "
+                        "those); about 0.12 for padded 512-token Alpaca rows")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory per device, GiB")
     args = p.parse_args(argv)
     config = load_model_config(args.model)  # errors: ValueError subclasses, one line from soft-ds
     exits = parse_list(args.exits, "--exits") if args.exits else None
+    args.exit_loss = resolve_exit_loss(args.exit_loss, args.bf16)
     plans = plan(config, exits, mode=args.mode, pipeline_stages=args.pp, data_parallel=args.dp,
                  micro_batch=args.micro_batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
                  bf16=args.bf16, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
-                 exit_chunk_tokens=args.exit_chunk_tokens, gpu_gib=args.gpu_gib)
+                 exit_loss=args.exit_loss, exit_chunk_tokens=args.exit_chunk_tokens,
+                 counted_share=args.counted_share, gpu_gib=args.gpu_gib)
     print(f"{args.model}: {config.num_hidden_layers} layers, mode {args.mode}, pp {args.pp} x dp {args.dp}, "
           f"micro-batch {args.micro_batch} x {args.seq_len} tokens, grad_accum {args.grad_accum}, "
           f"{'bf16' if args.bf16 else 'fp32'}, ZeRO-{args.zero}, activation checkpointing "
-          f"{'on' if args.activation_checkpointing else 'off'}")
+          f"{'on' if args.activation_checkpointing else 'off'}, {args.exit_loss} exit loss, "
+          f"counted share {args.counted_share:g}")
     print(format_plan(plans, args.grad_accum))

@@ -25,7 +25,7 @@ from soft_ds import hf_io
 from soft_ds import preemption
 from soft_ds.cli import parse_list
 from soft_ds.distributed import deepspeed_environment, distributed_env, init_distributed
-from soft_ds.exits import make_exits
+from soft_ds.exits import EXIT_LOSS_CHOICES, make_exits
 from soft_ds.model import PRESETS, check_supported, packed_attention_kernel, preset_config, random_weights
 from soft_ds.monitor import Monitor, error
 from soft_ds.partition import balance_ratio, plan_stages
@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="recompute decoder layers in backward")
     o.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="several records per row, attention confined to each")
+    o.add_argument("--exit_loss", choices=EXIT_LOSS_CHOICES, default=None,
+                   help="how each exit's loss is computed: fused (gradients in the forward pass), whole, chunked; "
+                        "auto: fused in fp32, chunked under bf16")
     d = p.add_argument_group("overrides of the config file's DeepSpeed numbers")
     d.add_argument("--micro_batch_size", type=int, default=None, help="train_micro_batch_size_per_gpu")
     d.add_argument("--grad_accum", type=int, default=None, help="gradient_accumulation_steps")
@@ -103,7 +106,7 @@ def build_run_config(args) -> run_config.RunConfig:
         train_steps=args.train_steps,
         warmup_steps=args.warmup_steps, val_size=args.val_size, eval_interval=args.eval_interval,
         save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed,
-        activation_checkpointing=args.activation_checkpointing, packing=args.packing,
+        activation_checkpointing=args.activation_checkpointing, packing=args.packing, exit_loss=args.exit_loss,
         micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, lr=args.lr,
         gradient_clipping=args.gradient_clipping, bf16=args.bf16, zero_stage=args.zero_stage)
 
@@ -243,7 +246,8 @@ def run(argv, stop: preemption.StopRequest):
     monitor_enabled = torch.distributed.get_rank() == 0
     resume = args.resume and checkpoint.has_checkpoint(args.output_dir)
     monitor = Monitor(os.path.join(args.output_dir, "tb"), monitor_enabled, soft.train_steps)
-    monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {'bf16' if config.bf16 else 'fp32'} | "
+    monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {config.exit_loss} exit loss | "
+                 f"{'bf16' if config.bf16 else 'fp32'} | "
                  f"{soft.pipeline_stages} stages x "
                  f"{config.data_parallel_size(world_size)} data parallel | train batch "
                  f"{config.train_batch_size(world_size)} | {len(train_set)} train / {len(val_set)} val records")
@@ -260,7 +264,7 @@ def run(argv, stop: preemption.StopRequest):
     extra = {}
 
     module = build_pipeline(model_config, exits, soft.pipeline_stages, soft.seq_len, weight_source,
-                            exit_chunk_tokens=soft.exit_chunk_tokens,
+                            exit_loss=config.exit_loss, exit_chunk_tokens=soft.exit_chunk_tokens,
                             activation_checkpointing=soft.activation_checkpointing)
     if module.frozen_base:
         extra["extra_parameters"] = module.extra_parameters()

@@ -53,8 +53,9 @@ def make_batches(step: int, count: int, vocab: int, packed: bool = False) -> lis
     return batches
 
 
-def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0, tied=False, packed=False):
-    """Plain PyTorch: the same SoFT loss (mean over all micro-batches of the step), SGD(lr),
+def reference_run(mode, gas, dp, steps, clip, lr=1.0, tied=False, packed=False):
+    """Plain PyTorch: the same SoFT loss (mean over all micro-batches of the step, each exit's loss
+    the whole plain cross-entropy whatever the pipeline's exit loss implementation), SGD(lr),
     optional clipping. Returns per-step losses, per-step exit losses, per-step parameters (a tied
     model's one embedding/head matrix as model.embed_tokens.weight: its gradient sums both uses)."""
     config = tiny_config(tied)
@@ -68,7 +69,7 @@ def reference_run(mode, gas, dp, steps, clip, lr=1.0, chunk_tokens=0, tied=False
         total, per_exit = 0.0, {e.layer: 0.0 for e in exits}
         for ids, targets, positions in batches:
             hidden = model.hidden_states(ids, [e.layer for e in exits], positions)
-            exit_losses = {n: exit_loss(model.head, h, targets, chunk_tokens) for n, h in hidden.items()}
+            exit_losses = {n: exit_loss(model.head, h, targets) for n, h in hidden.items()}
             loss = soft_loss(exit_losses, exits) / len(batches)
             loss.backward()
             total += loss.item()
@@ -92,7 +93,10 @@ def parse_case(argv):
     parser.add_argument("--clip", type=float, default=0.0)
     parser.add_argument("--mode", default="soft")
     parser.add_argument("--act-ckpt", action="store_true")
+    parser.add_argument("--exit-loss", default="whole", help="the pipeline's exit loss implementation")
     parser.add_argument("--chunk-tokens", type=int, default=0)
+    parser.add_argument("--kept-weight-gradient", action="store_true",
+                        help="the fused loss keeps its weight gradient for backward even where fp32 would add it directly")
     parser.add_argument("--tied", action="store_true", help="tie the embedding to the lm_head")
     parser.add_argument("--packed", action="store_true", help="several records per row")
     return parser.parse_args([str(a) for a in argv])
@@ -108,7 +112,8 @@ def run_case(args, steps: int) -> dict:
     config = tiny_config(args.tied)
     exits = make_exits(None, config.num_hidden_layers, mode=args.mode)
     module = build_pipeline(config, exits, args.pp, SEQ_LEN, random_weights(config, SEED),
-                            exit_chunk_tokens=args.chunk_tokens, activation_checkpointing=args.act_ckpt)
+                            exit_loss=args.exit_loss, exit_chunk_tokens=args.chunk_tokens,
+                            activation_checkpointing=args.act_ckpt)
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": args.gas,
         "train_batch_size": MICRO_BATCH * args.gas * dp, "gradient_clipping": args.clip,
@@ -117,9 +122,11 @@ def run_case(args, steps: int) -> dict:
         "steps_per_print": 10**9,
     }
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
-    engine = build_engine(module, ds_config, optimizer)
+    engine = build_engine(module, ds_config, optimizer, direct_weight_gradient=not args.kept_weight_gradient)
+    direct = module.exit_loss_settings.weight_grad_scale is not None and args.exit_loss == "fused"
     dp_rank = engine.grid.get_data_parallel_rank()
-    result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": []}
+    result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": [],
+              "direct_weight_gradient": direct}
     for step in range(steps):
         batches = make_batches(step, args.gas * dp, config.vocab_size, args.packed)
         mine = batches[dp_rank * args.gas:(dp_rank + 1) * args.gas]

@@ -16,8 +16,11 @@ def test_benchmark_prints_ratios_and_verdicts():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert re.search(r"LLaMA 2 13B 8\.8\d%", out)  # the analytic share for the real 13B
-    assert re.search(r"whole \(0\)\s+[\d.]+\s+[\d.]+\s+\d\.\d{3}", out)  # SFT s, SoFT s, SoFT/SFT
-    assert re.search(r"chunked \(\d+\)\s+[+-][\d.]+% (PASS|MISS)\s+\d\.\d{3}x (PASS|MISS)", out)
+    # Every exit-loss candidate: SFT s, SoFT s, SoFT/SFT; its goal verdicts; one exit's time and kept bytes.
+    for candidate in (r"whole", r"chunked \(\d+\)", r"fused-kept \(\d+\)", r"fused-direct \(\d+\)"):
+        assert re.search(candidate + r"\s+[\d.]+\s+[\d.]+\s+\d\.\d{3} \[", out), candidate
+        assert re.search(candidate + r"\s+[+-][\d.]+% (PASS|MISS)\s+\d\.\d{3}x (PASS|MISS)", out), candidate
+        assert re.search(candidate + r"\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\n", out), candidate
 
 
 def test_alpaca_shaped_rows_keep_each_records_length_and_counted_tokens():

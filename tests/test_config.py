@@ -194,6 +194,11 @@ def test_override_aliases(tmp_path):
     ({"mode": "both"}, "'both'"),
     ({"template": "vicuna"}, "template must be one of alpaca, chat, got 'vicuna'"),
     ({"exit_chunk_tokens": -1}, "exit_chunk_tokens"),
+    ({"exit_loss": "sparse"}, "exit_loss must be one of auto, whole, chunked, fused, got 'sparse'"),
+    ({"exit_chunk_tokens": 0}, "exit_chunk_tokens=0: the fused exit loss works in chunks"),  # auto, fp32
+    ({"exit_chunk_tokens": 0, "bf16": True}, "exit_chunk_tokens=0: the chunked exit loss"),  # auto, bf16
+    ({"exit_loss": "fused", "exit_chunk_tokens": 0}, "exit_chunk_tokens=0: the fused exit loss works in chunks"),
+    ({"exit_loss": "chunked", "exit_chunk_tokens": 0}, "exit_chunk_tokens=0: the chunked exit loss"),
     ({"no_such_option": 1}, "'no_such_option'"),
 ])
 def test_override_revalidates(tmp_path, values, named):
@@ -207,6 +212,11 @@ def test_run_config_defaults():
     config = RunConfig(ds={"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
     assert (config.micro_batch_size, config.grad_accum, config.bf16) == (1, 1, False)
     assert config.soft.template == "alpaca"
+    assert (config.soft.exit_loss, config.soft.exit_chunk_tokens, config.exit_loss) == ("auto", 1024, "fused")
+    config.ds["bf16"] = {"enabled": True}  # bf16 would keep the fused loss's weight gradient: chunked
+    assert config.exit_loss == "chunked"
+    config.soft.exit_loss = "fused"
+    assert config.exit_loss == "fused"
     assert config.deepspeed_config(world_size=3, cpu=True)["train_batch_size"] == 3
 
 

@@ -35,14 +35,15 @@ def reference_loss(head, hidden, targets):
     return F.cross_entropy(head(hidden).view(-1, vocab), targets.view(-1), ignore_index=IGNORE_INDEX)
 
 
-def loss_and_grads(head, hidden, targets, chunk_tokens=None):
+def loss_and_grads(head, hidden, targets, implementation=None, chunk_tokens=1024, scale=1.0, **kwargs):
+    """The loss and the gradients of scale * loss (None: the plain reference cross-entropy)."""
     hidden = hidden.clone().requires_grad_(True)
     head.zero_grad(set_to_none=True)
-    if chunk_tokens is None:
+    if implementation is None:
         loss = reference_loss(head, hidden, targets)
     else:
-        loss = exit_loss(head, hidden, targets, chunk_tokens=chunk_tokens)
-    loss.backward()
+        loss = exit_loss(head, hidden, targets, implementation, chunk_tokens, **kwargs)
+    (loss * scale).backward()
     grads = {"hidden": hidden.grad.clone()}
     grads.update({name: p.grad.clone() for name, p in head.named_parameters()})
     return loss.detach(), grads
@@ -69,8 +70,8 @@ def test_chunked_loss_and_gradients_equal_unchunked(chunk_tokens):
     head = make_head()
     hidden, targets = make_batch(head)
     reference, reference_grads = loss_and_grads(head, hidden, targets)
-    whole, whole_grads = loss_and_grads(head, hidden, targets, chunk_tokens=0)
-    chunked, chunked_grads = loss_and_grads(head, hidden, targets, chunk_tokens=chunk_tokens)
+    whole, whole_grads = loss_and_grads(head, hidden, targets, "whole")
+    chunked, chunked_grads = loss_and_grads(head, hidden, targets, "chunked", chunk_tokens)
     assert abs(whole.item() - reference.item()) <= 1e-6
     assert abs(chunked.item() - reference.item()) <= 1e-6
     assert sorted(chunked_grads) == ["hidden", "lm_head.weight", "norm.weight"]
@@ -87,16 +88,18 @@ def test_chunked_loss_without_grad():
     head = make_head()
     hidden, targets = make_batch(head)
     with torch.no_grad():
-        assert abs(exit_loss(head, hidden, targets, chunk_tokens=4).item()
-                   - reference_loss(head, hidden, targets).item()) <= 1e-6
+        for implementation in ("chunked", "fused"):
+            assert abs(exit_loss(head, hidden, targets, implementation, chunk_tokens=4).item()
+                       - reference_loss(head, hidden, targets).item()) <= 1e-6
 
 
-@pytest.mark.parametrize("chunk_tokens", [0, 3])
-def test_all_ignored_gives_zero_loss_and_zero_grads(chunk_tokens):
+@pytest.mark.parametrize("implementation, chunk_tokens", [("whole", 0), ("chunked", 3), ("fused", 3)])
+def test_all_ignored_gives_zero_loss_and_zero_grads(implementation, chunk_tokens):
     head = make_head()
     hidden, targets = make_batch(head)
     targets.fill_(IGNORE_INDEX)
-    loss, grads = loss_and_grads(head, hidden, targets, chunk_tokens=chunk_tokens)
+    loss, grads = loss_and_grads(head, hidden, targets, implementation, chunk_tokens)
+    assert sorted(grads) == ["hidden", "lm_head.weight", "norm.weight"]
     assert loss.item() == 0.0
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
@@ -131,7 +134,7 @@ def test_head_sees_only_counted_rows(chunk_tokens, masked):
     counted = targets != IGNORE_INDEX  # (B, T)
     recording = RowRecordingHead(head)
     hidden_in = hidden.clone().requires_grad_(True)
-    loss = exit_loss(recording, hidden_in, targets, chunk_tokens=chunk_tokens)
+    loss = exit_loss(recording, hidden_in, targets, "chunked" if chunk_tokens else "whole", chunk_tokens)
     seen = torch.cat(recording.rows)  # the forward's calls only: backward's recompute comes later
     assert seen.shape[0] == counted.sum() == (0 if masked == "all" else B * T - 7)
     assert torch.equal(seen, hidden[counted])
@@ -149,6 +152,90 @@ def test_head_sees_only_counted_rows(chunk_tokens, masked):
         assert expected.abs().max() > 0, name
         assert (grads[name] - expected).abs().max().item() <= 1e-6, name
     assert grads["hidden"][~counted].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 5, 11, 1000])  # 11 counted tokens: one chunk, exactly
+def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_tokens):
+    """The fused loss (gradients computed in the forward pass, chunk by chunk) against the plain
+    whole-batch cross-entropy: loss, input gradient, norm and weight gradients, fp32, 1e-6; with the
+    weight gradient kept for backward and added straight into weight.grad (scaled by the upstream
+    gradient it is told, here 0.25 on top of a gradient already there)."""
+    head = make_head()
+    hidden, targets = make_batch(head)
+    reference, reference_grads = loss_and_grads(head, hidden, targets, scale=0.25)
+    kept, kept_grads = loss_and_grads(head, hidden, targets, "fused", chunk_tokens, scale=0.25)
+    assert abs(kept.item() - reference.item()) <= 1e-6
+    assert sorted(kept_grads) == sorted(reference_grads) == ["hidden", "lm_head.weight", "norm.weight"]
+    for name, expected in reference_grads.items():
+        assert expected.abs().max() > 0, name
+        assert (kept_grads[name] - expected).abs().max().item() <= 1e-6, name
+    assert kept_grads["hidden"][0, 0].abs().max() == 0 and kept_grads["hidden"][1, 4].abs().max() == 0
+
+    earlier = torch.randn_like(head.lm_head.weight)  # a gradient accumulated before (another exit)
+    hidden_in = hidden.clone().requires_grad_(True)
+    head.zero_grad(set_to_none=True)
+    head.lm_head.weight.grad = earlier.clone()
+    loss = exit_loss(head, hidden_in, targets, "fused", chunk_tokens, weight_grad_factor=0.25)
+    added = head.lm_head.weight.grad - earlier  # already there after the forward pass
+    assert (added - reference_grads["lm_head.weight"]).abs().max().item() <= 1e-6
+    (loss * 0.25).backward()
+    assert abs(loss.item() - reference.item()) <= 1e-6
+    assert (hidden_in.grad - reference_grads["hidden"]).abs().max().item() <= 1e-6
+    assert (head.norm.weight.grad - reference_grads["norm.weight"]).abs().max().item() <= 1e-6
+    assert torch.equal(head.lm_head.weight.grad - earlier, added)  # backward added nothing more
+
+
+def test_direct_weight_gradient_refuses_another_upstream_factor():
+    """A loss whose weight gradient went in scaled by the wrong factor fails loudly in backward."""
+    head = make_head()
+    hidden, targets = make_batch(head)
+    loss = exit_loss(head, hidden.requires_grad_(True), targets, "fused", 4, weight_grad_factor=0.5)
+    with pytest.raises(RuntimeError, match="scaled by 0.5.*brought 0.25"):
+        (loss * 0.25).backward()
+
+
+def test_fused_loss_tied_head_and_whole_llama():
+    """The tied head (the embedding is the output weight) and a whole Llama's exit head: the fused
+    loss's gradients equal the plain loss's, the embedding's summed with its own use."""
+    from soft_ds.model import Llama, random_weights
+    config = preset_config("debug", tie_word_embeddings=True)
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+    _, targets = make_batch(make_head())
+    grads = {}
+    for implementation in ("whole", "fused"):
+        model = Llama.from_weights(config, random_weights(config, 0))
+        hidden = model.hidden_states(ids, [2, 4])
+        loss = sum(exit_loss(model.exit_head(n), h, targets, implementation, 4) for n, h in hidden.items())
+        loss.backward()
+        grads[implementation] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["whole"]["model.embed_tokens.weight"].abs().max() > 0
+    assert sorted(grads["fused"]) == sorted(grads["whole"])
+    for name, expected in grads["whole"].items():
+        assert (grads["fused"][name] - expected).abs().max().item() <= 1e-6, name
+
+
+def test_fused_loss_bf16_close_to_fp32():
+    """bf16 weights: the fused loss is as close to the fp32 loss as the whole bf16 loss is."""
+    head = make_head()
+    hidden, targets = make_batch(head)
+    reference, reference_grads = loss_and_grads(head, hidden, targets)
+    head16 = make_head().to(torch.bfloat16)
+    errors = {}
+    for implementation in ("whole", "fused"):
+        loss, grads = loss_and_grads(head16, hidden.to(torch.bfloat16), targets, implementation, 4)
+        assert loss.dtype == torch.float32 and grads["lm_head.weight"].dtype == torch.bfloat16
+        errors[implementation] = max((grads[name].float() - expected).abs().max().item() / expected.abs().max().item()
+                                     for name, expected in reference_grads.items())
+        assert abs(loss.item() - reference.item()) <= 2e-2
+    assert errors["fused"] <= max(2 * errors["whole"], 1e-2), errors
+
+
+@pytest.mark.parametrize("implementation, chunk_tokens", [("chunked", 0), ("fused", -1), ("sparse", 8)])
+def test_exit_loss_bad_implementation(implementation, chunk_tokens):
+    head = make_head()
+    hidden, targets = make_batch(head)
+    with pytest.raises(ValueError, match=implementation):
+        exit_loss(head, hidden, targets, implementation, chunk_tokens)
 
 
 def test_soft_loss_weighted_mean():

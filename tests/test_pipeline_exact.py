@@ -8,8 +8,8 @@ receives its gradient into the wrong buffer). The packed cases carry several rec
 (positions restarting at each record, attention confined to it) through the same tuple.
 
 The tied cases tie the embedding to the lm_head: one matrix whose gradient is the embedding's plus
-every exit's, summed over stage 0 and the stages with exits. tied_pp2_dp2_clip's stage 0 holds the
-embedding and exits 2 and 4; tied_pp4_sft_zero0_clip's stage 0 holds no exit (the tie spans stages
+every exit's, summed over stage 0 and the stages with exits. tied_pp2_dp2_clip_fused's stage 0 holds the
+embedding and exits 2 and 4; tied_pp4_sft_zero0_clip_fused's stage 0 holds no exit (the tie spans stages
 0 and 3 only, and stage 0 holds the final norm without using it).
 """
 
@@ -23,27 +23,30 @@ import torch
 from conftest import deepspeed_launch
 from _pipeline_worker import reference_run
 
+# The fused exit loss (gradients computed in the forward pass) in chunks of 5 counted tokens: a micro-batch
+# has up to 32 positions, so several chunks and a ragged last one. In fp32 it adds the head's weight
+# gradient straight into weight.grad (ZeRO-1 and ZeRO-0, tied and untied) unless told to keep it.
+FUSED = ["--exit-loss", "fused", "--chunk-tokens", 5]
 TOL = 1e-6  # absolute for losses; relative to the parameter's largest entry (at least 1) for parameters
 CASES = {
-    # name: (processes, worker args, reference args)
+    # name: (processes, worker args, reference args); the reference is always the whole plain loss.
     "pp1": (1, ["--pp", 1, "--gas", 2], dict(mode="soft", gas=2, dp=1, clip=0.0)),
-    "pp2_sft_zero0_clip": (2, ["--pp", 2, "--gas", 2, "--zero", 0, "--clip", 0.5, "--mode", "sft"],
-                           dict(mode="sft", gas=2, dp=1, clip=0.5)),
-    "pp4_clip": (4, ["--pp", 4, "--gas", 3, "--clip", 0.5], dict(mode="soft", gas=3, dp=1, clip=0.5)),
-    "pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--act-ckpt", "--chunk-tokens", 7],
-                                dict(mode="soft", gas=2, dp=2, clip=0.0, chunk_tokens=7)),
+    "pp2_sft_zero0_clip_fused_kept": (2, ["--pp", 2, "--gas", 2, "--zero", 0, "--clip", 0.5, "--mode", "sft",
+                                          *FUSED, "--kept-weight-gradient"], dict(mode="sft", gas=2, dp=1, clip=0.5)),
+    "pp4_clip_fused": (4, ["--pp", 4, "--gas", 3, "--clip", 0.5, *FUSED], dict(mode="soft", gas=3, dp=1, clip=0.5)),
+    "pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--act-ckpt", "--exit-loss", "chunked", "--chunk-tokens", 7],
+                                dict(mode="soft", gas=2, dp=2, clip=0.0)),
     "tied_pp1": (1, ["--pp", 1, "--gas", 2, "--tied"], dict(mode="soft", gas=2, dp=1, clip=0.0, tied=True)),
-    "tied_pp2_dp2_clip": (4, ["--pp", 2, "--gas", 2, "--clip", 0.5, "--tied"],
-                          dict(mode="soft", gas=2, dp=2, clip=0.5, tied=True)),
-    "tied_pp4_sft_zero0_clip": (4, ["--pp", 4, "--gas", 3, "--zero", 0, "--clip", 0.5, "--mode", "sft", "--tied"],
-                                dict(mode="sft", gas=3, dp=1, clip=0.5, tied=True)),
+    "tied_pp2_dp2_clip_fused": (4, ["--pp", 2, "--gas", 2, "--clip", 0.5, "--tied", *FUSED],
+                                dict(mode="soft", gas=2, dp=2, clip=0.5, tied=True)),
+    "tied_pp4_sft_zero0_clip_fused": (4, ["--pp", 4, "--gas", 3, "--zero", 0, "--clip", 0.5, "--mode", "sft", "--tied",
+                                          *FUSED], dict(mode="sft", gas=3, dp=1, clip=0.5, tied=True)),
     # Packed rows (positions and record mask through the tuple, after the floats), 4 stages.
     "packed_pp4_clip": (4, ["--pp", 4, "--gas", 3, "--clip", 0.5, "--packed"],
                         dict(mode="soft", gas=3, dp=1, clip=0.5, packed=True)),
-    "packed_tied_pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--act-ckpt", "--chunk-tokens", 7, "--tied",
-                                                "--packed"],
-                                            dict(mode="soft", gas=2, dp=2, clip=0.0, chunk_tokens=7, tied=True,
-                                                 packed=True)),
+    "packed_tied_pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--act-ckpt", "--exit-loss", "chunked",
+                                                "--chunk-tokens", 7, "--tied", "--packed"],
+                                            dict(mode="soft", gas=2, dp=2, clip=0.0, tied=True, packed=True)),
 }
 STEPS = 2
 
@@ -102,6 +105,15 @@ def test_updates_are_not_trivial(case):
     first, last = params[0], params[-1]
     assert all(not torch.equal(first[k], last[k]) for k in first)
     assert losses[0] > 0
+
+
+def test_fused_cases_add_the_weight_gradient_directly(request, case):
+    """The fp32 fused cases run the direct weight gradient (so the comparisons above test it), the
+    kept case and the others do not."""
+    ranks, _, _ = case
+    args = CASES[request.node.callspec.params["case"]][1]
+    expected = "fused" in args and "--kept-weight-gradient" not in args
+    assert all(rank["direct_weight_gradient"] == expected for rank in ranks)
 
 
 def test_tied_head_identical_on_every_stage(case):

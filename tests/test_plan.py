@@ -22,7 +22,8 @@ HEAD_FLOPS = 2 * 64 * 512
 
 def debug_plan(tied=False, **overrides):
     kwargs = dict(pipeline_stages=2, data_parallel=2, micro_batch=2, seq_len=16, grad_accum=4, bf16=True,
-                  zero_stage=1, activation_checkpointing=False, exit_chunk_tokens=0, gpu_gib=1.0)
+                  zero_stage=1, activation_checkpointing=False, exit_loss="whole", exit_chunk_tokens=0,
+                  gpu_gib=1.0)
     return plan(preset_config("debug", tie_word_embeddings=tied), **{**kwargs, **overrides})
 
 
@@ -47,7 +48,8 @@ def test_debug_by_hand_no_checkpointing_unchunked():
 
 
 def test_debug_by_hand_checkpointing_chunked_fp32():
-    s0, s1 = debug_plan(activation_checkpointing=True, exit_chunk_tokens=8, bf16=False, zero_stage=0,
+    s0, s1 = debug_plan(activation_checkpointing=True, exit_loss="chunked", exit_chunk_tokens=8, bf16=False,
+                        zero_stage=0,
                         grad_accum=1)
     assert s1.static_bytes == 180800 * 16  # fp32: 4 + 4 + 8, nothing sharded
     full_layer_fp32 = 2 * FULL_LAYER
@@ -57,6 +59,24 @@ def test_debug_by_hand_checkpointing_chunked_fp32():
     assert (s0.in_flight, s1.in_flight) == (1, 1)  # grad_accum 1 caps the 1F1B window
     # forward + backward + decoder recompute + head recompute (chunked exit loss).
     assert s0.flops == pytest.approx(TOKENS * (4 * 4 * LAYER_FLOPS + 4 * 2 * HEAD_FLOPS))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_debug_by_hand_fused_on_counted_tokens(bf16):
+    """The fused exit loss on a quarter of the tokens counted: each exit keeps its input gradient
+    (and under bf16 the V x H weight gradient; fp32 adds it to the gradient in the forward pass),
+    one chunk's logits and the fp32 weight-gradient sum are transient; heads' FLOPs on 8 tokens,
+    nothing recomputed."""
+    s0, _ = debug_plan(exit_loss="fused", exit_chunk_tokens=5, counted_share=0.25, bf16=bf16)
+    a = 2 if bf16 else 4
+    counted = TOKENS // 4
+    exit_kept = counted * 64 * a + (512 * 64 * a if bf16 else 0)
+    assert s0.activation_bytes_full == 4 * FULL_LAYER * a // 2 + 2 * exit_kept
+    assert s0.transient_bytes == 5 * 512 * (4 + a) + (512 * 64 * 4 if bf16 else 0)
+    assert s0.flops == pytest.approx(3 * (TOKENS * 4 * LAYER_FLOPS + counted * 2 * HEAD_FLOPS))
+    whole = debug_plan(counted_share=0.25, bf16=bf16)[0]
+    assert whole.activation_bytes_full == 4 * FULL_LAYER * a // 2 + 2 * counted * (a * 64 + (a + 4) * 512)
+    assert whole.flops == s0.flops
 
 
 def test_sft_stage_without_exit_holds_no_head():
@@ -110,7 +130,7 @@ def run_plan(capsys, *args):
 
 def test_cli_table_and_verdict(capsys):
     out = run_plan(capsys, "--model", "debug", "--pp", "2", "--dp", "2", "--micro-batch", "2", "--seq-len", "16",
-                  "--grad-accum", "4", "--zero", "1", "--exit-chunk-tokens", "0", "--gpu-gib", "1")
+                  "--grad-accum", "4", "--zero", "1", "--exit-loss", "whole", "--exit-chunk-tokens", "0", "--gpu-gib", "1")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[2].split()[:4] == ["0", "1-4", "2,4", "213,568"]

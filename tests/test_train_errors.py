@@ -131,3 +131,11 @@ def test_error_printed_once_through_the_launcher(tmp_path):
     assert output.count("error: exit(s) [9] out of range for the model: it has 8 layers") == 1
     assert "Traceback" not in output
     assert not (tmp_path / "out").exists()
+
+
+def test_exit_loss_override_needs_chunks(tmp_path):
+    """--exit_loss overrides the config's; the fused loss over a config's 0-token chunks is refused."""
+    error = run_validation(["--ds_config", "ds_configs/reproduce_small.json", "--model", "debug",
+                            "--output_dir", tmp_path / "run", "--exit_loss", "fused"])
+    assert "exit_chunk_tokens=0: the fused exit loss works in chunks of counted tokens" in error
+    assert not (tmp_path / "run").exists()

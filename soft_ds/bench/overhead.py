@@ -5,11 +5,14 @@ measured side by side on one DeepSpeed pipeline, next to the exit heads' analyti
     soft-ds bench overhead --repeats 24 --micro-batch 4
 
 One `deepspeed` launch of overhead_worker.py (CPU ranks, gloo, fp32, ZeRO-1, torch AdamW) builds
-four engines on the same pipeline: SFT and SoFT, each with the exit loss whole
-(`exit_chunk_tokens=0`, every exit's logits alive until backward, as in the paper's setup) and
-chunked under recompute (the project's default). Timing interleaves them round by round, SFT and
-SoFT of one setting back to back in alternating order (A B, B A), so machine noise falls on both
-alike; the report gives medians and the median over rounds of each round's SoFT / SFT. Rounds in
+five engines on the same pipeline: plain SFT (its one exit with the whole loss) and SoFT with each
+exit-loss candidate (CANDIDATES; `exits.exit_loss`): whole (every exit's logits alive until
+backward, as in the paper's setup), chunked under recompute, fused with the head's weight gradient
+kept for backward, and fused with it added straight into the gradient (`pipe.ExitLossSettings`).
+Timing interleaves them round by round, the order reversed every other round (A B C, C B A), so
+machine noise falls on all alike; the report gives medians and the median over rounds of each
+round's SoFT / SFT. Beside the pipeline, one exit is timed alone against one decoder layer, with
+the bytes its loss keeps from forward to backward (`time_exit_in_layers`). Rounds in
 which other processes took more than 5% of the machine's CPU (from /proc/stat) are dropped, and the
 report says when too few are left for the wall times to mean anything; the ranks' CPU seconds per
 step are reported beside them, as they count the work done whoever else shares the machine.
@@ -51,9 +54,18 @@ from soft_ds.partition import head_to_layer_ratio, plan_stages
 # One rank of the benchmark, started by the `deepspeed` launcher by its file path.
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead_worker.py")
 
+# The exit-loss candidates: (soft.exit_loss, whether fp32 adds the weight gradient in the forward pass).
+CANDIDATES = {"whole": ("whole", False), "chunked": ("chunked", False), "fused-kept": ("fused", False),
+              "fused-direct": ("fused", True)}
+SFT_VARIANT = "sft/whole"  # the baseline: plain SFT, its one exit's loss computed whole
 GOAL_MEMORY_RATIO = 1.05  # SoFT peak memory per rank <= 1.05 x SFT's
 OTHER_LOAD_LIMIT = 0.05  # a timing round in which other processes took more of the CPU is dropped
 MIN_CLEAN_ROUNDS = 3
+
+
+def candidate_exit_loss(candidate: str) -> tuple[str, bool]:
+    """(exit_loss implementation, direct weight gradient) of a candidate's name."""
+    return CANDIDATES[candidate]
 
 
 def zero_bucket_elements(proxy: LlamaConfig) -> int:
@@ -82,12 +94,28 @@ def slowest_stage_share(config: LlamaConfig, seq_len: int, stages: int, head_cos
     return slowest("soft") / slowest("sft") - 1.0
 
 
+def kept_forward_bytes(forward) -> tuple[int, object]:
+    """(bytes allocated during `forward()` and still alive when it returns, its result): what a
+    loss keeps from its forward pass to its backward (CPU allocations, from the profiler's memory
+    events)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("kept_forward"):
+            result = forward()
+    events = prof.profiler.kineto_results.events()
+    (span,) = [e for e in events if e.name() == "kept_forward"]
+    return sum(e.nbytes() for e in events if e.name() == "[memory]"
+               and span.start_ns() <= e.start_ns() <= span.end_ns()), result
+
+
 def time_exit_in_layers(config: LlamaConfig, micro_batch: int, seq_len: int, chunk_tokens: int,
-                        repeats: int = 30) -> tuple[float, float]:
-    """Forward + backward time of one exit (norm, lm_head, cross-entropy) over that of one decoder
-    layer, on one thread of this machine, with the exit loss whole and chunked. The FLOP count leaves
-    out the softmax and the recompute's bookkeeping; this measures them. Fastest of `repeats`, which
-    is robust to other processes on the machine."""
+                        repeats: int = 30) -> dict[str, tuple[float, int]]:
+    """{candidate: (forward + backward time of one exit (norm, lm_head, cross-entropy) over that of
+    one decoder layer, bytes the exit's loss keeps from forward to backward)}, on one thread of
+    this machine. The FLOP count leaves out the softmax and the recompute's bookkeeping; this
+    measures them. Fastest of `repeats`, which is robust to other processes on the machine. The
+    head's gradient exists before each run, as in training after the first micro-batch."""
     import time
 
     import torch
@@ -101,17 +129,25 @@ def time_exit_in_layers(config: LlamaConfig, micro_batch: int, seq_len: int, chu
     layer, head = DecoderLayer(config), SharedHead(config)
     hidden = torch.randn(micro_batch, seq_len, config.hidden_size, requires_grad=True)  # (B, T, H)
     targets = torch.randint(0, config.vocab_size, (micro_batch, seq_len))  # (B, T)
-    runs = {"layer": lambda: layer(hidden).sum().backward(),
-            "whole": lambda: exit_loss(head, hidden, targets, 0).backward(),
-            "chunked": lambda: exit_loss(head, hidden, targets, chunk_tokens).backward()}
-    fastest = dict.fromkeys(runs, float("inf"))
+
+    def loss_of(candidate):
+        implementation, direct = candidate_exit_loss(candidate)
+        return lambda: exit_loss(head, hidden, targets, implementation, chunk_tokens,
+                                 weight_grad_factor=1.0 if direct else None)
+
+    forwards = {"layer": lambda: layer(hidden).sum(), **{c: loss_of(c) for c in CANDIDATES}}
+    fastest = dict.fromkeys(forwards, float("inf"))
     for _ in range(repeats):
-        for name, run in runs.items():
+        for name, forward in forwards.items():
             start = time.perf_counter()
-            run()
+            forward().backward()
             fastest[name] = min(fastest[name], time.perf_counter() - start)
+    kept = {}
+    for candidate in CANDIDATES:
+        kept[candidate], loss = kept_forward_bytes(forwards[candidate])
+        loss.backward()
     torch.set_num_threads(threads)
-    return fastest["whole"] / fastest["layer"], fastest["chunked"] / fastest["layer"]
+    return {c: (fastest[c] / fastest["layer"], kept[c]) for c in CANDIDATES}
 
 
 def free_port() -> int:
@@ -136,14 +172,14 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--chunk-tokens", type=int, default=default_chunk,
-                   help="exit_chunk_tokens of the chunked runs (the project default); the other runs use 0")
+                   help="exit_chunk_tokens of the chunked and fused candidates (the project default)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per engine before measuring")
     p.add_argument("--repeats", type=int, default=16, help="timing rounds; each runs every engine in turn")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per engine per round")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before the launch is abandoned")
     args = p.parse_args(argv)
     if args.chunk_tokens <= 0:
-        p.error("--chunk-tokens must be > 0 (the whole-loss runs already use 0)")
+        p.error("--chunk-tokens must be > 0 (the chunked and fused losses work in chunks)")
     if args.vocab == 0:
         args.vocab = matched_vocab_size(args.layers, args.hidden, args.intermediate, args.heads, args.seq_len)
     return args
@@ -177,16 +213,17 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
+def report(args, results: list[dict], timed_exit: dict[str, tuple[float, int]]) -> None:
     big = LLAMA2_13B  # the model whose overhead the proxy stands for
     proxy = args_proxy(args)
     share_13b = extra_exit_share(big, head_layer_ratio(big))
     flop_ratio = head_to_layer_ratio(proxy, args.seq_len)
     tokens = args.micro_batch * args.seq_len
-    # (chunk tokens, label, exit cost in layers from FLOPs, from timing): the chunked loss runs one more
-    # head forward per exit (forward + backward = 3 forwards, + 1 recompute).
-    settings = [(0, "whole (0)", flop_ratio, timed_exit[0]),
-                (args.chunk_tokens, f"chunked ({args.chunk_tokens})", flop_ratio * 4 / 3, timed_exit[1])]
+    # (candidate, label, exit cost in layers from FLOPs, from timing): the chunked loss runs one more
+    # head forward per exit (forward + backward = 3 forwards, + 1 recompute); the fused loss's
+    # forward computes the logits and both gradients (3 forwards' worth), its backward only scales.
+    settings = [(c, c if c == "whole" else f"{c} ({args.chunk_tokens})",
+                 flop_ratio * (4 / 3 if c == "chunked" else 1), timed_exit[c][0]) for c in CANDIDATES]
 
     print("\n== shapes")
     print(f"LLaMA 2 13B: hidden 5120, intermediate 13824, 40 layers, 40 heads, vocab 32000, seq 512; "
@@ -196,7 +233,8 @@ def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
           f"head/layer FLOPs {head_to_layer_ratio(proxy, args.seq_len):.4f}")
     print(f"exits {[e.layer for e in make_exits(None, args.layers)]}; {args.stages} stages, fp32, ZeRO-1, AdamW; "
           f"micro-batch {args.micro_batch} x {args.seq_len} = {tokens} tokens, grad-accum {args.grad_accum}; "
-          f"chunked exit loss: {-(-tokens // args.chunk_tokens)} chunk(s) per micro-batch")
+          f"chunked and fused exit losses: {-(-tokens // args.chunk_tokens)} chunk(s) per micro-batch; "
+          f"every token counted; SoFT / SFT against plain SFT ({SFT_VARIANT})")
     slowdown = ", ".join(f"rank {r['rank']} {r['contention']['together'] / r['contention']['alone']:.2f}x"
                          for r in results)
     print(f"timing: {args.repeats} rounds x {args.steps} steps per engine after {args.warmup} warm-up steps, "
@@ -219,7 +257,7 @@ def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
     print("proxy, expected SoFT / SFT - 1 with one exit's forward + backward costing E decoder layers "
           "(whole model | slowest pipeline stage):")
     for _, label, flop_cost, timed_cost in settings:
-        print(f"  {label:<15} from FLOPs E = {flop_cost:.2f}: {extra_exit_share(proxy, flop_cost):6.2%} | "
+        print(f"  {label:<21} from FLOPs E = {flop_cost:.2f}: {extra_exit_share(proxy, flop_cost):6.2%} | "
               f"{slowest_stage_share(proxy, args.seq_len, args.stages, flop_cost):6.2%};   "
               f"timed on this CPU E = {timed_cost:.2f}: {extra_exit_share(proxy, timed_cost):6.2%} | "
               f"{slowest_stage_share(proxy, args.seq_len, args.stages, timed_cost):6.2%}")
@@ -229,29 +267,35 @@ def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
         per_round = [statistics.median(b) / statistics.median(a) for a, b in zip(denominator, numerator)]
         return statistics.median(per_round), min(per_round), max(per_round)
 
+    print("\n== one exit alone (one thread): forward + backward time in decoder layers, bytes kept forward -> backward")
+    print(f"{'exit loss':<22} {'time / layer':>12} {'time / whole':>12} {'kept KiB':>10}")
+    for candidate, label, _, _ in settings:
+        cost, kept = timed_exit[candidate]
+        print(f"{label:<22} {cost:>12.2f} {cost / timed_exit['whole'][0]:>12.2f} {kept / 1024:>10.0f}")
+
     print("\n== measured step time (wall: the slowest rank's optimizer step; CPU: both ranks' CPU seconds in it)")
-    print(f"{'exit loss':<16} {'SFT s/step':>10} {'SoFT s/step':>11} {'SoFT/SFT wall [range]':>22} "
+    print(f"{'exit loss':<22} {'SFT s/step':>10} {'SoFT s/step':>11} {'SoFT/SFT wall [range]':>22} "
           f"{'of fastest':>10} {'SoFT/SFT CPU':>12}")
     rows = []
-    for chunk, label, _, _ in settings:
-        sft, soft = f"sft/{chunk}", f"soft/{chunk}"
+    for candidate, label, _, _ in settings:
+        sft, soft = SFT_VARIANT, f"soft/{candidate}"
         wall, low, high = paired_ratio(timing[soft], timing[sft])
         # Noise on a shared machine only ever adds time: the fastest steps are a second estimate.
         fastest = min(sum(timing[soft], [])) / min(sum(timing[sft], []))
         cpu = paired_ratio(cpu_timing[soft], cpu_timing[sft])[0]
-        print(f"{label:<16} {statistics.median(sum(timing[sft], [])):>10.3f} "
+        print(f"{label:<22} {statistics.median(sum(timing[sft], [])):>10.3f} "
               f"{statistics.median(sum(timing[soft], [])):>11.3f} {wall:>8.3f} [{low:.2f}-{high:.2f}] "
               f"{fastest:>10.3f} {cpu:>12.3f}")
         rows.append([label, wall])
     print("ratios: median over rounds of the round's SoFT median / its SFT median")
 
     print("\n== measured peak memory (MiB of live tensors per rank)")
-    print(f"{'exit loss':<16} " + " ".join(f"{'rank ' + str(r['rank']) + ' SFT / SoFT':>20}" for r in results)
+    print(f"{'exit loss':<22} " + " ".join(f"{'rank ' + str(r['rank']) + ' SFT / SoFT':>20}" for r in results)
           + f" {'SoFT/SFT, worst rank':>21}")
-    for row, (chunk, label, _, _) in zip(rows, settings):
-        sft, soft = f"sft/{chunk}", f"soft/{chunk}"
+    for row, (candidate, label, _, _) in zip(rows, settings):
+        sft, soft = SFT_VARIANT, f"soft/{candidate}"
         ratio = max(r["memory"][soft]["peak"] / r["memory"][sft]["peak"] for r in results)
-        print(f"{label:<16} " + " ".join(
+        print(f"{label:<22} " + " ".join(
             f"{r['memory'][sft]['peak'] / 2**20:>10.1f} / {r['memory'][soft]['peak'] / 2**20:<7.1f}" for r in results)
             + f" {ratio:>21.3f}")
         row.append(ratio)
@@ -265,9 +309,9 @@ def report(args, results: list[dict], timed_exit: tuple[float, float]) -> None:
 
     print(f"\n== goals: step-time overhead <= the 13B heads' FLOP share ({share_13b:.2%}); "
           f"peak memory <= {GOAL_MEMORY_RATIO:.2f} x SFT on every rank")
-    print(f"{'exit loss':<16} {'time overhead':>13}        {'memory':>8}")
+    print(f"{'exit loss':<22} {'time overhead':>13}        {'memory':>8}")
     for label, time_ratio, mem_ratio in rows:
-        print(f"{label:<16} {time_ratio - 1:>+13.2%} {verdict(time_ratio - 1 <= share_13b)} "
+        print(f"{label:<22} {time_ratio - 1:>+13.2%} {verdict(time_ratio - 1 <= share_13b)} "
               f"{mem_ratio:>8.3f}x {verdict(mem_ratio <= GOAL_MEMORY_RATIO)}")
 
 

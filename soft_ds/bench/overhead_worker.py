@@ -1,10 +1,10 @@
 """One rank of `soft-ds bench overhead` (overhead.py starts it by file path with the `deepspeed`
 launcher, one rank per stage).
 
-Builds SFT and SoFT engines, each with the exit loss whole (chunk 0) and chunked, on the same
-pipeline. Per engine: build, warm up and run one measured step under the profiler's memory events
-(peak live tensor bytes on this rank). Then times the engines round by round, SFT and SoFT of one
-exit-loss setting back to back in alternating order.
+Builds plain SFT (the whole exit loss) and SoFT with each exit-loss candidate (overhead.CANDIDATES)
+on the same pipeline. Per engine: build, warm up and run one measured step under the profiler's
+memory events (peak live tensor bytes on this rank). Then times the engines round by round, all in
+turn, the order reversed every other round.
 Writes rank{N}.json: memory per engine on this rank, and the step times (each the slowest rank's
 wall time of one `train_batch`, i.e. one optimizer step, and the ranks' CPU time in it).
 """
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from soft_ds.bench.overhead import CANDIDATES, SFT_VARIANT, candidate_exit_loss
 from soft_ds.bench.proxy import proxy_config
 from soft_ds.exits import make_exits
 from soft_ds.model import random_weights
@@ -142,14 +143,16 @@ def main():
     assert world == args.stages, f"one rank per stage: world {world} != stages {args.stages}"
     config = proxy_config(args.layers, args.hidden, args.intermediate, args.heads, args.vocab, args.seq_len)
     batches = make_batches(args)
-    variants = [f"{mode}/{chunk}" for chunk in (0, args.chunk_tokens) for mode in ("sft", "soft")]
+    variants = [SFT_VARIANT] + [f"soft/{candidate}" for candidate in CANDIDATES]
 
     def build(variant):
-        mode, chunk = variant.split("/")
+        mode, candidate = variant.split("/")
+        implementation, direct = candidate_exit_loss(candidate)
         exits = make_exits(None, config.num_hidden_layers, mode=mode)
         module = build_pipeline(config, exits, args.stages, args.seq_len, random_weights(config, SEED),
-                                exit_chunk_tokens=int(chunk))
-        return build_engine(module, ds_config(args, world // args.stages, args.bucket_elements))
+                                exit_loss=implementation, exit_chunk_tokens=args.chunk_tokens)
+        return build_engine(module, ds_config(args, world // args.stages, args.bucket_elements),
+                            direct_weight_gradient=direct)
 
     def step(engine) -> tuple[float, float]:
         """(wall seconds of one optimizer step, the slowest rank's; CPU seconds, all ranks together).
@@ -186,17 +189,14 @@ def main():
     times = {v: [] for v in variants}
     cpu_times = {v: [] for v in variants}
     other_load = []  # per round: the share of the machine's CPU other processes took
-    pairs = [(f"sft/{chunk}", f"soft/{chunk}") for chunk in (0, args.chunk_tokens)]
     for round_ in range(args.repeats):
         mark = load_mark()
-        # SFT and SoFT of one setting run back to back, and who goes first alternates (A B, B A),
-        # as does which setting goes first: drift in machine speed falls on both alike.
-        order = pairs if (round_ // 2) % 2 == 0 else pairs[::-1]
-        for pair in order:
-            for variant in (pair if round_ % 2 == 0 else pair[::-1]):
-                wall, cpu = zip(*(step(engines[variant]) for _ in range(args.steps)))
-                times[variant].append(list(wall))
-                cpu_times[variant].append(list(cpu))
+        # Every engine in turn, the order reversed every other round (A B C, C B A): drift in
+        # machine speed falls on all alike.
+        for variant in (variants if round_ % 2 == 0 else variants[::-1]):
+            wall, cpu = zip(*(step(engines[variant]) for _ in range(args.steps)))
+            times[variant].append(list(wall))
+            cpu_times[variant].append(list(cpu))
         other_load.append(other_share(mark))
         log(f"round {round_ + 1}/{args.repeats}: " + ", ".join(f"{v} {min(times[v][-1]):.3f}s" for v in variants)
             + f"; other processes {other_load[-1]:.0%} of the CPU")
