@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 from soft_ds.exits import EXIT_LOSS_CHOICES, resolve_exit_loss
+from soft_ds.exit_schedule import SCHEDULES, ExitSchedule
 
 # DeepSpeed keys a config file may carry (passed through after validation).
 DEEPSPEED_KEYS = {
@@ -48,9 +49,14 @@ class SoftOptions:
     mode: str = "soft"  # "soft": loss at every exit; "sft": the last layer only; "ict": SFT+ICT heads
     exits: list | None = None  # exit layers (1-based depth); default: paper's B for 40 layers
     exit_weights: list | None = None  # per-exit loss weights; default uniform (the paper)
+    # which exits train each step (soft_ds.exit_schedule): "all" (the paper), "random-k" (the last layer
+    # and k-1 others drawn from (seed, step): SortedNet) or "rotate" (k-1 others in turn: LayerSkip)
+    exit_schedule: str = "all"
+    exit_sample_k: int = 0  # random-k / rotate: exits per step, the last layer included
+    exit_warmup_steps: int = 0  # EE-LLM: intermediate exits' weights ramp linearly from 0 over N steps
     seq_len: int = 512  # tokens per row (fixed pipeline buffer shapes): records are packed into rows, or padded
     # several records per row, attention confined to each: every record gets the loss it gets alone
-    # (tests/test_packing.py), so it is on wherever a run has more than one record to put in a row
+    # (tests/test_model.py), so it is on wherever a run has more than one record to put in a row
     packing: bool = True
     train_steps: int = 100  # optimizer steps
     warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
@@ -130,6 +136,10 @@ class RunConfig:
         ds.setdefault("steps_per_print", 10**9)  # our own progress line replaces DeepSpeed's
         ds.pop("fp16", None)
         return ds
+
+    def exit_schedule(self) -> ExitSchedule:
+        s = self.soft
+        return ExitSchedule(s.exit_schedule, s.exit_sample_k, s.exit_warmup_steps, s.seed)
 
     def lr_multiplier(self, step: int) -> float:
         """LR / peak LR for optimizer step `step` (0-based): linear warm-up that reaches the peak at
@@ -239,7 +249,7 @@ def validate(config: RunConfig):
     for name in ("pipeline_stages", "seq_len", "train_steps", "log_interval", "eval_batches"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
-    for name in ("warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
+    for name in ("warmup_steps", "exit_warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
     if s.exit_loss not in EXIT_LOSS_CHOICES:
@@ -249,6 +259,7 @@ def validate(config: RunConfig):
                           "of counted tokens, so it must be >= 1 (exit_loss 'whole' computes them all at once)")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ConfigError(f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    validate_exit_schedule(s)
     if s.warmup_steps > s.train_steps:
         raise ConfigError(f"warmup_steps={s.warmup_steps} exceeds train_steps={s.train_steps}")
     if config.micro_batch_size < 1 or config.grad_accum < 1:
@@ -258,3 +269,29 @@ def validate(config: RunConfig):
         raise ConfigError(f"learning rate must be > 0, got {config.lr}")
     if config.ds.get("zero_optimization", {}).get("stage", 0) > 1:
         raise ConfigError("ZeRO stages 2 and 3 are incompatible with pipeline parallelism; use 0 or 1")
+
+
+def validate_exit_schedule(s: SoftOptions, number_of_exits: int | None = None):
+    """soft.exit_schedule and its options; number_of_exits (default: len(soft.exits), when given)
+    bounds exit_sample_k."""
+    if s.exit_schedule not in SCHEDULES:
+        raise ConfigError(f"exit_schedule must be one of {', '.join(SCHEDULES)}, got {s.exit_schedule!r}")
+    if s.mode != "soft" and (s.exit_schedule != "all" or s.exit_warmup_steps):
+        raise ConfigError(f"exit_schedule {s.exit_schedule!r} with exit_warmup_steps {s.exit_warmup_steps} needs "
+                          f"mode soft: mode {s.mode} has " + ("one exit" if s.mode == "sft" else
+                                                               "a head of its own per exit") +
+                          "; use exit_schedule all and exit_warmup_steps 0")
+    if s.exit_warmup_steps > s.train_steps:
+        raise ConfigError(f"exit_warmup_steps={s.exit_warmup_steps} exceeds train_steps={s.train_steps}")
+    if s.exit_schedule == "all":
+        if s.exit_sample_k:
+            raise ConfigError(f"exit_sample_k {s.exit_sample_k} applies to exit_schedule random-k or rotate, "
+                              "not all (every exit every step)")
+        return
+    if number_of_exits is None and s.exits is not None:
+        number_of_exits = len(set(s.exits))
+    if s.exit_sample_k < 1 or (number_of_exits is not None and s.exit_sample_k > number_of_exits):
+        bound = f"1..{number_of_exits}" if number_of_exits is not None else ">= 1"
+        raise ConfigError(f"exit_schedule {s.exit_schedule} draws exit_sample_k exits per step (the last layer "
+                          f"included) out of {number_of_exits or 'the'} exits: it must be {bound}, "
+                          f"got {s.exit_sample_k}")

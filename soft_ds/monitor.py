@@ -7,6 +7,7 @@ Values arrive already reduced over data-parallel ranks and gathered from every s
 TensorBoard tags:
   train/loss                 SoFT loss (weighted mean over exits) of the step
   train/exit_{n}/loss, /ppl  exit n's cross-entropy and perplexity
+  train/exit_{n}/share       exit n's share of the step's loss (soft.exit_schedule; 0: skipped)
   train/lr, train/grad_norm, train/tokens_per_s
   val/loss, val/exit_{n}/loss, val/exit_{n}/ppl
 """
@@ -49,14 +50,24 @@ class Monitor:
             if value is not None:
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
+    def exit_shares(self, step: int, exits, shares: dict[int, float]):
+        """Each exit's share of the step's loss, 0 for an exit the step skipped."""
+        if not self.writer:
+            return
+        for e in exits:
+            self.writer.add_scalar(f"train/exit_{e.layer}/share", shares.get(e.layer, 0.0), step)
+
     def progress(self, step: int, loss: float, exit_losses: dict[int, float], lr: float,
-                 grad_norm: float | None, tokens_per_s: float):
+                 grad_norm: float | None, tokens_per_s: float, shares: dict[int, float] | None = None):
+        """shares: the exits' shares of the loss, shown when they vary by step (soft.exit_schedule)."""
         if not self.enabled:
             return
         done = step - self.start_step
         remaining = (time.time() - self.started) / max(done, 1) * (self.total_steps - step)
         exits = " ".join(f"{layer}:{value:.3f}" for layer, value in exit_losses.items())
         norm = f" | gnorm {grad_norm:.3f}" if grad_norm is not None else ""
+        if shares is not None:
+            exits += " | shares " + " ".join(f"{layer}:{share:.2f}" for layer, share in shares.items())
         print(f"step {step}/{self.total_steps} | loss {loss:.4f} | exits {exits} | lr {lr:.2e}{norm} | "
               f"{tokens_per_s:,.0f} tok/s | eta {remaining / 60:.1f} min", flush=True)
 

@@ -14,7 +14,8 @@ The inter-stage tuple, declared once and asserted by every layer:
 
     (hidden, running_loss, targets, positions)
     hidden        (B, T, H) float (bf16 under bf16 training)
-    running_loss  ()        fp32: sum over the exits passed so far of w_n / sum(w) * L_n
+    running_loss  ()        fp32: sum over the exits passed so far of w_n / sum(w) * L_n (the step's
+                            exits and weights: soft_ds.exit_schedule; a skipped exit adds nothing)
     targets       (B, T)    int64 next-token targets, -100 where not counted
     positions     (B, T)    int64 position of each token in its record: 0 where a record starts
                             (packed rows; 0..T-1 when unpacked), from which every decoder layer
@@ -36,6 +37,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import nn
 
 from soft_ds.checkpoint import HEAD_FILE
+from soft_ds.exit_schedule import ExitSchedule
 from soft_ds.exits import exit_loss
 from soft_ds.hf_io import EXIT_HEAD_PREFIX, hf_name
 from soft_ds.model import DecoderLayer, HeadView, SharedHead, TiedHead, check_supported, tied_embeddings
@@ -125,10 +127,15 @@ class ExitLossSettings:
                          weight_grad_factor=None if scale is None else share * scale)
 
 
-def exit_forward(head, inputs, *, layer: int, share: float, settings: ExitLossSettings,
+def exit_forward(head, inputs, *, layer: int, shares: dict[int, float], settings: ExitLossSettings,
                  meter: ExitLossMeter, direct: bool = True):
-    """Exit after `layer`: add share * L_layer to the running loss, pass the hidden state on."""
+    """Exit after `layer`: add shares[layer] * L_layer to the running loss, pass the hidden state
+    on. `shares` is the module's for the current step; an exit absent from it is skipped this step
+    and its head does not run."""
     hidden, running_loss, targets, positions = unpack(inputs)
+    share = shares.get(layer)
+    if share is None:
+        return inputs
     loss = settings.loss(head, hidden, targets, share, direct)
     meter.add(layer, loss)
     return hidden, running_loss + share * loss, targets, positions
@@ -137,9 +144,10 @@ def exit_forward(head, inputs, *, layer: int, share: float, settings: ExitLossSe
 class OwnHeadExitPipe(SharedHead):
     """An exit with a head of its own (the SFT+ICT baseline), trained while the model is frozen."""
 
-    def __init__(self, config, layer: int, share: float, settings: ExitLossSettings, meter: ExitLossMeter):
+    def __init__(self, config, layer: int, shares: dict[int, float], settings: ExitLossSettings,
+                 meter: ExitLossMeter):
         super().__init__(config)
-        self.exit_args = dict(layer=layer, share=share, settings=settings, meter=meter, direct=False)
+        self.exit_args = dict(layer=layer, shares=shares, settings=settings, meter=meter, direct=False)
 
     def forward(self, inputs):
         # The head as its parts: passing `self` would call this forward again.
@@ -167,7 +175,7 @@ class SoftPipelineModule(PipelineModule):
     """LLaMA as a DeepSpeed PipelineModule with SoFT exits on exit-aligned stages."""
 
     def __init__(self, config, exits, topology, seq_len: int, exit_loss: str = "whole", exit_chunk_tokens: int = 0,
-                 activation_checkpoint_interval: int = 0):
+                 activation_checkpoint_interval: int = 0, exit_schedule: ExitSchedule = ExitSchedule()):
         check_supported(config)
         self.config = config
         self.exits = tuple(exits)
@@ -177,15 +185,16 @@ class SoftPipelineModule(PipelineModule):
         self.exit_loss_settings = ExitLossSettings(exit_loss, exit_chunk_tokens)
         # SFT+ICT: only the exits' own heads train; the model itself is frozen.
         self.frozen_base = any(e.own_head for e in self.exits)
-        total_weight = sum(e.weight for e in self.exits)
+        self.exit_schedule = exit_schedule
+        # {layer: share of the loss} of the exits that run this step, read by every exit layer of
+        # this stage: updated in place by `schedule_exits`, never replaced.
+        self.shares: dict[int, float] = dict(exit_schedule.shares(self.exits, None))
         self.tied = tied_embeddings(config)
         head_class, head_attrs = (TiedHead, ["norm.weight", "embed_tokens.weight"]) if self.tied \
             else (SharedHead, ["norm.weight", "lm_head.weight"])
         specs = []
         for kind, number in self.layout:
-            exit_ = next((e for e in self.exits if e.layer == number), None)
-            exit_args = dict(layer=number, settings=self.exit_loss_settings, meter=self.meter,
-                             share=exit_.weight / total_weight if exit_ else 0.0)
+            exit_args = dict(layer=number, settings=self.exit_loss_settings, meter=self.meter, shares=self.shares)
             if kind == "embed" and self.tied:
                 specs.append(TiedLayerSpec(HEAD_KEY, head_class, config, tied_weight_attr=head_attrs,
                                            forward_fn=embed_forward))
@@ -206,6 +215,12 @@ class SoftPipelineModule(PipelineModule):
         if self.frozen_base:
             for name, param in self.local_hf_parameters().items():
                 param.requires_grad_(name.startswith(EXIT_HEAD_PREFIX))
+
+    def schedule_exits(self, step: int | None):
+        """Run optimizer step `step`'s exits at their shares (the same on every rank: a function of
+        the seed and the step); None: every exit at its configured share (validation)."""
+        self.shares.clear()
+        self.shares.update(self.exit_schedule.shares(self.exits, step))
 
     def extra_parameters(self) -> int:
         """Parameters the exits' own heads add to the model, over the whole pipeline (SFT+ICT)."""
@@ -292,17 +307,18 @@ class SoftPipelineModule(PipelineModule):
     # -- per-exit losses, reduced over the whole job -------------------------------------------
     def reduce_exit_losses(self) -> dict[int, float]:
         """Mean loss per exit since the last meter reset, averaged over data-parallel ranks and
-        gathered from every stage (a collective: every rank calls it)."""
+        gathered from every stage (a collective: every rank calls it). Exits that did not run (a
+        step's skipped exits) are left out."""
         layers = [e.layer for e in self.exits]
-        values = torch.zeros(len(layers), dtype=torch.float64)
+        values = torch.zeros(2, len(layers), dtype=torch.float64)  # (loss, ran) per exit
         for i, layer in enumerate(layers):
             if layer in self.meter.sums:
-                values[i] = float(self.meter.sums[layer]) / self.meter.counts[layer]
+                values[:, i] = torch.tensor([float(self.meter.sums[layer]) / self.meter.counts[layer], 1.0])
         values = values.to(next(self.parameters()).device)
         torch_dist.all_reduce(values, group=self.world_group)  # each exit lives on one stage
         values /= self._grid.data_parallel_size
         self.meter.reset()
-        return dict(zip(layers, values.tolist()))
+        return {layer: loss for layer, loss, ran in zip(layers, *values.tolist()) if ran > 0}
 
 
 class SoftPipelineEngine(PipelineEngine):
@@ -316,6 +332,15 @@ class SoftPipelineEngine(PipelineEngine):
       (it measured the first stage only); here the norm is summed over the pipeline, counting the
       tied head once.
     """
+
+    def train_batch(self, data_iter=None):
+        # This step's exits, from the optimizer step count (restored on resume): no communication.
+        self.module.schedule_exits(self.global_steps)
+        return super().train_batch(data_iter)
+
+    def eval_batch(self, *args, **kwargs):
+        self.module.schedule_exits(None)  # validation measures every exit
+        return super().eval_batch(*args, **kwargs)
 
     def _exec_backward_pass(self, buffer_id):
         if self.is_last_stage():
@@ -370,14 +395,16 @@ class SoftPipelineEngine(PipelineEngine):
 
 
 def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_source, exit_loss: str = "whole",
-                   exit_chunk_tokens: int = 0, activation_checkpointing: bool = False) -> SoftPipelineModule:
+                   exit_chunk_tokens: int = 0, activation_checkpointing: bool = False,
+                   exit_schedule: ExitSchedule = ExitSchedule()) -> SoftPipelineModule:
     """The stage of the model this rank holds, with its weights loaded (distributed must be up)."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     world = torch_dist.get_world_size()
     topology = PipeDataParallelTopology(num_pp=pipeline_stages, num_dp=world // pipeline_stages)
     module = SoftPipelineModule(config, exits, topology, seq_len, exit_loss=exit_loss,
                                 exit_chunk_tokens=exit_chunk_tokens,
-                                activation_checkpoint_interval=1 if activation_checkpointing else 0)
+                                activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                                exit_schedule=exit_schedule)
     module.load_hf_weights(weight_source)
     return module
 

@@ -65,6 +65,13 @@ def parse_args(argv=None):
                         "a separate head per exit trained on the frozen --model (an SFT checkpoint)")
     o.add_argument("--exits", default=None, help="comma-separated exit layers, e.g. 12,16,20,24,28,32,36,40")
     o.add_argument("--exit_weights", default=None, help="comma-separated per-exit loss weights (default uniform)")
+    o.add_argument("--exit_schedule", choices=run_config.SCHEDULES, default=None,
+                   help="which exits train each step: all (the paper), random-k (the last layer and k-1 others "
+                        "drawn per step from the seed: SortedNet) or rotate (k-1 others in turn: LayerSkip)")
+    o.add_argument("--exit_sample_k", type=int, default=None,
+                   help="exits per step under random-k / rotate, the last layer included")
+    o.add_argument("--exit_warmup_steps", type=int, default=None,
+                   help="intermediate exits' loss weights ramp linearly from 0 over this many steps (EE-LLM)")
     o.add_argument("--pipeline_stages", type=int, default=None, help="pipeline degree")
     o.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (padded/truncated)")
     o.add_argument("--template", choices=run_config.TEMPLATES, default=None,
@@ -101,7 +108,8 @@ def build_run_config(args) -> run_config.RunConfig:
     exits = None if args.exits is None else parse_list(args.exits, "--exits")
     weights = None if args.exit_weights is None else parse_list(args.exit_weights, "--exit_weights", float)
     return run_config.override(
-        config, mode=args.mode, exits=exits, exit_weights=weights,
+        config, mode=args.mode, exits=exits, exit_weights=weights, exit_schedule=args.exit_schedule,
+        exit_sample_k=args.exit_sample_k, exit_warmup_steps=args.exit_warmup_steps,
         pipeline_stages=args.pipeline_stages, seq_len=args.seq_len, template=args.template,
         train_steps=args.train_steps,
         warmup_steps=args.warmup_steps, val_size=args.val_size, eval_interval=args.eval_interval,
@@ -152,6 +160,7 @@ def validate_and_prepare(args, world_size: int):
             f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary is "
             f"{model_config.vocab_size}: token ids would index past the embedding; use the model's tokenizer")
     exits = make_exits(soft.exits, model_config.num_hidden_layers, soft.exit_weights, soft.mode)
+    run_config.validate_exit_schedule(soft, len(exits))  # the default exits are known only now
     stages = plan_stages(model_config, [e.layer for e in exits], soft.pipeline_stages, soft.seq_len)
     own_heads = {e.layer for e in exits if e.own_head}
     for i, stage in enumerate(stages):
@@ -246,7 +255,9 @@ def run(argv, stop: preemption.StopRequest):
     monitor_enabled = torch.distributed.get_rank() == 0
     resume = args.resume and checkpoint.has_checkpoint(args.output_dir)
     monitor = Monitor(os.path.join(args.output_dir, "tb"), monitor_enabled, soft.train_steps)
-    monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]} | {config.exit_loss} exit loss | "
+    schedule = "" if soft.exit_schedule == "all" else f" ({soft.exit_schedule}, k={soft.exit_sample_k})"
+    schedule += f" (warm-up {soft.exit_warmup_steps} steps)" if soft.exit_warmup_steps else ""
+    monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]}{schedule} | {config.exit_loss} exit loss | "
                  f"{'bf16' if config.bf16 else 'fp32'} | "
                  f"{soft.pipeline_stages} stages x "
                  f"{config.data_parallel_size(world_size)} data parallel | train batch "
@@ -265,7 +276,8 @@ def run(argv, stop: preemption.StopRequest):
 
     module = build_pipeline(model_config, exits, soft.pipeline_stages, soft.seq_len, weight_source,
                             exit_loss=config.exit_loss, exit_chunk_tokens=soft.exit_chunk_tokens,
-                            activation_checkpointing=soft.activation_checkpointing)
+                            activation_checkpointing=soft.activation_checkpointing,
+                            exit_schedule=config.exit_schedule())
     if module.frozen_base:
         extra["extra_parameters"] = module.extra_parameters()
         monitor.info(f"  SFT+ICT: the model is frozen; {sum(e.own_head for e in exits)} exit heads train, "
@@ -285,6 +297,7 @@ def run(argv, stop: preemption.StopRequest):
     lengths = soft_data.record_lengths(train_set, packing=True)
     last_step = args.stop_at_step or soft.train_steps
     train_exits, val_exits = {}, {}
+    scheduled = soft.exit_schedule != "all" or soft.exit_warmup_steps > 0  # the exits' shares vary by step
     while step < last_step:
         started = time.time()
         lr = engine.get_lr()[0]  # the LR this step runs with (the scheduler steps inside train_batch)
@@ -300,7 +313,9 @@ def run(argv, stop: preemption.StopRequest):
             grad_norm = float(grad_norm) if grad_norm is not None else None
             monitor.scalars("train", step, loss, train_exits, lr=lr, grad_norm=grad_norm,
                             tokens_per_s=tokens_per_s)
-            monitor.progress(step, loss, train_exits, lr, grad_norm, tokens_per_s)
+            monitor.exit_shares(step, exits, module.shares)
+            monitor.progress(step, loss, train_exits, lr, grad_norm, tokens_per_s,
+                             shares=module.shares if scheduled else None)
         final = step == soft.train_steps
         if soft.val_size and ((soft.eval_interval and step % soft.eval_interval == 0) or final):
             val_exits = validate(engine, module, val_set, config, tokenizer.pad_token_id)

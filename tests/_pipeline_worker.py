@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from soft_ds.exits import IGNORE_INDEX, exit_loss, make_exits, soft_loss
+from soft_ds.exit_schedule import ExitSchedule
+from soft_ds.exits import IGNORE_INDEX, Exit, exit_loss, make_exits, soft_loss
 from soft_ds.model import Llama, preset_config, random_weights
 
 SEQ_LEN, MICRO_BATCH, SEED = 16, 2, 0
@@ -53,18 +54,21 @@ def make_batches(step: int, count: int, vocab: int, packed: bool = False) -> lis
     return batches
 
 
-def reference_run(mode, gas, dp, steps, clip, lr=1.0, tied=False, packed=False):
+def reference_run(mode, gas, dp, steps, clip, lr=1.0, tied=False, packed=False, schedule=ExitSchedule()):
     """Plain PyTorch: the same SoFT loss (mean over all micro-batches of the step, each exit's loss
     the whole plain cross-entropy whatever the pipeline's exit loss implementation), SGD(lr),
-    optional clipping. Returns per-step losses, per-step exit losses, per-step parameters (a tied
-    model's one embedding/head matrix as model.embed_tokens.weight: its gradient sums both uses)."""
+    optional clipping; each step over the exits `schedule` runs at it, at their weights (the weighted
+    mean over those exits, normalised by soft_loss). Returns per-step losses, per-step exit losses,
+    per-step parameters (a tied model's one embedding/head matrix as model.embed_tokens.weight: its
+    gradient sums both uses)."""
     config = tiny_config(tied)
     model = Llama.from_weights(config, random_weights(config, SEED))
-    exits = make_exits(None, config.num_hidden_layers, mode=mode)
+    all_exits = make_exits(None, config.num_hidden_layers, mode=mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses, exit_history, params = [], [], []
     for step in range(steps):
         batches = make_batches(step, gas * dp, config.vocab_size, packed)
+        exits = [Exit(layer, weight) for layer, weight in schedule.weights(all_exits, step).items()]
         optimizer.zero_grad()
         total, per_exit = 0.0, {e.layer: 0.0 for e in exits}
         for ids, targets, positions in batches:
@@ -99,7 +103,14 @@ def parse_case(argv):
                         help="the fused loss keeps its weight gradient for backward even where fp32 would add it directly")
     parser.add_argument("--tied", action="store_true", help="tie the embedding to the lm_head")
     parser.add_argument("--packed", action="store_true", help="several records per row")
+    parser.add_argument("--exit-schedule", default="all")
+    parser.add_argument("--exit-sample-k", type=int, default=0)
+    parser.add_argument("--exit-warmup", type=int, default=0)
     return parser.parse_args([str(a) for a in argv])
+
+
+def case_schedule(args) -> ExitSchedule:
+    return ExitSchedule(args.exit_schedule, args.exit_sample_k, args.exit_warmup, SEED)
 
 
 def run_case(args, steps: int) -> dict:
@@ -113,7 +124,7 @@ def run_case(args, steps: int) -> dict:
     exits = make_exits(None, config.num_hidden_layers, mode=args.mode)
     module = build_pipeline(config, exits, args.pp, SEQ_LEN, random_weights(config, SEED),
                             exit_loss=args.exit_loss, exit_chunk_tokens=args.chunk_tokens,
-                            activation_checkpointing=args.act_ckpt)
+                            activation_checkpointing=args.act_ckpt, exit_schedule=case_schedule(args))
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": args.gas,
         "train_batch_size": MICRO_BATCH * args.gas * dp, "gradient_clipping": args.clip,

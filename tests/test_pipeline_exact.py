@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from conftest import deepspeed_launch
-from _pipeline_worker import reference_run
+from _pipeline_worker import SEED, reference_run
+from soft_ds.exit_schedule import ExitSchedule
 
 # The fused exit loss (gradients computed in the forward pass) in chunks of 5 counted tokens: a micro-batch
 # has up to 32 positions, so several chunks and a ragged last one. In fp32 it adds the head's weight
@@ -47,6 +48,15 @@ CASES = {
     "packed_tied_pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--act-ckpt", "--exit-loss", "chunked",
                                                 "--chunk-tokens", 7, "--tied", "--packed"],
                                             dict(mode="soft", gas=2, dp=2, clip=0.0, tied=True, packed=True)),
+    # Exit schedules (soft_ds.exit_schedule): random-k runs the last layer and one other exit each
+    # step, so two of stages 0-2 skip their only exit (their head copy gets no gradient of its own);
+    # the warm-up skips stage 0's exits at step 0 (a tied head: the embedding still uses it) and
+    # weighs them 1/2 at step 1.
+    "random_k_pp4_clip": (4, ["--pp", 4, "--gas", 3, "--clip", 0.5, "--exit-schedule", "random-k",
+                              "--exit-sample-k", 2],
+                          dict(mode="soft", gas=3, dp=1, clip=0.5, schedule=ExitSchedule("random-k", 2, 0, SEED))),
+    "warmup_tied_pp2_dp2": (4, ["--pp", 2, "--gas", 2, "--tied", "--exit-warmup", 2],
+                            dict(mode="soft", gas=2, dp=2, clip=0.0, tied=True, schedule=ExitSchedule(warmup_steps=2))),
 }
 STEPS = 2
 
@@ -78,6 +88,7 @@ def test_loss_matches_reference(case):
     for rank in ranks:
         for step in range(STEPS):
             assert abs(rank["losses"][step] - losses[step]) <= TOL, (rank["stage"], step)
+            assert set(rank["exit_losses"][step]) == set(exit_losses[step]), step  # the exits that ran
             for layer, value in exit_losses[step].items():
                 assert abs(rank["exit_losses"][step][layer] - value) <= TOL, (layer, step)
 

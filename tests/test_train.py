@@ -313,3 +313,43 @@ def test_packed_run_logs_the_first_step_one_process_computes_on_packed_rows(tmp_
     check_debug_run_first_step(tmp_path / "--no-packing", [2, 4, 6, 8], 5, 512, 2, 2, 1, packing=False)
     packed, padded = (scalars(tmp_path / flag)["train/loss"][1] for flag in ("--packing", "--no-packing"))
     assert abs(packed - padded) > 1e-4  # 10x the tolerance above: the two checks tell them apart
+
+
+def test_random_k_run_resumes_identically_and_logs_the_exits_it_ran(tmp_path):
+    """--exit_schedule random-k on 2 stages: each step logs the exits it drew (the last layer and one
+    other), their shares, and a loss equal to their weighted mean; a run stopped at step 2 and
+    resumed draws the same exits and ends with bit-identical weights (the draw is a function of the
+    seed and the step: nothing to save)."""
+    records = json.load(open(os.path.join(REPO, "data", "alpaca_5000.json")))[:200]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    args = ["--ds_config", "ds_configs/tiny_pp2.json", "--model", "debug", "--data", tmp_path / "data.json",
+            "--seq_len", 64, "--micro_batch_size", 2, "--grad_accum", 2, "--train_steps", STEPS, "--warmup_steps", 1,
+            "--val_size", 0, "--log_interval", 1, "--save_interval", 2, "--exit_schedule", "random-k",
+            "--exit_sample_k", 2, "--exit_weights", "1,1,1,2"]
+    straight = deepspeed_launch(2, "soft_ds/train.py", *args, "--output_dir", tmp_path / "straight")
+    assert "exits [2, 4, 6, 8] (random-k, k=2)" in straight.stdout
+    deepspeed_launch(2, "soft_ds/train.py", *args, "--output_dir", tmp_path / "resumed", "--stop_at_step", 2)
+    resumed = deepspeed_launch(2, "soft_ds/train.py", *args, "--output_dir", tmp_path / "resumed", "--resume")
+    assert "resumed from step 2" in resumed.stdout
+
+    a, b = scalars(tmp_path / "straight"), scalars(tmp_path / "resumed")
+    drawn = []
+    for step in range(1, STEPS + 1):
+        ran = [n for n in EXITS if step in a.get(f"train/exit_{n}/loss", {})]
+        shares = {n: a[f"train/exit_{n}/share"][step] for n in EXITS}
+        assert len(ran) == 2 and ran[-1] == 8, (step, ran)
+        assert [n for n in EXITS if shares[n] > 0] == ran
+        assert shares[ran[0]] == pytest.approx(1 / 3) and shares[8] == pytest.approx(2 / 3)
+        assert a["train/loss"][step] == pytest.approx(sum(shares[n] * a[f"train/exit_{n}/loss"][step] for n in ran),
+                                                      rel=1e-6)
+        assert f"| shares {ran[0]}:0.33 8:0.67 |" in straight.stdout.split(f"step {step}/{STEPS} |")[1].split("\n")[0]
+        drawn.append(ran[0])
+        for tag in ["train/loss"] + [f"train/exit_{n}/loss" for n in ran] + [f"train/exit_{n}/share" for n in EXITS]:
+            assert b[tag][step] == a[tag][step], (tag, step)
+    assert len(set(drawn)) > 1  # the draw changes from step to step
+    final = os.path.join("checkpoints", f"step{STEPS}")
+    for name in sorted(os.listdir(tmp_path / "straight" / final)):
+        if name.startswith(("layer_", "shared_head")):
+            x = torch.load(tmp_path / "straight" / final / name, weights_only=True)
+            y = torch.load(tmp_path / "resumed" / final / name, weights_only=True)
+            assert all(torch.equal(x[k], y[k]) for k in x), name
