@@ -11,16 +11,28 @@ from conftest import REPO, soft_ds_command
 def test_benchmark_prints_ratios_and_verdicts():
     result = subprocess.run(
         [soft_ds_command(), "bench", "overhead", "--layers", "10", "--hidden", "64", "--intermediate", "172",
-         "--seq-len", "32", "--grad-accum", "2", "--warmup", "1", "--repeats", "2", "--steps", "1"],
+         "--seq-len", "128", "--grad-accum", "2", "--warmup", "1", "--repeats", "2", "--steps", "1",
+         "--compare-exit-losses"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert re.search(r"LLaMA 2 13B 8\.8\d%", out)  # the analytic share for the real 13B
-    # Every exit-loss candidate: SFT s, SoFT s, SoFT/SFT; its goal verdicts; one exit's time and kept bytes.
+    assert re.search(r"LLaMA 2 13B, every token through the heads: 8\.8\d%", out)  # the analytic share for the 13B
+    for layout in ("packed", "padded"):
+        assert re.search(layout + r" rows .*: \d+ real tokens per step \(\d+% of the positions\), \d+ counted", out)
+    # Every SoFT engine: SFT s, SoFT s, SoFT/SFT [range], fastest, CPU, expected; and its memory row.
+    for engine in ("fused-direct/packed", "fused-direct/packed/random-2", "fused-direct/padded", "whole/packed",
+                   "chunked/packed", "fused-kept/packed"):
+        row = re.escape("soft/" + engine)
+        assert re.search(row + r"\s+[\d.]+\s+[\d.]+\s+\d\.\d{3} \[[\d.]+-[\d.]+\]\s+[\d.]+\s+[\d.]+\s+\d\.\d{3}\n",
+                         out), engine
+        assert re.search(row + r"\s+[\d.]+ / [\d.]+\s+[\d.]+ / [\d.]+\s+\d\.\d{3}\s+\d\.\d{3}\n", out), engine
     for candidate in (r"whole", r"chunked \(\d+\)", r"fused-kept \(\d+\)", r"fused-direct \(\d+\)"):
-        assert re.search(candidate + r"\s+[\d.]+\s+[\d.]+\s+\d\.\d{3} \[", out), candidate
-        assert re.search(candidate + r"\s+[+-][\d.]+% (PASS|MISS)\s+\d\.\d{3}x (PASS|MISS)", out), candidate
         assert re.search(candidate + r"\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\n", out), candidate
+    for mode in ("sft", "soft"):
+        assert re.search(mode + r"\s+[\d,]+\s+[\d,]+\s+\d+\.\d\d\s+\d+\.\d\d\n", out), mode
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"GOALS: time \d\.\d{3} (PASS|MISS) \| random-k \d\.\d{3} (PASS|MISS) \| "
+                        r"memory \d\.\d{3} (PASS|MISS) \| packing \d+\.\d\d (PASS|MISS)", last), last
 
 
 def test_alpaca_shaped_rows_keep_each_records_length_and_counted_tokens():

@@ -1,12 +1,15 @@
 """One rank of `soft-ds bench overhead` (overhead.py starts it by file path with the `deepspeed`
 launcher, one rank per stage).
 
-Builds plain SFT (the whole exit loss) and SoFT with each exit-loss candidate (overhead.CANDIDATES)
-on the same pipeline. Per engine: build, warm up and run one measured step under the profiler's
-memory events (peak live tensor bytes on this rank). Then times the engines round by round, all in
-turn, the order reversed every other round.
-Writes rank{N}.json: memory per engine on this rank, and the step times (each the slowest rank's
-wall time of one `train_batch`, i.e. one optimizer step, and the ranks' CPU time in it).
+Builds one engine per variant (overhead.VARIANTS names them: mode / exit-loss candidate / rows
+packed or padded / optional random-k) on the same pipeline. The rows are the bundled Alpaca
+sample's records at the run's sequence length (bench/rows.py), packed or one per row. Per engine:
+build, warm up and run one measured step under the profiler's memory events (peak live tensor bytes
+on this rank). Then times the engines round by round, all in turn, the order reversed every other
+round.
+Writes rank{N}.json: memory per engine on this rank, the step times (each the slowest rank's
+wall time of one `train_batch`, i.e. one optimizer step, and the ranks' CPU time in it) and each
+row layout's real and counted tokens per step.
 """
 
 import argparse
@@ -19,8 +22,10 @@ import torch
 import torch.distributed as torch_dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from soft_ds.bench.overhead import CANDIDATES, SFT_VARIANT, candidate_exit_loss
+from soft_ds.bench.overhead import parse_variant
+from soft_ds.bench.rows import alpaca_shapes, counted_tokens, real_tokens, shaped_batches
 from soft_ds.bench.proxy import proxy_config
+from soft_ds.exit_schedule import ExitSchedule
 from soft_ds.exits import make_exits
 from soft_ds.model import random_weights
 from soft_ds.distributed import init_distributed
@@ -36,6 +41,7 @@ def parse_args():
                  "grad-accum", "chunk-tokens", "warmup", "repeats", "steps", "bucket-elements"):
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--variants", required=True, help="comma-separated variant names (overhead.parse_variant)")
     p.add_argument("--local_rank", type=int, default=0)
     return p.parse_args()
 
@@ -54,17 +60,12 @@ def ds_config(args, data_parallel: int, bucket_elements: int) -> dict:
     }
 
 
-def make_batches(args) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """One step's micro-batches, every token counted; reused for every step (values do not change
-    the cost)."""
-    g = torch.Generator().manual_seed(SEED)
-    batches = []
-    for _ in range(args.grad_accum):
-        ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
-        targets = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
-        positions = torch.arange(args.seq_len).repeat(args.micro_batch, 1)  # (B, T): one record per row
-        batches.append(((ids, targets, positions), targets))
-    return batches
+def make_batches(args, packed: bool) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """One step's micro-batches of Alpaca-shaped rows (packed or one record per row), in the
+    engine's format; reused for every step (token values do not change the cost)."""
+    batches = shaped_batches(alpaca_shapes(args.seq_len), args.seq_len, args.vocab, args.micro_batch,
+                             args.grad_accum, packed, seed=SEED)
+    return [((ids, targets, positions), targets) for ids, targets, positions in batches]
 
 
 def live_bytes_profile(prof) -> tuple[int, int, int]:
@@ -142,24 +143,27 @@ def main():
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     assert world == args.stages, f"one rank per stage: world {world} != stages {args.stages}"
     config = proxy_config(args.layers, args.hidden, args.intermediate, args.heads, args.vocab, args.seq_len)
-    batches = make_batches(args)
-    variants = [SFT_VARIANT] + [f"soft/{candidate}" for candidate in CANDIDATES]
+    variants = args.variants.split(",")
+    batches = {layout: make_batches(args, layout == "packed") for layout in ("packed", "padded")}
+    tokens = {layout: {"real": real_tokens([b[0] for b in rows]), "counted": counted_tokens([b[0] for b in rows])}
+              for layout, rows in batches.items()}
 
     def build(variant):
-        mode, candidate = variant.split("/")
-        implementation, direct = candidate_exit_loss(candidate)
-        exits = make_exits(None, config.num_hidden_layers, mode=mode)
+        v = parse_variant(variant)
+        exits = make_exits(None, config.num_hidden_layers, mode=v.mode)
+        schedule = ExitSchedule("random-k", v.sample_k, 0, SEED) if v.sample_k else ExitSchedule()
         module = build_pipeline(config, exits, args.stages, args.seq_len, random_weights(config, SEED),
-                                exit_loss=implementation, exit_chunk_tokens=args.chunk_tokens)
+                                exit_loss=v.implementation, exit_chunk_tokens=args.chunk_tokens,
+                                exit_schedule=schedule)
         return build_engine(module, ds_config(args, world // args.stages, args.bucket_elements),
-                            direct_weight_gradient=direct)
+                            direct_weight_gradient=v.direct)
 
-    def step(engine) -> tuple[float, float]:
+    def step(engine, layout: str) -> tuple[float, float]:
         """(wall seconds of one optimizer step, the slowest rank's; CPU seconds, all ranks together).
         CPU time counts the work done, whoever else shares the machine; wall time is the goal's."""
         torch_dist.barrier()
         start, cpu = time.perf_counter(), time.process_time()
-        engine.train_batch(iter(batches))
+        engine.train_batch(iter(batches[layout]))
         seconds = torch.tensor([time.perf_counter() - start, time.process_time() - cpu], dtype=torch.float64)
         wall, cpu = seconds.clone(), seconds.clone()
         torch_dist.all_reduce(wall, op=torch_dist.ReduceOp.MAX)
@@ -177,10 +181,11 @@ def main():
         gc.collect()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             engine = build(variant)
+            layout = parse_variant(variant).layout
             for _ in range(args.warmup):
-                step(engine)
+                step(engine, layout)
             with record_function(MEASURED):
-                step(engine)
+                step(engine, layout)
         static, peak, end = live_bytes_profile(prof)
         memory[variant] = {"static": static, "peak": peak, "drift": end - static}
         engines[variant], stage = engine, engine.stage_id
@@ -194,7 +199,7 @@ def main():
         # Every engine in turn, the order reversed every other round (A B C, C B A): drift in
         # machine speed falls on all alike.
         for variant in (variants if round_ % 2 == 0 else variants[::-1]):
-            wall, cpu = zip(*(step(engines[variant]) for _ in range(args.steps)))
+            wall, cpu = zip(*(step(engines[variant], parse_variant(variant).layout) for _ in range(args.steps)))
             times[variant].append(list(wall))
             cpu_times[variant].append(list(cpu))
         other_load.append(other_share(mark))
@@ -202,7 +207,7 @@ def main():
             + f"; other processes {other_load[-1]:.0%} of the CPU")
 
     result = {"rank": rank, "stage": stage, "threads": torch.get_num_threads(), "variants": variants,
-              "memory": memory, "contention": contention,
+              "memory": memory, "contention": contention, "tokens": tokens,
               "times": times, "cpu_times": cpu_times, "other_load": other_load}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
