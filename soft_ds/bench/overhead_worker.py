@@ -41,6 +41,7 @@ def parse_args():
                  "grad-accum", "chunk-tokens", "warmup", "repeats", "steps", "bucket-elements"):
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--row-tokenizer", required=True, help="bench.rows.row_tokenizer's name")
     p.add_argument("--variants", required=True, help="comma-separated variant names (overhead.parse_variant)")
     p.add_argument("--local_rank", type=int, default=0)
     return p.parse_args()
@@ -63,7 +64,7 @@ def ds_config(args, data_parallel: int, bucket_elements: int) -> dict:
 def make_batches(args, packed: bool) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """One step's micro-batches of Alpaca-shaped rows (packed or one record per row), in the
     engine's format; reused for every step (token values do not change the cost)."""
-    batches = shaped_batches(alpaca_shapes(args.seq_len), args.seq_len, args.vocab, args.micro_batch,
+    batches = shaped_batches(alpaca_shapes(args.seq_len, tokenizer=args.row_tokenizer), args.seq_len, args.vocab, args.micro_batch,
                              args.grad_accum, packed, seed=SEED)
     return [((ids, targets, positions), targets) for ids, targets, positions in batches]
 

