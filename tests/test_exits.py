@@ -214,20 +214,22 @@ def test_fused_loss_tied_head_and_whole_llama():
         assert (grads["fused"][name] - expected).abs().max().item() <= 1e-6, name
 
 
-def test_fused_loss_bf16_close_to_fp32():
-    """bf16 weights: the fused loss is as close to the fp32 loss as the whole bf16 loss is."""
+def test_fused_and_chunked_losses_bf16_close_to_fp32():
+    """bf16 weights: the fused loss and the chunked one (what exit_loss "auto" runs under bf16) are as
+    close to the fp32 loss as the whole bf16 loss is."""
     head = make_head()
     hidden, targets = make_batch(head)
     reference, reference_grads = loss_and_grads(head, hidden, targets)
     head16 = make_head().to(torch.bfloat16)
     errors = {}
-    for implementation in ("whole", "fused"):
+    for implementation in ("whole", "fused", "chunked"):
         loss, grads = loss_and_grads(head16, hidden.to(torch.bfloat16), targets, implementation, 4)
         assert loss.dtype == torch.float32 and grads["lm_head.weight"].dtype == torch.bfloat16
         errors[implementation] = max((grads[name].float() - expected).abs().max().item() / expected.abs().max().item()
                                      for name, expected in reference_grads.items())
         assert abs(loss.item() - reference.item()) <= 2e-2
     assert errors["fused"] <= max(2 * errors["whole"], 1e-2), errors
+    assert errors["chunked"] <= max(2 * errors["whole"], 1e-2), errors
 
 
 @pytest.mark.parametrize("implementation, chunk_tokens", [("chunked", 0), ("fused", -1), ("sparse", 8)])
