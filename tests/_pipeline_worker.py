@@ -103,6 +103,7 @@ def parse_case(argv):
                         help="the fused loss keeps its weight gradient for backward even where fp32 would add it directly")
     parser.add_argument("--tied", action="store_true", help="tie the embedding to the lm_head")
     parser.add_argument("--packed", action="store_true", help="several records per row")
+    parser.add_argument("--bf16", action="store_true", help="DeepSpeed's bf16 training (its BF16 optimizer)")
     parser.add_argument("--exit-schedule", default="all")
     parser.add_argument("--exit-sample-k", type=int, default=0)
     parser.add_argument("--exit-warmup", type=int, default=0)
@@ -130,7 +131,7 @@ def run_case(args, steps: int) -> dict:
         "train_batch_size": MICRO_BATCH * args.gas * dp, "gradient_clipping": args.clip,
         "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True,
         "pipeline": {"use_reentrant": False, "activation_checkpoint_interval": int(args.act_ckpt)},
-        "steps_per_print": 10**9,
+        "steps_per_print": 10**9, "bf16": {"enabled": args.bf16},
     }
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
     engine = build_engine(module, ds_config, optimizer, direct_weight_gradient=not args.kept_weight_gradient)
