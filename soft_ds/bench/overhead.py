@@ -3,7 +3,7 @@ per pipeline rank and useful tokens per second, measured side by side on one Dee
 each next to its analytic expectation; the last line is one verdict on issue 12's goals, e.g.
 `GOALS: time 1.041 PASS | random-k 1.012 PASS | memory 1.012 PASS | packing 3.60 PASS`.
 
-    soft-ds bench overhead                          # the 13B proxy at 512 tokens: about 5 minutes on 2 cores
+    soft-ds bench overhead                          # the 13B proxy at 512 tokens (--repeats 12 took 9 min on 2 cores)
     soft-ds bench overhead --compare-exit-losses    # also SoFT with each exit-loss candidate
 
 One `deepspeed` launch of overhead_worker.py (CPU ranks, gloo, fp32, ZeRO-1, torch AdamW) builds one
