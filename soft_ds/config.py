@@ -249,7 +249,8 @@ def validate(config: RunConfig):
     for name in ("pipeline_stages", "seq_len", "train_steps", "log_interval", "eval_batches"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
-    for name in ("warmup_steps", "exit_warmup_steps", "val_size", "eval_interval", "save_interval", "exit_chunk_tokens"):
+    for name in ("warmup_steps", "exit_warmup_steps", "val_size", "eval_interval", "save_interval",
+                 "exit_chunk_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
     if s.exit_loss not in EXIT_LOSS_CHOICES:

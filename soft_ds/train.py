@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory or tokenizer.model (default: the checkpoint's, or data/tokenizer "
                         "for a preset)")
-    p.add_argument("--data", default=os.path.relpath(soft_data.BUNDLED_RECORDS), help="Alpaca-format .json/.jsonl training data")
+    p.add_argument("--data", default=os.path.relpath(soft_data.BUNDLED_RECORDS),
+                   help="Alpaca-format .json/.jsonl training data")
     p.add_argument("--output_dir", default=os.path.join("runs", "soft"),
                    help="checkpoints, TensorBoard events (tb/) and summary.json go here")
     p.add_argument("--resume", action="store_true",

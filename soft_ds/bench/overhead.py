@@ -303,9 +303,11 @@ def report(args, results: list[dict], timed_exit: dict[str, tuple[float, int]]) 
     print(f"proxy:       hidden {args.hidden}, intermediate {args.intermediate}, {L} layers, "
           f"{args.heads} heads, vocab {args.vocab}, seq {args.seq_len}; head/layer FLOPs {flop_ratio:.4f}")
     print(f"exits {[e.layer for e in exits]}; {args.stages} stages, fp32, ZeRO-1, AdamW; micro-batch "
-          f"{args.micro_batch} rows x {args.seq_len} tokens, grad-accum {args.grad_accum}: {positions} positions per step")
+          f"{args.micro_batch} rows x {args.seq_len} tokens, grad-accum {args.grad_accum}: "
+          f"{positions} positions per step")
     for layout, t in tokens.items():
-        print(f"  {layout} rows (the bundled Alpaca sample's records, {args.row_tokenizer} tokenizer): {t['real']} real tokens per step "
+        print(f"  {layout} rows (the bundled Alpaca sample's records, {args.row_tokenizer} tokenizer): "
+              f"{t['real']} real tokens per step "
               f"({t['real'] / positions:.0%} of the positions), {t['counted']} counted in the loss "
               f"({counted_share[layout]:.0%})")
     print(f"exit loss {default} (soft.exit_loss auto in fp32) unless named; SoFT / SFT against SFT on the same rows")

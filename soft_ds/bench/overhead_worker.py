@@ -64,7 +64,8 @@ def ds_config(args, data_parallel: int, bucket_elements: int) -> dict:
 def make_batches(args, packed: bool) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """One step's micro-batches of Alpaca-shaped rows (packed or one record per row), in the
     engine's format; reused for every step (token values do not change the cost)."""
-    batches = shaped_batches(alpaca_shapes(args.seq_len, tokenizer=args.row_tokenizer), args.seq_len, args.vocab, args.micro_batch,
+    shapes = alpaca_shapes(args.seq_len, tokenizer=args.row_tokenizer)
+    batches = shaped_batches(shapes, args.seq_len, args.vocab, args.micro_batch,
                              args.grad_accum, packed, seed=SEED)
     return [((ids, targets, positions), targets) for ids, targets, positions in batches]
 
