@@ -222,9 +222,27 @@ class VarlenSpans:
     max_len: int
 
 
+# The last micro-batch's positions (a copy), kernel and mask: every decoder layer of a stage asks for
+# the mask of the same positions, so only the first builds it. Keyed on the positions' values, not
+# the tensor: DeepSpeed receives each micro-batch's positions into the same buffer.
+_last_mask: list = []
+
+
 def packed_mask(positions: torch.Tensor, kernel: str):
     """Block-diagonal causal attention of packed rows ((B, T) positions, 0 where a record starts) in
-    `kernel`'s form; None when no row holds a second record (plain causal attention then)."""
+    `kernel`'s form; None when no row holds a second record (plain causal attention then). Built once
+    per distinct positions in a row of calls (the layers of one forward)."""
+    if _last_mask:
+        seen, seen_kernel, mask = _last_mask[0]
+        if (seen_kernel == kernel and seen.shape == positions.shape and seen.device == positions.device
+                and torch.equal(seen, positions)):
+            return mask
+    mask = _build_packed_mask(positions, kernel)
+    _last_mask[:] = [(positions.clone(), kernel, mask)]
+    return mask
+
+
+def _build_packed_mask(positions: torch.Tensor, kernel: str):
     starts = positions == 0  # (B, T)
     if not starts[:, 1:].any():
         return None

@@ -340,3 +340,17 @@ def test_packed_attention_kernels_agree_and_the_choice_is_named(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "flash-varlen")
     with pytest.raises(ValueError, match="flash-varlen needs a CUDA device and the flash_attn package"):
         packed_attention_kernel("cpu", torch.float32)
+
+
+def test_packed_mask_is_built_once_per_positions_and_follows_their_values():
+    """The layers of one forward share one mask; new positions in the same tensor (DeepSpeed reuses its
+    receive buffers) get their own."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])
+    first = packed_mask(positions, "sdpa-mask")
+    assert packed_mask(positions.clone(), "sdpa-mask") is first
+    assert torch.equal(first, record_mask(positions))
+    positions[0] = torch.tensor([0, 1, 2, 3, 0, 1])  # in place, as a receive buffer
+    second = packed_mask(positions, "sdpa-mask")
+    assert second is not first and torch.equal(second, record_mask(positions))
+    assert packed_mask(positions, "flash-varlen").cu_seqlens.tolist() == [0, 4, 6, 8, 12]
+    assert packed_mask(torch.arange(6).expand(2, 6), "sdpa-mask") is None
