@@ -574,9 +574,14 @@ def global_batch_rows(num_examples, step, micro_batch_size, grad_accum, dp_size,
     ]
 
 
+def token_counts(dataset) -> tuple[int, ...]:
+    """Each record's token count (truncated as tokenized)."""
+    return tuple(len(ids) for ids in dataset["input_ids"])
+
+
 def record_lengths(dataset, packing):
     """The records' token counts when packing (what global_batch_rows packs by), else None."""
-    return tuple(len(ids) for ids in dataset["input_ids"]) if packing else None
+    return token_counts(dataset) if packing else None
 
 
 def step_tokens(lengths, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, packing=False) -> int:
@@ -587,10 +592,10 @@ def step_tokens(lengths, step, micro_batch_size, grad_accum, dp_size, seed, seq_
     return sum(lengths[index] for rows in slots for row in rows for index in row)
 
 
-def row_fill(dataset, seed, seq_len, packing=False) -> tuple[int, float]:
-    """(rows, share of their positions holding real tokens) of epoch 0: how much of a step is padding."""
-    lengths = tuple(len(ids) for ids in dataset["input_ids"])
-    rows = epoch_rows(len(dataset), seed, 0, lengths if packing else None, seq_len)
+def row_fill(lengths, seed, seq_len, packing=False) -> tuple[int, float]:
+    """(rows, share of their positions holding real tokens) of epoch 0, the records' token counts
+    given: how much of a step is padding."""
+    rows = epoch_rows(len(lengths), seed, 0, lengths if packing else None, seq_len)
     return len(rows), sum(lengths) / max(1, len(rows) * seq_len)
 
 

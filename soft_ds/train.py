@@ -265,7 +265,8 @@ def run(argv, stop: preemption.StopRequest):
                  f"{config.train_batch_size(world_size)} | {len(train_set)} train / {len(val_set)} val records")
     monitor.info(f"  {place.launcher}, world size {world_size} | torch {torch.__version__}, deepspeed "
                  f"{deepspeed.__version__}, transformers {transformers.__version__}")
-    rows, fill = soft_data.row_fill(train_set, soft.seed, soft.seq_len, soft.packing)
+    lengths = soft_data.token_counts(train_set)  # for the rows' fill and each step's real tokens
+    rows, fill = soft_data.row_fill(lengths, soft.seed, soft.seq_len, soft.packing)
     kernel = packed_attention_kernel(get_accelerator().device_name(), torch.bfloat16 if config.bf16 else torch.float32)
     monitor.info(f"  {'packed' if soft.packing else 'padded'} rows of {soft.seq_len} tokens: {len(train_set)} train "
                  f"records in {rows} rows per epoch, {fill:.0%} of their positions real tokens"
@@ -295,7 +296,6 @@ def run(argv, stop: preemption.StopRequest):
 
     train_iter = data_iterator(train_set, config, engine, tokenizer.pad_token_id, start_step=step)
     dp = config.data_parallel_size(world_size)
-    lengths = soft_data.record_lengths(train_set, packing=True)
     last_step = args.stop_at_step or soft.train_steps
     train_exits, val_exits = {}, {}
     scheduled = soft.exit_schedule != "all" or soft.exit_warmup_steps > 0  # the exits' shares vary by step

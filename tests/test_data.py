@@ -527,7 +527,7 @@ def test_step_tokens_count_the_real_tokens_of_the_steps_batches(packing):
         batches = global_batch(dataset, step, mbs, accum, dp, seed, seq_len, pad_id=-1, packing=packing)
         real = sum(int((ids != -1).sum()) for ids, _, _ in batches)
         assert step_tokens(tuple(lengths), step, mbs, accum, dp, seed, seq_len, packing) == real
-    rows, fill = row_fill(dataset, seed, seq_len, packing)
+    rows, fill = row_fill(tuple(lengths), seed, seq_len, packing)
     assert rows == len(epoch_rows(50, seed, 0, tuple(lengths) if packing else None, seq_len))
     assert fill == pytest.approx(sum(lengths) / (rows * seq_len))
     assert (rows < 50) == packing
