@@ -234,8 +234,40 @@ def test_kl_cli_bad_input(files, tmp_path, capsys):
                        "vocabulary size differs from the reference small's (512)")
 
 
+def test_answers_cli_writes_every_exits_greedy_answers_side_by_side(files, model, tokenizer, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = run_cli(capsys, "eval", "answers", "--model", f"soft={files['soft']}", "--model",
+                     f"other={files['other']}", "--exits", "2,4", "--data", str(files["data"]), "--val_size", "6",
+                     "--seed", "0", "--num-prompts", "2", "--max-new-tokens", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    written = json.loads((out / "answers.json").read_text())
+    records = list(build_datasets(files["data"], tokenizer, max_length=512, val_size=6, seed=0)[1])[:2]
+    assert [r["instruction"] for r in written["records"]] == [r["instruction"] for r in records]
+    generator = SoftGenerator(model, tokenizer)
+    for n in (2, 4):  # each exit's answers are its own greedy decoding, decoded to text
+        tokens = generator.generate([encode_prompt(r, tokenizer) for r in records], exit_layer=n, max_new_tokens=5,
+                                    eos_token_id=tokenizer.eos_token_id).tokens
+        assert written["models"]["soft"][str(n)] == [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    assert written["models"]["soft"]["2"] != written["models"]["other"]["2"]
+    page = (out / "answers.md").read_text()
+    assert page in result.stdout and page.count("| exit | soft | other |") == 2
+    assert f"### 1. {records[0]['instruction']}" in page and "| 4 | " in page
+    assert_cli_refuses(["answers", "--model", f"soft={files['soft']}", "--num-prompts", "0", "--data",
+                        str(files["data"]), "--val_size", "6", "--out", tmp_path / "bad"], capsys, tmp_path / "bad",
+                       "--num-prompts must be a positive integer")
+
+
+def test_answers_page_keeps_a_table_cell_one_cell():
+    from soft_ds.eval.command import answers_page
+    report = {"data": "d.json", "val_size": 1, "seed": 0, "template": "alpaca", "decoding": "greedy",
+              "records": [{"instruction": "Say a | b", "input": "", "output": "ok"}],
+              "models": {"soft": {"2": ["a | b\n<c>"], "4": [""]}}}
+    page = answers_page(report)
+    assert "| 2 | a \\| b<br>&lt;c&gt; |" in page and "| 4 | *(nothing)* |" in page
+
+
 def test_help_lists_the_sub_commands(capsys):
     result = run_cli(capsys, "eval", "--help")
     assert result.returncode == 0
-    for command in ("lm", "kl", "judge", "triviaqa", "claims"):
+    for command in ("lm", "kl", "answers", "judge", "triviaqa", "claims"):
         assert command in result.stdout

@@ -8,10 +8,12 @@
         --judge models/PandaLM-7B-v1 --out eval
     soft-ds eval triviaqa --model soft=exported/soft --exits 2,4,6,8 \\
         --data triviaqa/validation.parquet --out eval
+    soft-ds eval answers --model base=models/smollm2-135m --model soft=exported/soft \\
+        --exits 10,15,20,25,30 --num-prompts 6 --out eval
     soft-ds eval claims runs/reproduce_small
 
 Models are exported Hugging Face checkpoint directories, given as NAME=DIR (or DIR, named after its
-folder). lm, kl, judge and triviaqa write JSON, a markdown table and a PNG into --out (created if
+folder). lm, kl, judge, triviaqa and answers write JSON, a markdown table (and a PNG) into --out (created if
 needed; files of the same name are replaced); claims writes OUT/report.md. Bad input (missing
 file, wrong format, exit out of range) stops a sub-command with one `error:` line and exit code 2
 before anything is written.
@@ -20,6 +22,7 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
+import html
 import sys
 from pathlib import Path
 
@@ -34,7 +37,8 @@ from soft_ds.eval.report import (check_out_dir, exit_lines, exit_table, heat_map
                                 write_outputs)
 from soft_ds.inference import DTYPES
 
-COMMAND_HELP = "Score every exit of exported checkpoints: loss, KL, PandaLM judge, TriviaQA; the reproduction's claims."
+COMMAND_HELP = ("Score every exit of exported checkpoints: loss, KL, side-by-side answers, PandaLM judge, TriviaQA; "
+                "the reproduction's claims.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +48,7 @@ COMMAND_HELP = "Score every exit of exported checkpoints: loss, KL, PandaLM judg
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=COMMAND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    commands = p.add_subparsers(dest="command", required=True, metavar="{lm,kl,judge,triviaqa,claims}")
+    commands = p.add_subparsers(dest="command", required=True, metavar="{lm,kl,answers,judge,triviaqa,claims}")
 
     def sub_command(name: str, summary: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, description=summary)
@@ -86,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(pair, batch_size=8)
     pair.set_defaults(run=run_judge)
 
+    answers = sub_command("answers", "every exit's greedy answers to held-out instructions, side by side")
+    add_models(answers)
+    add_held_out(answers)
+    answers.add_argument("--num-prompts", type=int, default=6, help="held-out records answered (the first N)")
+    answers.add_argument("--max-new-tokens", type=int, default=48, help="longest answer generated")
+    add_common(answers, batch_size=8)
+    answers.set_defaults(run=run_answers)
+
     qa = sub_command("triviaqa", "TriviaQA closed-book exact match and F1 of every exit")
     add_models(qa)
     qa.add_argument("--data", required=True,
@@ -100,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(qa, batch_size=16)
     qa.set_defaults(run=run_triviaqa)
 
-    report = sub_command("claims", "tools/reproduce_small.sh's report: the per-exit table of SFT, "
-                                                "SFT+ICT and SoFT and the paper's four claims, PASS or MISS")
-    report.add_argument("out", help="the output folder of tools/reproduce_small.sh (report.md is written there)")
+    report = sub_command("claims", "a reproduction's report: the per-exit table of SFT, SFT+ICT and SoFT and the "
+                                   "paper's claims, PASS or MISS")
+    report.add_argument("out", help="the output folder of tools/reproduce_small.sh or tools/reproduce_real.sh "
+                                    "(report.md is written there)")
+    report.add_argument("--goals", choices=sorted(claims.TITLES), default="small",
+                        help="small: perplexity ratios (a toy model trained from scratch); real: losses in nats a "
+                             "pretrained model's exits must reach (tools/reproduce_real.sh)")
     report.set_defaults(run=run_claims)
     return p
 
@@ -222,6 +238,49 @@ def run_kl(args):
     return report
 
 
+def run_answers(args):
+    check_options(args, "batch_size", "max_length", "num_prompts", "max_new_tokens")
+    checkpoints = open_models(args, given_tokenizer(args))
+    tokenizer = shared_tokenizer(checkpoints)
+    template = shared_template(checkpoints)
+    records = list(held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed,
+                                    template))[:args.num_prompts]
+    prompts = [encode_prompt(record, tokenizer, template) for record in records]
+
+    answers = {checkpoint.name: {str(n): texts for n, texts in metrics.responses_by_exit(
+        checkpoint, prompts, args.max_new_tokens, args.batch_size, DTYPES[args.dtype], args.device).items()}
+        for checkpoint in checkpoints}
+    report = {"data": str(args.data), "val_size": args.val_size, "seed": args.seed, "template": template,
+              "decoding": f"greedy, up to {args.max_new_tokens} tokens",
+              "records": [{key: record[key] for key in ("instruction", "input", "output")} for record in records],
+              "models": answers}
+    page = answers_page(report)
+    write_outputs(Path(args.out), {"answers.json": report, "answers.md": page}, [])
+    print(page)
+    return report
+
+
+def answers_page(report: dict) -> str:
+    """Markdown: per held-out instruction, a table with a row per exit and a column per model."""
+    def cell(text: str) -> str:
+        text = html.escape(text.strip(), quote=False).replace("|", "\\|").replace("\n", "<br>")
+        return text or "*(nothing)*"
+    models = report["models"]
+    exits = sorted({int(n) for by_exit in models.values() for n in by_exit})
+    lines = [f"Greedy answers ({report['decoding']}) of every exit to held-out records of {report['data']} "
+             f"(val_size {report['val_size']}, seed {report['seed']}, {report['template']} template).", ""]
+    for i, record in enumerate(report["records"]):
+        lines += [f"### {i + 1}. {cell(record['instruction'])}", ""]
+        if record["input"]:
+            lines += [f"Input: {cell(record['input'])}", ""]
+        lines += [f"Reference: {cell(record['output'])}", "",
+                  "| exit | " + " | ".join(models) + " |", "|---:|" + "---|" * len(models)]
+        lines += [f"| {n} | " + " | ".join(cell(by_exit[str(n)][i]) if str(n) in by_exit else "" for by_exit in
+                                          models.values()) + " |" for n in exits]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def run_judge(args):
     check_options(args, "batch_size", "limit", "max_new_tokens", "judge_max_new_tokens", "judge_beams",
                   "judge_batch_size")
@@ -302,7 +361,7 @@ def run_triviaqa(args):
 
 def run_claims(args):
     out = Path(args.out)
-    text = claims.reproduction_report(out)
+    text = claims.reproduction_report(out, args.goals)
     (out / "report.md").write_text(text)
     print(text)
     return text
