@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, run_cli
 
-from soft_ds.eval.claims import check_claims
+from soft_ds.eval.claims import check_claims, check_real_goals
 
 
 def test_whole_chain_on_a_two_step_budget(tmp_path):
@@ -50,9 +50,53 @@ def test_claim_verdicts(soft, verdicts):
     assert "exit 6 of 8" in lines[2] and "123" in lines[3]
 
 
+@pytest.mark.parametrize("soft, verdicts", [
+    ({10: 5.0, 15: 4.0, 20: 3.4, 25: 2.7, 30: 1.80}, ["PASS", "PASS", "PASS", "PASS", "PASS"]),
+    ({10: 9.0, 15: 7.5, 20: 3.6, 25: 2.9, 30: 1.90}, ["PASS", "MISS", "MISS", "MISS", "MISS"]),
+])
+def test_real_goal_verdicts(soft, verdicts):
+    loss = {"sft": {10: 20.9, 15: 20.9, 20: 19.6, 25: 9.2, 30: 1.76}, "ict": {10: 8.0, 15: 7.0, 20: 5.0, 25: 3.5, 30: 1.76},
+            "soft": soft}
+    lines = check_real_goals(loss, extra_parameters=123)
+    assert [line.rsplit("**", 2)[-2] for line in lines] == verdicts
+    assert "exit 20 of 30" in lines[1] and "exit 25 of 30" in lines[2] and "123" in lines[4]
+    loss["sft"][25] = 7.9  # SFT's exit 25 no longer gibberish
+    assert check_real_goals(loss, 123)[0].endswith("**MISS**")
+
+
 def test_claims_of_an_unfinished_run_is_one_error_line(tmp_path, capsys):
     out = run_cli(capsys, "eval", "claims", tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith(f"error: {tmp_path / 'eval' / 'lm.json'}: ") and "did tools/reproduce_small.sh" in \
         out.stderr
     assert not (tmp_path / "report.md").exists()
+
+
+def test_real_model_chain_on_a_one_step_budget(tmp_path):
+    """tools/reproduce_real.sh end to end on the imported SmolLM2 with a tiny budget: one step per
+    run, 12 held-out records, 128-token rows. What it checks is the chain and the report's numbers
+    (each row is lm.json's), not the goals."""
+    config = json.loads((REPO / "ds_configs" / "reproduce_real.json").read_text())
+    config["soft"].update(train_steps=1, warmup_steps=0, val_size=12, seq_len=128, eval_batches=1, log_interval=1)
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    out = tmp_path / "real"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG": str(tmp_path / "tiny.json"), "KL_PROMPTS": "4",
+           "ANSWERS": "2"}
+    result = subprocess.run(["bash", "tools/reproduce_real.sh", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=1500, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lm = json.loads((out / "eval" / "lm.json").read_text())
+    assert list(lm["models"]) == ["base", "sft", "soft", "ict"] and lm["records"] == 12
+    report = (out / "report.md").read_text()
+    exits = config["soft"]["exits"]
+    for n in exits:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {n} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        losses = [round(lm["models"][m]["exits"][str(n)]["loss"], 4) for m in ("base", "sft", "ict", "soft")]
+        assert [float(c) for c in cells[5:9]] == losses
+    goals = [line for line in report.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ", "5. ")]
+    assert len(goals) == 5 and all(line.endswith(("**PASS**", "**MISS**")) for line in goals)
+    answers = json.loads((out / "eval" / "answers.json").read_text())
+    assert set(answers["models"]) == {"base", "sft", "soft", "ict"} and len(answers["records"]) == 2
+    assert all(len(texts) == 2 for by_exit in answers["models"].values() for texts in by_exit.values())
+    assert "eval/answers.md" in report and (out / "eval" / "kl_vs_position.png").stat().st_size > 0
