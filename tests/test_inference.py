@@ -480,7 +480,7 @@ def test_benchmark_smoke(checkpoint, capsys, tmp_path):
     plot = tmp_path / "speed.png"
     goals = benchmark_inference.main([
         "--model", str(directory), "--num-prompts", "2", "--max-new-tokens", "3", "--repeats", "1",
-        "--draft-tokens", "2", "--thresholds", "0,1", "--exits", "2,4,8",
+        "--draft-tokens", "2", "--thresholds", "0,1", "--exits", "2,4,8", "--draft-exits", "4",
         "--proxy-layers", "4", "--proxy-hidden", "64", "--proxy-intermediate", "172", "--proxy-draft-exits", "2",
         "--plot", str(plot)])
     out = capsys.readouterr().out
@@ -491,3 +491,26 @@ def test_benchmark_smoke(checkpoint, capsys, tmp_path):
     assert sum(line.split()[0] in ("2", "4", "8") for line in out.splitlines() if "PASS" in line or "MISS" in line
                or "(full)" in line) >= 3
     assert plot.is_file() and plot.stat().st_size > 1000
+    model_part = out.split("13B cost proxy")[0]
+    drafts = [line.split()[:2] for line in model_part.split("draft  k   head")[1].split("transformers")[0].splitlines()[1:]
+              if line.strip()]
+    assert drafts == [["4", "2"]]  # --draft-exits 4: exit 2 is measured but drafts nothing
+    with pytest.raises(ValueError, match=r"--draft-exits 3: each must be one of the measured exits below the last"):
+        benchmark_inference.main(["--model", str(directory), "--exits", "2,4,8", "--draft-exits", "3", "--no-proxy"])
+
+
+def _speculative_row(speedup, bound, identical=1.0):
+    return dict(exit=20, k=4, head="8192", mode="fixed", speedup=speedup, bound=bound, of_bound=speedup / bound,
+                acceptance=0.7, identical=identical)
+
+
+@pytest.mark.parametrize("rows, verdict", [
+    ({"speculative": [_speculative_row(1.4, 1.5)], "transformers": [{"exit": 20, "k": 4, "speedup": 0.9}]}, "PASS"),
+    ({"speculative": [_speculative_row(1.4, 1.5)], "transformers": [{"exit": 20, "k": 4, "speedup": 1.2}]}, "MISS"),
+    ({"speculative": [_speculative_row(1.2, 1.25)]}, "MISS"),  # below 1.3x greedy
+    ({"speculative": [_speculative_row(1.4, 1.7)]}, "MISS"),  # 82% of its bound
+    ({"speculative": [_speculative_row(1.4, 1.5), _speculative_row(1.0, 1.1, identical=0.99)]}, "MISS"),  # not exact
+])
+def test_speculative_goal(rows, verdict):
+    line = benchmark_inference.speculative_goal(rows)
+    assert line.split(": ", 1)[1].startswith(verdict), line

@@ -27,9 +27,11 @@ Two models are measured:
 Goals (from the issue), checked on each model:
   exit n tokens/s / full tokens/s >= 0.9 x FLOP ratio, FLOP ratio = FLOPs/token(full) / FLOPs/token(exit n)
       at the run's mean context length (`partition.exit_flop_ratio`);
-  self-speculative >= 1.8x plain full-model greedy, among draft exits with acceptance >= 0.8;
-  dynamic exit >= 1.5x at >= 97% token agreement with full-model greedy (same token at the same
-      position of the same prompt).
+  self-speculative >= 1.3x plain full-model greedy and >= 1.3x transformers' best
+      generate(assistant_early_exit=n) (when measured), every speculative row's output identical
+      to full greedy, and the best row achieving >= 90% of its bound;
+  dynamic exit >= 1.25x at >= 97% token agreement with full-model greedy (same token at the same
+      position of the same prompt), fixed thresholds and calibrated rows alike.
 
 Calibrated dynamic exit (--target-agreements, e.g. 0.97; the model only, not the proxy): per-exit
 thresholds calibrated (inference/calibrate.py) on --calibration-prompts PandaLM records from 85 on,
@@ -78,8 +80,8 @@ from soft_ds.inference.speculative import ReducedHead, check_draft_vocabulary_si
 from soft_ds.model import Llama, preset_config, random_weights
 from soft_ds.partition import exit_flop_ratio
 
-GOAL_EXIT_FRACTION, GOAL_SPECULATIVE, GOAL_DYNAMIC, GOAL_AGREEMENT = 0.9, 1.8, 1.5, 0.97
-GOOD_ACCEPTANCE = 0.8  # "where the draft exit agrees well"
+GOAL_EXIT_FRACTION, GOAL_SPECULATIVE, GOAL_DYNAMIC, GOAL_AGREEMENT = 0.9, 1.3, 1.25, 0.97
+GOAL_OF_BOUND = 0.9  # a speculative row's speedup / the bound its acceptance and pass costs allow
 
 
 def build_random(config: LlamaConfig, seed: int, damping: float = 1.0) -> Llama:
@@ -363,19 +365,10 @@ def report(title: str, rows: dict, note: str) -> list[str]:
     exit_pass = [row for row in exit_rows if row["speed_ratio"] >= GOAL_EXIT_FRACTION * row["flop_ratio"]]
     goals = [f"exit throughput >= 0.9 x FLOP ratio: {verdict(len(exit_pass) == len(exit_rows))} "
              f"({len(exit_pass)}/{len(exit_rows)} exits)"]
-    agreeing = [row for row in rows["speculative"] if row["acceptance"] >= GOOD_ACCEPTANCE]
-    if agreeing:
-        best = max(agreeing, key=lambda row: row["speedup"])
-        goals.append(f"self-speculative >= {GOAL_SPECULATIVE}x where the draft agrees (acceptance >= "
-                     f"{GOOD_ACCEPTANCE:.0%}): {verdict(best['speedup'] >= GOAL_SPECULATIVE)} (best "
-                     f"{best['speedup']:.2f}x at exit {best['exit']}, k={best['k']}, "
-                     f"acceptance {best['acceptance']:.1%})")
-    else:
-        best = max(rows["speculative"], key=lambda row: row["acceptance"], default=None)
-        got = f"best acceptance {best['acceptance']:.1%}" if best else "no draft exit measured"
-        goals.append(f"self-speculative >= {GOAL_SPECULATIVE}x where the draft agrees: N/A (no draft exit "
-                     f"reaches {GOOD_ACCEPTANCE:.0%} acceptance; {got})")
-    faithful = [row for row in rows["dynamic"] if row["agreement"] >= GOAL_AGREEMENT]
+    goals.append(speculative_goal(rows))
+    dynamic = rows["dynamic"] + [{**row, "threshold": f"calibrated {row['calibration'].target}"}
+                                 for row in rows["calibrated"]]
+    faithful = [row for row in dynamic if row["agreement"] >= GOAL_AGREEMENT]
     if faithful:
         best = max(faithful, key=lambda row: row["speedup"])
         goals.append(f"dynamic exit >= {GOAL_DYNAMIC}x at >= {GOAL_AGREEMENT:.0%} agreement: "
@@ -388,6 +381,32 @@ def report(title: str, rows: dict, note: str) -> list[str]:
     for line in goals:
         print(f"   - {line}")
     return goals
+
+
+def speculative_goal(rows: dict) -> str:
+    """The self-speculative goal line: the fastest speculative row against plain greedy, against
+    transformers' fastest assistant_early_exit row (when measured) and against its own bound; every
+    speculative row's output must equal full greedy."""
+    speculative = rows["speculative"]
+    if not speculative:
+        return "self-speculative: N/A (no draft exit measured)"
+    best = max(speculative, key=lambda row: row["speedup"])
+    theirs = [row for row in rows.get("transformers") or [] if row["exit"] is not None]
+    exact = all(row["identical"] == 1.0 for row in speculative)
+    checks = [best["speedup"] >= GOAL_SPECULATIVE, best["of_bound"] >= GOAL_OF_BOUND, exact]
+    against = ""
+    if theirs:
+        fastest = max(theirs, key=lambda row: row["speedup"])
+        ratio = best["speedup"] / fastest["speedup"]
+        checks.append(ratio >= GOAL_SPECULATIVE)
+        against = (f", {ratio:.2f}x transformers' best assistant_early_exit ({fastest['speedup']:.2f}x at exit "
+                   f"{fastest['exit']}, k={fastest['k']})")
+    return (f"self-speculative >= {GOAL_SPECULATIVE}x greedy and transformers, >= {GOAL_OF_BOUND:.0%} of its bound, "
+            f"identical output: {verdict(all(checks))} (best {best['speedup']:.2f}x at exit {best['exit']}, "
+            f"k={best['k']}, head {best['head']}, {best['mode']}: acceptance {best['acceptance']:.1%}, "
+            f"{best['of_bound']:.0%} of bound {best['bound']:.2f}x{against}; identical to full greedy: "
+            + ("every row" if exact else ", ".join(f"exit {row['exit']} k={row['k']}: {row['identical']:.1%}"
+                                                    for row in speculative if row["identical"] != 1.0)) + ")")
 
 
 def plot(path: Path, curves) -> str:
@@ -427,6 +446,8 @@ def main(argv=None) -> dict[str, list[str]]:
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     p.add_argument("--repeats", type=int, default=2, help="timing rounds; the median is reported")
     p.add_argument("--exits", help="comma-separated exits (default: the training default for the depth)")
+    p.add_argument("--draft-exits", help="comma-separated draft exits for self-speculative rows (default: every "
+                                         "measured exit below the last)")
     p.add_argument("--draft-tokens", default="2,4,6", help="k values for self-speculative decoding")
     p.add_argument("--draft-vocab", default="",
                    help="comma-separated sizes m: also draft with a head over the m most frequent response tokens")
@@ -528,7 +549,13 @@ def main(argv=None) -> dict[str, list[str]]:
             calibrations.append(calibrate(generator, held_out, target, args.confidence, exits,
                                           args.max_new_tokens, None, batch_size=args.batch_size))
             print(f"   {calibrations[-1].summary()}")
-    rows = run_suite(generator, prompts, args, exits, [n for n in exits if n < L], calibrations, vocabulary)
+    draft_exits = [n for n in exits if n < L]
+    if args.draft_exits:
+        draft_exits = parse_list(args.draft_exits, "--draft-exits")
+        if not set(draft_exits) <= set(exits) - {L}:
+            raise ValueError(f"--draft-exits {args.draft_exits}: each must be one of the measured exits below the "
+                             f"last, {[n for n in exits if n < L]} (--exits)")
+    rows = run_suite(generator, prompts, args, exits, draft_exits, calibrations, vocabulary)
     goals = {"model": report(f"{title}: {shape}", rows, note)}
     curves = [(f"model ({L} layers)", rows)]
 
