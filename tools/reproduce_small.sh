@@ -18,26 +18,8 @@ OUT=${1:-runs/reproduce_small}
 shift || true
 EXTRA=("$@")
 CONFIG=ds_configs/reproduce_small.json
-PYTHON=${PYTHON:-python3}
-soft-ds() { "$PYTHON" -m soft_ds.cli "$@"; }  # the soft-ds command of the Python that setup.sh installs into
-bash tools/setup.sh
-mkdir -p "$OUT"
-# One process per run uses both cores best on a small CPU; DeepSpeed's launcher still runs it.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-port=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+source tools/reproduce_common.sh
 
-train() {  # train NAME [train.py options...]: train, then export the full model to $OUT/hf/NAME
-  local name=$1; shift
-  if [ -f "$OUT/hf/$name/config.json" ]; then echo "== $name: done already ($OUT/hf/$name)"; return; fi
-  echo "== $name: training ($(date +%H:%M:%S))"
-  local resume=()
-  [ -f "$OUT/$name/checkpoints/latest" ] && resume=(--resume)
-  deepspeed --num_gpus 1 --master_port "$port" soft_ds/train.py --ds_config "$CONFIG" \
-    --output_dir "$OUT/$name" "${resume[@]}" "$@" "${EXTRA[@]}"
-  soft-ds export --run "$OUT/$name" --out "$OUT/hf/$name" --overwrite
-}
-
-start=$(date +%s)
 train sft --model tiny --mode sft
 train soft --model tiny --mode soft
 # One epoch of the training split, in optimizer steps of the config's batch.
@@ -60,4 +42,4 @@ models=(--model "sft=$OUT/hf/sft" --model "soft=$OUT/hf/soft" --model "ict=$OUT/
 soft-ds eval lm "${models[@]}" --exits 2,4,6,8 --max_length "$seq_len" --out "$OUT/eval"
 soft-ds eval kl "${models[@]}" --exits 2,4,6,8 --num-prompts 32 --max-new-tokens 64 --out "$OUT/eval"
 soft-ds eval claims "$OUT"
-echo "== done in $(( ($(date +%s) - start) / 60 )) min: $OUT/report.md"
+echo "== done in $(minutes "$start"): $OUT/report.md"
