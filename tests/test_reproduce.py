@@ -5,6 +5,7 @@ launcher, export, evaluation, report), the report's claim verdicts on fixed numb
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -13,11 +14,16 @@ from conftest import REPO, run_cli
 from soft_ds.eval.claims import check_claims, check_real_goals
 
 
+def all_cores() -> dict:
+    """The environment without OMP_NUM_THREADS: the scripts then give their one training process every
+    core (the suite runs one test at a time, so the others would idle)."""
+    return {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}
+
+
 def test_whole_chain_on_a_two_step_budget(tmp_path):
     out = tmp_path / "repro"
     result = subprocess.run(["bash", "tools/reproduce_small.sh", str(out), "--train_steps", "2", "--warmup_steps", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=1500,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            cwd=REPO, capture_output=True, text=True, timeout=1500, env=all_cores())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("sft", "soft", "ict"):
         assert (out / "hf" / name / "config.json").is_file()
@@ -35,7 +41,7 @@ def test_whole_chain_on_a_two_step_budget(tmp_path):
     assert len(claims) == 4 and all(line.endswith(("**PASS**", "**MISS**")) for line in claims)
     # Running it again finds every stage done and only re-evaluates.
     again = subprocess.run(["bash", "tools/reproduce_small.sh", str(out)], cwd=REPO, capture_output=True, text=True,
-                           timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           timeout=900, env=all_cores())
     assert again.returncode == 0 and again.stdout.count("done already") == 3, again.stdout[-2000:]
 
 
@@ -76,12 +82,11 @@ def test_real_model_chain_on_a_one_step_budget(tmp_path):
     """tools/reproduce_real.sh end to end on the imported SmolLM2 with a tiny budget: one step per
     run, 12 held-out records, 128-token rows. What it checks is the chain and the report's numbers
     (each row is lm.json's), not the goals."""
-    config = json.loads((REPO / "ds_configs" / "reproduce_real.json").read_text())
+    config = json.loads((Path(REPO) / "ds_configs" / "reproduce_real.json").read_text())
     config["soft"].update(train_steps=1, warmup_steps=0, val_size=12, seq_len=128, eval_batches=1, log_interval=1)
     (tmp_path / "tiny.json").write_text(json.dumps(config))
     out = tmp_path / "real"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG": str(tmp_path / "tiny.json"), "KL_PROMPTS": "4",
-           "ANSWERS": "2"}
+    env = {**all_cores(), "CONFIG": str(tmp_path / "tiny.json"), "KL_PROMPTS": "2", "ANSWERS": "1"}
     result = subprocess.run(["bash", "tools/reproduce_real.sh", str(out)], cwd=REPO, capture_output=True, text=True,
                             timeout=1500, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -97,6 +102,24 @@ def test_real_model_chain_on_a_one_step_budget(tmp_path):
     goals = [line for line in report.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ", "5. ")]
     assert len(goals) == 5 and all(line.endswith(("**PASS**", "**MISS**")) for line in goals)
     answers = json.loads((out / "eval" / "answers.json").read_text())
-    assert set(answers["models"]) == {"base", "sft", "soft", "ict"} and len(answers["records"]) == 2
-    assert all(len(texts) == 2 for by_exit in answers["models"].values() for texts in by_exit.values())
+    assert set(answers["models"]) == {"base", "sft", "soft", "ict"} and len(answers["records"]) == 1
+    assert all(len(texts) == 1 for by_exit in answers["models"].values() for texts in by_exit.values())
     assert "eval/answers.md" in report and (out / "eval" / "kl_vs_position.png").stat().st_size > 0
+
+
+def test_real_demo_on_a_one_step_budget(tmp_path, smollm2_dir):
+    """tools/demo.sh (the README's demo) with one training step on the imported SmolLM2: the per-exit
+    table, then each exit's answer before and after, side by side."""
+    config = json.loads((Path(REPO) / "ds_configs" / "demo_real.json").read_text())
+    config["soft"].update(train_steps=1, warmup_steps=0, val_size=12, seq_len=128, eval_batches=1)
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    out = tmp_path / "demo"
+    env = {**all_cores(), "CONFIG": str(tmp_path / "tiny.json"), "MODEL": smollm2_dir, "OUT": str(out), "ANSWERS": "1"}
+    result = subprocess.run(["bash", "tools/demo.sh"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Per-exit results" in result.stdout and "| exit | before | after |" in result.stdout
+    answers = json.loads((out / "answers" / "answers.json").read_text())
+    assert set(answers["models"]) == {"before", "after"}
+    assert sorted(map(int, answers["models"]["after"])) == config["soft"]["exits"]
+    assert answers["val_size"] == 12  # the split this run held out
