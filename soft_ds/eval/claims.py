@@ -58,12 +58,17 @@ def check_claims(ppl: dict[str, dict[int, float]], extra_parameters: int) -> lis
     lines.append(f"3. A SoFT exit at ~80% depth approaches SFT's full model (exit {deep} of {last}, perplexity "
                  f"within {APPROACHES}x): {ppl['soft'][deep]:.2f} vs {ppl['sft'][last]:.2f} ({ratio:.2f}x) — "
                  f"{verdict(ratio <= APPROACHES)}")
-    beats = {n: ppl["soft"][n] < ppl["ict"][n] for n in inner}
-    lines.append(f"4. SoFT's exits beat SFT+ICT's separate heads, with no extra parameters (ICT adds "
-                 f"{extra_parameters:,}): " + ", ".join(
-                     f"exit {n}: {ppl['soft'][n]:.2f} vs {ppl['ict'][n]:.2f}" for n in inner)
-                 + f" — {verdict(all(beats.values()))}")
+    lines.append(beats_ict("4. SoFT's exits beat SFT+ICT's separate heads, with no extra parameters", ppl, inner,
+                           extra_parameters))
     return lines
+
+
+def beats_ict(claim: str, values: dict[str, dict[int, float]], exits: list[int], extra_parameters: int) -> str:
+    """The claim line "SoFT is below SFT+ICT at every one of `exits`" (values: perplexity or loss)."""
+    beats = all(values["soft"][n] < values["ict"][n] for n in exits)
+    return (f"{claim} (ICT adds {extra_parameters:,}): "
+            + ", ".join(f"exit {n}: {values['soft'][n]:.2f} vs {values['ict'][n]:.2f}" for n in exits)
+            + f" — {verdict(beats)}")
 
 
 def nearest_exit(exits: list[int], fraction: float) -> int:
@@ -89,11 +94,8 @@ def check_real_goals(loss: dict[str, dict[int, float]], extra_parameters: int) -
     lines.append(f"{len(lines) + 1}. SoFT's full model stays within {FULL_RATIO - 1:.0%} of SFT's loss: "
                  f"{loss['soft'][last]:.3f} vs {loss['sft'][last]:.3f} nats ({ratio:.3f}x) — "
                  f"{verdict(ratio <= FULL_RATIO)}")
-    beats = {n: loss["soft"][n] < loss["ict"][n] for n in inner}
-    lines.append(f"{len(lines) + 1}. SoFT beats SFT+ICT at every exit, adding no parameters (ICT adds "
-                 f"{extra_parameters:,}): " + ", ".join(
-                     f"exit {n}: {loss['soft'][n]:.2f} vs {loss['ict'][n]:.2f}" for n in inner)
-                 + f" — {verdict(all(beats.values()))}")
+    lines.append(beats_ict(f"{len(lines) + 1}. SoFT beats SFT+ICT at every exit, adding no parameters", loss, inner,
+                           extra_parameters))
     return lines
 
 
