@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import sys
 from pathlib import Path
 
@@ -267,7 +268,9 @@ def answers_page(report: dict) -> str:
         return text or "*(nothing)*"
     models = report["models"]
     exits = sorted({int(n) for by_exit in models.values() for n in by_exit})
-    lines = [f"Greedy answers ({report['decoding']}) of every exit to held-out records of {report['data']} "
+    data = os.path.relpath(report["data"]) if Path(report["data"]).resolve().is_relative_to(Path.cwd()) else \
+        report["data"]  # the bundled file as data/alpaca_5000.json, not this machine's absolute path
+    lines = [f"Answers ({report['decoding']}) of every exit to held-out records of {data} "
              f"(val_size {report['val_size']}, seed {report['seed']}, {report['template']} template).", ""]
     for i, record in enumerate(report["records"]):
         lines += [f"### {i + 1}. {cell(record['instruction'])}", ""]
