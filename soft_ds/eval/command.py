@@ -10,10 +10,10 @@
         --data triviaqa/validation.parquet --out eval
     soft-ds eval answers --model base=models/smollm2-135m --model soft=exported/soft \\
         --exits 10,15,20,25,30 --num-prompts 6 --out eval
-    soft-ds eval claims runs/reproduce_small
+    soft-ds eval claims runs/reproduce_small          (runs/reproduce_real: add --goals real)
 
 Models are exported Hugging Face checkpoint directories, given as NAME=DIR (or DIR, named after its
-folder). lm, kl, judge, triviaqa and answers write JSON, a markdown table (and a PNG) into --out (created if
+folder). lm, kl, answers, judge and triviaqa write JSON, a markdown table (and a PNG) into --out (created if
 needed; files of the same name are replaced); claims writes OUT/report.md. Bad input (missing
 file, wrong format, exit out of range) stops a sub-command with one `error:` line and exit code 2
 before anything is written.
@@ -39,7 +39,7 @@ from soft_ds.eval.report import (check_out_dir, exit_lines, exit_table, heat_map
 from soft_ds.inference import DTYPES
 
 COMMAND_HELP = ("Score every exit of exported checkpoints: loss, KL, side-by-side answers, PandaLM judge, TriviaQA; "
-                "the reproduction's claims.")
+                "a reproduction's claims.")
 
 
 # --------------------------------------------------------------------------------------------
