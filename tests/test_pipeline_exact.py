@@ -28,7 +28,13 @@ from soft_ds.exit_schedule import ExitSchedule
 # has up to 32 positions, so several chunks and a ragged last one. In fp32 it adds the head's weight
 # gradient straight into weight.grad (ZeRO-1 and ZeRO-0, tied and untied) unless told to keep it.
 FUSED = ["--exit-loss", "fused", "--chunk-tokens", 5]
-TOL = 1e-6  # absolute for losses; relative to the parameter's largest entry (at least 1) for parameters
+TOL = 1e-6  # absolute, for losses
+# Parameters: relative to the parameter's largest entry (at least 1). After SGD at lr 1 an entry is
+# its gradient, and a tied embedding's gradient sums thousands of fp32 terms in another order than
+# the reference's: worst seen 1.2e-6 of the largest entry (2.15e-6 at 1.81: packed, tied, dp 2,
+# act-ckpt, chunked, on an AMD EPYC; the rounding depends on the CPU's kernels). A lost or doubled
+# gradient moves entries by tens of percent.
+PARAM_TOL = 4e-6
 # bf16 cases (DeepSpeed's bf16 optimizer) against the fp32 reference: (loss, parameters) with the same
 # scaling. bf16 keeps 8 bits of mantissa (a step of 2^-8 = 0.4 %); after two SGD steps at lr 1.0 the
 # entries differ by up to 0.6 % of the largest, where a wrong share or a lost gradient moves them by
@@ -95,7 +101,7 @@ def case(request, launches):
 
 def tolerances(request) -> tuple[float, float]:
     """(loss, parameter) tolerances of the running case."""
-    return BF16_TOL if "--bf16" in CASES[request.node.callspec.params["case"]][1] else (TOL, TOL)
+    return BF16_TOL if "--bf16" in CASES[request.node.callspec.params["case"]][1] else (TOL, PARAM_TOL)
 
 
 def test_loss_matches_reference(request, case):
@@ -118,8 +124,6 @@ def test_every_parameter_update_matches_reference(request, case):
             for name, value in rank["params"][step].items():
                 ref = params[step][name]
                 diff = (value.float() - ref).abs().max().item()
-                # lr 1.0 moves entries to several units; a summed tied gradient's fp32 rounding then
-                # shows in the sixth digit of the entry, not of 1 (seen: 2.7e-6 on the embedding)
                 scale = max(1.0, ref.abs().max().item())
                 assert diff <= tol * scale, f"stage {rank['stage']} dp {rank['dp_rank']} step {step} {name}: {diff}"
     # The whole model is covered once the stages are put together.
