@@ -6,12 +6,13 @@
 #
 #     bash tools/reproduce_real.sh [OUT [train.py options...]]     (default OUT: runs/reproduce_real)
 #
-# Options after OUT go to all three training runs, after the script's own (the smoke test passes
-# --train_steps 1). With DOCS=docs the plots and the side-by-side answers are also copied into docs/
+# Options after OUT go to all three training runs, after the script's own; CONFIG=FILE replaces the
+# config (the smoke test's is a one-step budget), and the evaluation then follows its exits and
+# held-out split. With DOCS=docs the plots and the side-by-side answers are also copied into docs/
 # as reproduce_real_*.
 # 1. soft-ds import-gguf: the packaged GGUF as a Hugging Face directory ($OUT/hf/base).
 # 2. SFT (last layer only) and SoFT (exits 10,15,20,25,30), same budget from the same weights:
-#    ds_configs/reproduce_real.json (why those numbers: its "_why").
+#    ds_configs/reproduce_real.json (why those numbers: README, "The paper's findings on a real model").
 # 3. SFT+ICT: a separate norm + head per exit 10..25 on the frozen SFT model, the same steps.
 # 4. soft-ds eval lm / kl / answers of the model before fine-tuning ("base") and the three, then
 #    soft-ds eval claims --goals real: OUT/report.md.
