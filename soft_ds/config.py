@@ -28,7 +28,7 @@ DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
     "gradient_clipping", "bf16", "zero_optimization", "pipeline", "steps_per_print",
     "wall_clock_breakdown", "communication_data_type", "checkpoint", "comms_logger", "flops_profiler",
-    "fp16",  # accepted only to be refused with a clear message
+    "fp16", "torch_autocast",  # accepted only to be refused with a clear message
 }
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
 # Prompt templates (soft_ds.data renders them): Stanford Alpaca's text, or the tokenizer's chat template.
@@ -62,10 +62,14 @@ class SoftOptions:
     warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    # matmuls in bf16 under torch.autocast, entered by each layer (soft_ds.pipe.precision); weights,
+    # gradients, optimizer, residual stream, norms and softmax stay fp32. DeepSpeed's "bf16" instead
+    # keeps bf16 weights and activations.
+    autocast: bool = False
     # How each exit's loss is computed (soft_ds.exits.exit_loss; measured by soft_ds.bench.overhead):
     # "fused" computes the head's gradients in the forward pass chunk by chunk, keeps no logits and
     # recomputes nothing; "whole" keeps every exit's logits until backward; "chunked" recomputes
-    # the head forward in backward. Default "auto": fused in fp32, chunked under bf16
+    # the head forward in backward. Default "auto": fused in fp32 (autocast included), chunked under bf16
     # (exits.resolve_exit_loss says why, with the figures; RunConfig.exit_loss resolves it).
     exit_loss: str = "auto"
     exit_chunk_tokens: int = 1024  # counted tokens per chunk of the chunked and fused exit losses
@@ -98,6 +102,11 @@ class RunConfig:
     @property
     def bf16(self) -> bool:
         return bool(self.ds.get("bf16", {}).get("enabled", False))
+
+    @property
+    def precision(self) -> str:
+        """What the progress banner calls this run's arithmetic."""
+        return "bf16" if self.bf16 else "fp32 + bf16 autocast" if self.soft.autocast else "fp32"
 
     @property
     def exit_loss(self) -> str:
@@ -206,6 +215,10 @@ def load_config(path: str) -> RunConfig:
         raise ConfigError(f"{path}: optimizer.params.lr is required")
     if raw.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16 is not supported; use bf16")
+    if "torch_autocast" in raw:
+        raise ConfigError(f"{path}: remove the \"torch_autocast\" block and set \"autocast\": true in the \"soft\" "
+                          "block: each layer then enters autocast itself, which activation checkpointing's "
+                          "recomputation needs")
     if raw.get("zero_optimization", {}).get("stage", 0) > 1:
         raise ConfigError(f"{path}: ZeRO stage {raw['zero_optimization']['stage']} is incompatible with "
                           "pipeline parallelism; use stage 0 or 1")
@@ -270,6 +283,9 @@ def validate(config: RunConfig):
         raise ConfigError(f"learning rate must be > 0, got {config.lr}")
     if config.ds.get("zero_optimization", {}).get("stage", 0) > 1:
         raise ConfigError("ZeRO stages 2 and 3 are incompatible with pipeline parallelism; use 0 or 1")
+    if s.autocast and config.bf16:
+        raise ConfigError("bf16 and autocast are both on: choose one (bf16: bf16 weights and activations; "
+                          "autocast: fp32 weights, bf16 matmuls)")
 
 
 def validate_exit_schedule(s: SoftOptions, number_of_exits: int | None = None):

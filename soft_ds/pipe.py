@@ -13,7 +13,7 @@ everything else.
 The inter-stage tuple, declared once and asserted by every layer:
 
     (hidden, running_loss, targets, positions)
-    hidden        (B, T, H) float (bf16 under bf16 training)
+    hidden        (B, T, H) float (bf16 under bf16 training; fp32 under autocast)
     running_loss  ()        fp32: sum over the exits passed so far of w_n / sum(w) * L_n (the step's
                             exits and weights: soft_ds.exit_schedule; a skipped exit adds nothing)
     targets       (B, T)    int64 next-token targets, -100 where not counted
@@ -76,10 +76,20 @@ class EmbeddingPipe(nn.Module):
         return embed_forward(self, inputs)
 
 
+def precision(autocast: bool, device_type: str):
+    """The context a layer computes in: bf16 matmuls on fp32 weights under `soft.autocast`.
+
+    Each layer enters it itself, not the engine around the whole forward (DeepSpeed's
+    `torch_autocast`): activation checkpointing recomputes a layer in backward, outside any
+    forward-wide context, and the recomputation must run the forward's arithmetic."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast)
+
+
 class DecoderLayerPipe(DecoderLayer):
-    def __init__(self, config, frozen: bool = False):
+    def __init__(self, config, frozen: bool = False, autocast: bool = False):
         super().__init__(config)
         self.frozen = frozen
+        self.autocast = autocast
 
     def forward(self, inputs):
         hidden, running_loss, targets, positions = unpack(inputs)
@@ -87,7 +97,10 @@ class DecoderLayerPipe(DecoderLayer):
             # Nothing before a frozen layer trains (SFT+ICT freezes the whole base), so no
             # gradient needs to flow back through it; the engine sends zeros upstream instead.
             hidden = hidden.detach()
-        return super().forward(hidden, positions), running_loss, targets, positions
+        with precision(self.autocast, hidden.device.type):
+            # fp32 in, fp32 out: the residual sums bf16 matmul outputs into the fp32 stream.
+            hidden = super().forward(hidden, positions)
+        return hidden, running_loss, targets, positions
 
 
 class ExitLossMeter:
@@ -116,15 +129,17 @@ class ExitLossSettings:
     copies, so bf16 keeps the weight gradient for backward. Only the shared head: an own head
     (SFT+ICT) is a checkpointable layer, whose forward activation checkpointing would run twice."""
 
-    def __init__(self, implementation: str, chunk_tokens: int):
+    def __init__(self, implementation: str, chunk_tokens: int, autocast: bool = False):
         self.implementation = implementation
         self.chunk_tokens = chunk_tokens
+        self.autocast = autocast  # the head's matmuls in bf16 (logits still reach the loss as fp32)
         self.weight_grad_scale: float | None = None
 
     def loss(self, head, hidden, targets, share: float, direct: bool) -> torch.Tensor:
         scale = self.weight_grad_scale if direct and self.implementation == "fused" else None
-        return exit_loss(head, hidden, targets, self.implementation, self.chunk_tokens,
-                         weight_grad_factor=None if scale is None else share * scale)
+        with precision(self.autocast, hidden.device.type):
+            return exit_loss(head, hidden, targets, self.implementation, self.chunk_tokens,
+                             weight_grad_factor=None if scale is None else share * scale)
 
 
 def exit_forward(head, inputs, *, layer: int, shares: dict[int, float], settings: ExitLossSettings,
@@ -175,14 +190,15 @@ class SoftPipelineModule(PipelineModule):
     """LLaMA as a DeepSpeed PipelineModule with SoFT exits on exit-aligned stages."""
 
     def __init__(self, config, exits, topology, seq_len: int, exit_loss: str = "whole", exit_chunk_tokens: int = 0,
-                 activation_checkpoint_interval: int = 0, exit_schedule: ExitSchedule = ExitSchedule()):
+                 activation_checkpoint_interval: int = 0, exit_schedule: ExitSchedule = ExitSchedule(),
+                 autocast: bool = False):
         check_supported(config)
         self.config = config
         self.exits = tuple(exits)
         self.layout = layer_layout(config.num_hidden_layers, self.exits)
         self.stages = plan_stages(config, [e.layer for e in self.exits], topology.get_dim("pipe"), seq_len)
         self.meter = ExitLossMeter()
-        self.exit_loss_settings = ExitLossSettings(exit_loss, exit_chunk_tokens)
+        self.exit_loss_settings = ExitLossSettings(exit_loss, exit_chunk_tokens, autocast)
         # SFT+ICT: only the exits' own heads train; the model itself is frozen.
         self.frozen_base = any(e.own_head for e in self.exits)
         self.exit_schedule = exit_schedule
@@ -201,7 +217,7 @@ class SoftPipelineModule(PipelineModule):
             elif kind == "embed":
                 specs.append(LayerSpec(EmbeddingPipe, config))
             elif kind == "decoder":
-                specs.append(LayerSpec(DecoderLayerPipe, config, frozen=self.frozen_base))
+                specs.append(LayerSpec(DecoderLayerPipe, config, frozen=self.frozen_base, autocast=autocast))
             elif kind == "exit_head":
                 specs.append(LayerSpec(OwnHeadExitPipe, config, **exit_args))
             else:
@@ -396,7 +412,7 @@ class SoftPipelineEngine(PipelineEngine):
 
 def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_source, exit_loss: str = "whole",
                    exit_chunk_tokens: int = 0, activation_checkpointing: bool = False,
-                   exit_schedule: ExitSchedule = ExitSchedule()) -> SoftPipelineModule:
+                   exit_schedule: ExitSchedule = ExitSchedule(), autocast: bool = False) -> SoftPipelineModule:
     """The stage of the model this rank holds, with its weights loaded (distributed must be up)."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     world = torch_dist.get_world_size()
@@ -404,7 +420,7 @@ def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_sou
     module = SoftPipelineModule(config, exits, topology, seq_len, exit_loss=exit_loss,
                                 exit_chunk_tokens=exit_chunk_tokens,
                                 activation_checkpoint_interval=1 if activation_checkpointing else 0,
-                                exit_schedule=exit_schedule)
+                                exit_schedule=exit_schedule, autocast=autocast)
     module.load_hf_weights(weight_source)
     return module
 

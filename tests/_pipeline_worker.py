@@ -10,7 +10,7 @@ import torch
 
 from soft_ds.exit_schedule import ExitSchedule
 from soft_ds.exits import IGNORE_INDEX, Exit, exit_loss, make_exits, soft_loss
-from soft_ds.model import Llama, preset_config, random_weights
+from soft_ds.model import DecoderLayer, Llama, preset_config, random_weights
 
 SEQ_LEN, MICRO_BATCH, SEED = 16, 2, 0
 
@@ -104,6 +104,7 @@ def parse_case(argv):
     parser.add_argument("--tied", action="store_true", help="tie the embedding to the lm_head")
     parser.add_argument("--packed", action="store_true", help="several records per row")
     parser.add_argument("--bf16", action="store_true", help="DeepSpeed's bf16 training (its BF16 optimizer)")
+    parser.add_argument("--autocast", action="store_true", help="fp32 weights, bf16 matmuls (soft.autocast)")
     parser.add_argument("--exit-schedule", default="all")
     parser.add_argument("--exit-sample-k", type=int, default=0)
     parser.add_argument("--exit-warmup", type=int, default=0)
@@ -125,7 +126,8 @@ def run_case(args, steps: int) -> dict:
     exits = make_exits(None, config.num_hidden_layers, mode=args.mode)
     module = build_pipeline(config, exits, args.pp, SEQ_LEN, random_weights(config, SEED),
                             exit_loss=args.exit_loss, exit_chunk_tokens=args.chunk_tokens,
-                            activation_checkpointing=args.act_ckpt, exit_schedule=case_schedule(args))
+                            activation_checkpointing=args.act_ckpt, exit_schedule=case_schedule(args),
+                            autocast=args.autocast)
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": args.gas,
         "train_batch_size": MICRO_BATCH * args.gas * dp, "gradient_clipping": args.clip,
@@ -136,6 +138,10 @@ def run_case(args, steps: int) -> dict:
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
     engine = build_engine(module, ds_config, optimizer, direct_weight_gradient=not args.kept_weight_gradient)
     direct = module.exit_loss_settings.weight_grad_scale is not None and args.exit_loss == "fused"
+    # The dtype each decoder-layer matmul produced (bf16 under bf16 or autocast, fp32 otherwise).
+    matmul_dtypes = set()
+    first_layer = next(m for m in module.modules() if isinstance(m, DecoderLayer))
+    first_layer.self_attn.q_proj.register_forward_hook(lambda _module, _inputs, output: matmul_dtypes.add(str(output.dtype)))
     dp_rank = engine.grid.get_data_parallel_rank()
     result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": [],
               "direct_weight_gradient": direct}
@@ -147,6 +153,7 @@ def run_case(args, steps: int) -> dict:
         result["exit_losses"].append(module.reduce_exit_losses())
         result["params"].append({k: v.detach().clone() for k, v in module.local_hf_parameters().items()})
     engine.destroy()
+    result["matmul_dtypes"] = sorted(matmul_dtypes)
     return result
 
 

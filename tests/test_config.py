@@ -57,6 +57,8 @@ def test_load_base(tmp_path):
     (base(optimizer={"type": "AdamW", "params": {"lr": 1e-4, "momentum": 0.9}}), "momentum"),
     (base(scheduler={"type": "WarmupLR", "params": {}}), "scheduler"),
     (base(fp16={"enabled": True}), "fp16"),
+    (base(torch_autocast={"enabled": True, "dtype": "bfloat16"}), 'set "autocast": true in the "soft" block'),
+    (base(bf16={"enabled": True}, soft={"autocast": True}), "bf16 and autocast are both on: choose one"),
     (base(zero_optimization={"stage": 2}), "ZeRO stage 2"),
     (base(zero_optimization={"stage": 3}), "ZeRO stage 3"),
     (base(optimizer={"type": "AdamW", "params": {"weight_decay": 0.1}}), "lr"),
@@ -197,6 +199,8 @@ def test_override_aliases(tmp_path):
     ({"exit_loss": "sparse"}, "exit_loss must be one of auto, whole, chunked, fused, got 'sparse'"),
     ({"exit_chunk_tokens": 0}, "exit_chunk_tokens=0: the fused exit loss works in chunks"),  # auto, fp32
     ({"exit_chunk_tokens": 0, "bf16": True}, "exit_chunk_tokens=0: the chunked exit loss"),  # auto, bf16
+    ({"exit_chunk_tokens": 0, "autocast": True}, "exit_chunk_tokens=0: the fused exit loss"),  # auto, autocast
+    ({"autocast": True, "bf16": True}, "bf16 and autocast are both on"),
     ({"exit_loss": "fused", "exit_chunk_tokens": 0}, "exit_chunk_tokens=0: the fused exit loss works in chunks"),
     ({"exit_loss": "chunked", "exit_chunk_tokens": 0}, "exit_chunk_tokens=0: the chunked exit loss"),
     ({"no_such_option": 1}, "'no_such_option'"),
@@ -217,6 +221,10 @@ def test_run_config_defaults():
     assert config.exit_loss == "chunked"
     config.soft.exit_loss = "fused"
     assert config.exit_loss == "fused"
+    config.ds["bf16"] = {"enabled": False}
+    config.soft.exit_loss, config.soft.autocast = "auto", True  # fp32 weights: fused adds its gradient directly
+    assert (config.exit_loss, config.precision) == ("fused", "fp32 + bf16 autocast")
+    assert "torch_autocast" not in config.deepspeed_config(world_size=1, cpu=True)  # each layer enters it
     assert config.deepspeed_config(world_size=3, cpu=True)["train_batch_size"] == 3
 
 

@@ -35,8 +35,8 @@ TOL = 1e-6  # absolute, for losses
 # act-ckpt, chunked, on an AMD EPYC; the rounding depends on the CPU's kernels). A lost or doubled
 # gradient moves entries by tens of percent.
 PARAM_TOL = 4e-6
-# bf16 cases (DeepSpeed's bf16 optimizer) against the fp32 reference: (loss, parameters) with the same
-# scaling. bf16 keeps 8 bits of mantissa (a step of 2^-8 = 0.4 %); after two SGD steps at lr 1.0 the
+# bf16 and autocast cases (DeepSpeed's bf16 optimizer; torch_autocast) against the fp32 reference:
+# (loss, parameters) with the same scaling. bf16 keeps 8 bits of mantissa (a step of 2^-8 = 0.4 %); after two SGD steps at lr 1.0 the
 # entries differ by up to 0.6 % of the largest, where a wrong share or a lost gradient moves them by
 # tens of percent.
 BF16_TOL = (1e-3, 2e-2)
@@ -71,6 +71,13 @@ CASES = {
     "bf16_tied_pp2_chunked": (2, ["--pp", 2, "--gas", 2, "--bf16", "--tied", "--exit-loss", "chunked",
                                   "--chunk-tokens", 5], dict(mode="soft", gas=2, dp=1, clip=0.0, tied=True)),
     "bf16_pp2_fused": (2, ["--pp", 2, "--gas", 2, "--bf16", *FUSED], dict(mode="soft", gas=2, dp=1, clip=0.0)),
+    # torch_autocast (fp32 weights, bf16 matmuls), ZeRO-1 over 2 data-parallel ranks, a tied head:
+    # activation checkpointing must recompute each layer under the same autocast as its forward.
+    "autocast_tied_pp2_dp2_actckpt_chunked": (4, ["--pp", 2, "--gas", 2, "--autocast", "--act-ckpt", "--tied",
+                                                  "--exit-loss", "chunked", "--chunk-tokens", 5],
+                                              dict(mode="soft", gas=2, dp=2, clip=0.0, tied=True)),
+    # ... and the fused loss, whose weight gradient autocast leaves fp32, so it is added directly.
+    "autocast_pp2_fused": (2, ["--pp", 2, "--gas", 2, "--autocast", *FUSED], dict(mode="soft", gas=2, dp=1, clip=0.0)),
     "warmup_tied_pp2_dp2": (4, ["--pp", 2, "--gas", 2, "--tied", "--exit-warmup", 2],
                             dict(mode="soft", gas=2, dp=2, clip=0.0, tied=True, schedule=ExitSchedule(warmup_steps=2))),
 }
@@ -101,7 +108,8 @@ def case(request, launches):
 
 def tolerances(request) -> tuple[float, float]:
     """(loss, parameter) tolerances of the running case."""
-    return BF16_TOL if "--bf16" in CASES[request.node.callspec.params["case"]][1] else (TOL, PARAM_TOL)
+    args = CASES[request.node.callspec.params["case"]][1]
+    return BF16_TOL if "--bf16" in args or "--autocast" in args else (TOL, PARAM_TOL)
 
 
 def test_loss_matches_reference(request, case):
@@ -146,6 +154,15 @@ def test_fused_cases_add_the_weight_gradient_directly(request, case):
     args = CASES[request.node.callspec.params["case"]][1]
     expected = "fused" in args and "--kept-weight-gradient" not in args and "--bf16" not in args
     assert all(rank["direct_weight_gradient"] == expected for rank in ranks)
+
+
+def test_matmuls_run_in_the_cases_precision(request, case):
+    """bf16 and autocast cases really compute in bf16 (their tolerance is not covering an fp32 run),
+    the others in fp32."""
+    ranks, _, _ = case
+    args = CASES[request.node.callspec.params["case"]][1]
+    expected = ["torch.bfloat16"] if "--bf16" in args or "--autocast" in args else ["torch.float32"]
+    assert all(rank["matmul_dtypes"] == expected for rank in ranks)
 
 
 def test_tied_head_identical_on_every_stage(case):
