@@ -257,6 +257,28 @@ def test_answers_cli_writes_every_exits_greedy_answers_side_by_side(files, model
                        "--num-prompts must be a positive integer")
 
 
+def test_config_gives_the_held_out_split_and_exits_unless_an_option_does(files, tmp_path, capsys):
+    """--config FILE: the training config's val_size, seed, seq_len and exits; a given option wins."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                                  "soft": {"exits": [1, 3], "val_size": 5, "seed": 7, "seq_len": 64}}))
+    common = ["eval", "lm", "--model", f"soft={files['soft']}", "--data", str(files["data"])]
+    result = run_cli(capsys, *common, "--config", str(config), "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "a" / "lm.json").read_text())
+    assert (written["val_size"], written["seed"], written["max_length"]) == (5, 7, 64)
+    assert list(written["models"]["soft"]["exits"]) == ["1", "3"]
+    result = run_cli(capsys, *common, "--config", str(config), "--exits", "2", "--val_size", "4", "--out",
+                     str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "b" / "lm.json").read_text())
+    assert (written["val_size"], written["seed"], written["max_length"]) == (4, 7, 64)
+    assert list(written["models"]["soft"]["exits"]) == ["2"]
+    config.write_text('{"soft": {"exits": [1, 3]}}')
+    assert_cli_refuses(common[1:] + ["--config", str(config), "--out", tmp_path / "c"], capsys, tmp_path / "c",
+                       "optimizer")
+
+
 def test_answers_page_keeps_a_table_cell_one_cell():
     from soft_ds.eval.command import answers_page
     report = {"data": "d.json", "val_size": 1, "seed": 0, "template": "alpaca", "decoding": "greedy",

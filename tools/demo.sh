@@ -16,16 +16,13 @@ out=${OUT:-runs/demo-real-$(date +%Y%m%d-%H%M%S)}
 # One process uses both cores best on a small CPU (no pipeline bubble, no messages between stages).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 [ -f "$MODEL/config.json" ] || soft-ds import-gguf --out "$MODEL"
-# The held-out split training sets aside (the config's val_size and seed), cut at its seq_len.
-read -r exits held_out <<<"$("$PYTHON" -c "from soft_ds.config import load_config; s = load_config('$CONFIG').soft
-print(','.join(map(str, s.exits)), f'--val_size {s.val_size} --seed {s.seed} --max_length {s.seq_len}')")"
-read -ra held_out <<<"$held_out"
 "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 soft_ds/train.py --ds_config "$CONFIG" --model "$MODEL" \
   --output_dir "$out" "$@"
 soft-ds export --run "$out" --out "$out/hf"
 echo
 echo "Held-out instructions answered by every exit, before and after (greedy):"
-TQDM_DISABLE=1 soft-ds eval answers --model "before=$MODEL" --model "after=$out/hf" --exits "$exits" "${held_out[@]}" \
+# --config: the config's exits, and the held-out split training set aside (its val_size and seed, seq_len).
+TQDM_DISABLE=1 soft-ds eval answers --model "before=$MODEL" --model "after=$out/hf" --config "$CONFIG" \
   --num-prompts "${ANSWERS:-2}" --max-new-tokens 40 --out "$out/answers"
 echo
 echo "TensorBoard: tensorboard --logdir $out/tb"

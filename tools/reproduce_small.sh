@@ -37,9 +37,9 @@ EOF
 train ict --model "$OUT/hf/sft" --mode ict --train_steps "$epoch" --warmup_steps 20 --eval_interval 0
 
 echo "== evaluating every exit ($(date +%H:%M:%S))"
-seq_len=$("$PYTHON" -c "from soft_ds.config import load_config; print(load_config('$CONFIG').soft.seq_len)")
 models=(--model "sft=$OUT/hf/sft" --model "soft=$OUT/hf/soft" --model "ict=$OUT/hf/ict")
-soft-ds eval lm "${models[@]}" --exits 2,4,6,8 --max_length "$seq_len" --out "$OUT/eval"
+# --config: the held-out split training set aside (its val_size, seed and seq_len).
+soft-ds eval lm "${models[@]}" --exits 2,4,6,8 --config "$CONFIG" --out "$OUT/eval"
 soft-ds eval kl "${models[@]}" --exits 2,4,6,8 --num-prompts 32 --max-new-tokens 64 --out "$OUT/eval"
 soft-ds eval claims "$OUT"
 echo "== done in $(minutes "$start"): $OUT/report.md"

@@ -9,7 +9,7 @@
     soft-ds eval triviaqa --model soft=exported/soft --exits 2,4,6,8 \\
         --data triviaqa/validation.parquet --out eval
     soft-ds eval answers --model base=models/smollm2-135m --model soft=exported/soft \\
-        --exits 10,15,20,25,30 --num-prompts 6 --out eval
+        --config ds_configs/reproduce_real.json --num-prompts 6 --out eval
     soft-ds eval claims runs/reproduce_small          (runs/reproduce_real: add --goals real)
 
 Models are exported Hugging Face checkpoint directories, given as NAME=DIR (or DIR, named after its
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from soft_ds.config import TEMPLATES, SoftOptions
+from soft_ds.config import TEMPLATES, SoftOptions, load_config
 from soft_ds.data import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, encode_prompt, load_instructions, load_tokenizer
 from soft_ds.eval import claims, judge, metrics, triviaqa
 from soft_ds.eval.inputs import (held_out_records, open_checkpoint, parse_spec, parse_specs, shared_template,
@@ -135,11 +135,27 @@ def add_held_out(p):
     defaults = SoftOptions()
     p.add_argument("--data", default=BUNDLED_RECORDS,
                    help="the Alpaca file training used; its held-out split is evaluated")
-    p.add_argument("--val_size", "--val-size", type=int, default=defaults.val_size,
-                   help="held-out records, as in training (same val_size and seed = the same records)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="training's data seed")
-    p.add_argument("--max_length", "--max-length", type=int, default=defaults.seq_len,
-                   help="tokens per record, as training's seq_len (longer records are cut the same way)")
+    p.add_argument("--config", metavar="FILE",
+                   help="the training config (ds_configs/*.json): its soft.val_size, seed and seq_len, and its "
+                        "exits for --exits, wherever those options are not given")
+    p.add_argument("--val_size", "--val-size", type=int,
+                   help=f"held-out records, as in training (same val_size and seed = the same records; default: "
+                        f"--config's, else {defaults.val_size})")
+    p.add_argument("--seed", type=int, help=f"training's data seed (default: --config's, else {defaults.seed})")
+    p.add_argument("--max_length", "--max-length", type=int,
+                   help=f"tokens per record, as training's seq_len (longer records are cut the same way; default: "
+                        f"--config's, else {defaults.seq_len})")
+
+
+def resolve_held_out(args):
+    """Fill the held-out split's options not given from --config (else the training defaults), and
+    --exits from the config's exits (a bad config file stops here, with its own error)."""
+    soft = load_config(args.config).soft if args.config else SoftOptions()
+    for name, value in (("val_size", soft.val_size), ("seed", soft.seed), ("max_length", soft.seq_len)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.exits is None and args.config and soft.exits:
+        args.exits = ",".join(map(str, soft.exits))
 
 
 def add_common(p, batch_size: int):
@@ -179,6 +195,7 @@ def open_models(args, tokenizer) -> list:
 
 
 def run_lm(args):
+    resolve_held_out(args)
     check_options(args, "batch_size", "max_length")
     checkpoints = open_models(args, given_tokenizer(args))
     tokenizer = shared_tokenizer(checkpoints)
@@ -202,6 +219,7 @@ def run_lm(args):
 
 
 def run_kl(args):
+    resolve_held_out(args)
     check_options(args, "batch_size", "max_length", "num_prompts", "max_new_tokens")
     tokenizer = given_tokenizer(args)
     checkpoints = open_models(args, tokenizer)
@@ -240,6 +258,7 @@ def run_kl(args):
 
 
 def run_answers(args):
+    resolve_held_out(args)
     check_options(args, "batch_size", "max_length", "num_prompts", "max_new_tokens")
     checkpoints = open_models(args, given_tokenizer(args))
     tokenizer = shared_tokenizer(checkpoints)
