@@ -141,7 +141,8 @@ def run_case(args, steps: int) -> dict:
     # The dtype each decoder-layer matmul produced (bf16 under bf16 or autocast, fp32 otherwise).
     matmul_dtypes = set()
     first_layer = next(m for m in module.modules() if isinstance(m, DecoderLayer))
-    first_layer.self_attn.q_proj.register_forward_hook(lambda _module, _inputs, output: matmul_dtypes.add(str(output.dtype)))
+    first_layer.self_attn.q_proj.register_forward_hook(
+        lambda _module, _inputs, output: matmul_dtypes.add(str(output.dtype)))
     dp_rank = engine.grid.get_data_parallel_rank()
     result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": [],
               "direct_weight_gradient": direct}

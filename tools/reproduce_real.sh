@@ -34,15 +34,12 @@ train soft --model "$OUT/hf/base" --mode soft
 train ict --model "$OUT/hf/sft" --mode ict --eval_interval 0
 
 echo "== evaluating every exit ($(date +%H:%M:%S))"
-# The held-out split training set aside (the config's val_size and seed), cut at its seq_len.
-read -r exits held_out <<<"$("$PYTHON" -c "from soft_ds.config import load_config; s = load_config('$CONFIG').soft
-print(','.join(map(str, s.exits)), f'--val_size {s.val_size} --seed {s.seed} --max_length {s.seq_len}')")"
-read -ra held_out <<<"$held_out"
+# --config: the config's exits, and the held-out split training set aside (its val_size, seed, seq_len).
 trained=(--model "sft=$OUT/hf/sft" --model "soft=$OUT/hf/soft" --model "ict=$OUT/hf/ict")
-soft-ds eval lm --model "base=$OUT/hf/base" "${trained[@]}" --exits "$exits" "${held_out[@]}" --out "$OUT/eval"
-soft-ds eval kl "${trained[@]}" --exits "$exits" "${held_out[@]}" --num-prompts "${KL_PROMPTS:-32}" \
+soft-ds eval lm --model "base=$OUT/hf/base" "${trained[@]}" --config "$CONFIG" --out "$OUT/eval"
+soft-ds eval kl "${trained[@]}" --config "$CONFIG" --num-prompts "${KL_PROMPTS:-32}" \
   --max-new-tokens 64 --out "$OUT/eval"
-soft-ds eval answers --model "base=$OUT/hf/base" "${trained[@]}" --exits "$exits" "${held_out[@]}" \
+soft-ds eval answers --model "base=$OUT/hf/base" "${trained[@]}" --config "$CONFIG" \
   --num-prompts "${ANSWERS:-6}" --max-new-tokens 48 --out "$OUT/eval" > /dev/null
 soft-ds eval claims "$OUT" --goals real
 if [ -n "${DOCS:-}" ]; then
