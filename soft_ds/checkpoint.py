@@ -63,25 +63,39 @@ def has_checkpoint(output_dir) -> bool:
     return os.path.isfile(os.path.join(checkpoint_dir(output_dir), LATEST_FILE))
 
 
-def run_shape(exits, pipeline_stages: int, data_parallel: int) -> dict:
+def run_shape(exits, pipeline_stages: int, data_parallel: int, micro_batch_size: int, grad_accum: int) -> dict:
     """What a resumed run must share with its checkpoint; saved in the metadata under these keys."""
     return {"exits": [[e.layer, e.weight] for e in exits], "pipeline_stages": pipeline_stages,
-            "data_parallel": data_parallel}
+            "data_parallel": data_parallel, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum}
 
 
-def check_resume(output_dir, resume: bool, shape: dict) -> None:
-    """Refuse a fresh run into a directory that holds checkpoints, and a --resume whose exits or
-    parallel layout (`run_shape`) differ from the checkpoint's. Reads, never writes."""
+# The soft settings a resumed run must share with its checkpoint (besides `run_shape`): they decide
+# which records each step reads and which exits its loss counts. The learning rate, the number of
+# steps and the intervals may change on a resume.
+RESUME_SOFT_KEYS = ("mode", "exit_schedule", "exit_sample_k", "exit_warmup_steps", "seq_len", "packing",
+                    "val_size", "seed", "template")
+
+
+def check_resume(output_dir, resume: bool, shape: dict, soft=None) -> None:
+    """Refuse a fresh run into a directory that holds checkpoints, and a --resume whose exits,
+    parallel layout, batch (`run_shape`) or data and exit settings (RESUME_SOFT_KEYS of `soft`)
+    differ from the checkpoint's. A key an older checkpoint did not record is not compared.
+    Reads, never writes."""
     if not has_checkpoint(output_dir):
         return
     if not resume:
         raise ConfigError(f"{output_dir} already holds checkpoints: pass --resume to continue "
                           f"that run, or choose another --output_dir (nothing was overwritten)")
     meta = read_checkpoint_meta(output_dir)
-    for key, value in shape.items():
-        if meta[key] != value:
-            raise ConfigError(f"--resume: checkpoint in {checkpoint_dir(output_dir)} has {key}={meta[key]}, "
-                              f"this run has {value}")
+    saved_soft = meta.get("soft", {})
+    compared = [(key, meta.get(key), value) for key, value in shape.items() if key in meta]
+    if soft is not None:
+        compared += [(key, saved_soft[key], getattr(soft, key)) for key in RESUME_SOFT_KEYS if key in saved_soft]
+    for key, saved, value in compared:
+        if saved != value:
+            raise ConfigError(f"--resume: checkpoint in {checkpoint_dir(output_dir)} has {key}={saved}, "
+                              f"this run has {value} (a resumed run keeps the exits, layout, batch and data "
+                              f"order of its checkpoint; start a new --output_dir to change them)")
 
 
 def save(engine, output_dir, step: int, tokenizer, *, shape: dict, layout, model_config, soft) -> str:

@@ -192,7 +192,8 @@ def validate_and_prepare(args, world_size: int):
     if soft.packing:  # SOFT_PACKED_ATTENTION, if set, names a kernel this machine has
         packed_attention_kernel("cuda" if torch.cuda.is_available() else "cpu",
                                 torch.bfloat16 if config.bf16 else torch.float32)
-    checkpoint.check_resume(args.output_dir, args.resume, checkpoint.run_shape(exits, soft.pipeline_stages, dp))
+    shape = checkpoint.run_shape(exits, soft.pipeline_stages, dp, config.micro_batch_size, config.grad_accum)
+    checkpoint.check_resume(args.output_dir, args.resume, shape, soft)
     return config, tokenizer, model_config, weight_source, exits, stages, train_set, val_set
 
 
@@ -335,7 +336,8 @@ def run(argv, stop: preemption.StopRequest):
                          f"then exiting with {preemption.EXIT_TO_BE_CONTINUED} (to be continued)")
         if (soft.save_interval and step % soft.save_interval == 0) or step == last_step or stopping:
             saving = time.time()
-            shape = checkpoint.run_shape(exits, soft.pipeline_stages, config.data_parallel_size(world_size))
+            shape = checkpoint.run_shape(exits, soft.pipeline_stages, config.data_parallel_size(world_size),
+                                         config.micro_batch_size, config.grad_accum)
             saved = checkpoint.save(engine, args.output_dir, step, tokenizer, shape=shape, layout=module.layout,
                                     model_config=model_config, soft=soft)
             monitor.info(f"saved checkpoint step {step} to {saved} ({time.time() - saving:.1f} s)")

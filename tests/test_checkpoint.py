@@ -120,3 +120,19 @@ def test_resume_checks(tmp_path):
     check_resume(run, resume=True, shape=shape)
     with pytest.raises(ConfigError, match=r"has pipeline_stages=2, this run has 4"):
         check_resume(run, resume=True, shape={**shape, "pipeline_stages": 4})
+    # The batch and the settings that decide the data order and the loss must match too; the learning
+    # rate and the number of steps may change. A key an older checkpoint lacks is not compared.
+    from soft_ds.config import SoftOptions
+    soft = SoftOptions(exits=[2], seq_len=64, train_steps=10)
+    shape = {**shape, "micro_batch_size": 2, "grad_accum": 1}
+    run = fake_run(tmp_path / "with_soft", {"format_version": 1, "step": 2, **shape, "soft": vars(soft)})
+    check_resume(run, resume=True, shape=shape, soft=SoftOptions(exits=[2], seq_len=64, train_steps=20))
+    with pytest.raises(ConfigError, match=r"has micro_batch_size=2, this run has 4"):
+        check_resume(run, resume=True, shape={**shape, "micro_batch_size": 4}, soft=soft)
+    for key, value in (("seq_len", 128), ("exit_schedule", "rotate"), ("seed", 7), ("packing", False)):
+        changed = SoftOptions(**{**vars(soft), key: value})
+        with pytest.raises(ConfigError, match=rf"has {key}=.*, this run has {value}"):
+            check_resume(run, resume=True, shape=shape, soft=changed)
+    old = fake_run(tmp_path / "older", {"format_version": 1, "step": 2, "exits": [[2, 1.0]],
+                                        "pipeline_stages": 2, "data_parallel": 1})
+    check_resume(old, resume=True, shape=shape, soft=SoftOptions(exits=[2], seq_len=128))
