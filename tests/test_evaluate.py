@@ -258,7 +258,8 @@ def test_answers_cli_writes_every_exits_greedy_answers_side_by_side(files, model
 
 
 def test_config_gives_the_held_out_split_and_exits_unless_an_option_does(files, tmp_path, capsys):
-    """--config FILE: the training config's val_size, seed, seq_len and exits; a given option wins."""
+    """--config FILE or RUN: the training config's (or run's) val_size, seed, seq_len and exits; a given option
+    wins."""
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
                                   "soft": {"exits": [1, 3], "val_size": 5, "seed": 7, "seq_len": 64}}))
@@ -277,6 +278,20 @@ def test_config_gives_the_held_out_split_and_exits_unless_an_option_does(files, 
     config.write_text('{"soft": {"exits": [1, 3]}}')
     assert_cli_refuses(common[1:] + ["--config", str(config), "--out", tmp_path / "c"], capsys, tmp_path / "c",
                        "optimizer")
+    # --config RUN: the settings the run's latest checkpoint recorded (a command-line --val_size included).
+    from soft_ds.config import SoftOptions
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step3").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step3")
+    saved = {**vars(SoftOptions(exits=[1, 3], val_size=6, seed=9, seq_len=128)), "no_longer_an_option": 1}
+    (run / "checkpoints" / "step3" / "soft_meta.json").write_text(json.dumps({"format_version": 1, "soft": saved}))
+    result = run_cli(capsys, *common, "--config", str(run), "--out", str(tmp_path / "d"))
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "d" / "lm.json").read_text())
+    assert (written["val_size"], written["seed"], written["max_length"]) == (6, 9, 128)
+    assert list(written["models"]["soft"]["exits"]) == ["1", "3"]
+    assert_cli_refuses(common[1:] + ["--config", str(tmp_path / "a"), "--out", tmp_path / "e"], capsys,
+                       tmp_path / "e", "checkpoint")
 
 
 def test_answers_page_keeps_a_table_cell_one_cell():

@@ -21,8 +21,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 soft-ds export --run "$out" --out "$out/hf"
 echo
 echo "Held-out instructions answered by every exit, before and after (greedy):"
-# --config: the config's exits, and the held-out split training set aside (its val_size and seed, seq_len).
-TQDM_DISABLE=1 soft-ds eval answers --model "before=$MODEL" --model "after=$out/hf" --config "$CONFIG" \
+# --config RUN: the run's exits and the held-out split it set aside (val_size, seed, seq_len as it ran,
+# extra train.py options included).
+TQDM_DISABLE=1 soft-ds eval answers --model "before=$MODEL" --model "after=$out/hf" --config "$out" \
   --num-prompts "${ANSWERS:-2}" --max-new-tokens 40 --out "$out/answers"
 echo
 echo "TensorBoard: tensorboard --logdir $out/tb"

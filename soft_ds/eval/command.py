@@ -22,6 +22,7 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import os
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from soft_ds.checkpoint import read_checkpoint_meta
 from soft_ds.config import TEMPLATES, SoftOptions, load_config
 from soft_ds.data import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, encode_prompt, load_instructions, load_tokenizer
 from soft_ds.eval import claims, judge, metrics, triviaqa
@@ -135,9 +137,11 @@ def add_held_out(p):
     defaults = SoftOptions()
     p.add_argument("--data", default=BUNDLED_RECORDS,
                    help="the Alpaca file training used; its held-out split is evaluated")
-    p.add_argument("--config", metavar="FILE",
-                   help="the training config (ds_configs/*.json): its soft.val_size, seed and seq_len, and its "
-                        "exits for --exits, wherever those options are not given")
+    p.add_argument("--config", metavar="FILE|RUN",
+                   help="the training config (ds_configs/*.json), or the training run's --output_dir (the "
+                        "settings its latest checkpoint recorded, command-line overrides included): its "
+                        "soft.val_size, seed and seq_len, and its exits for --exits, wherever those options "
+                        "are not given")
     p.add_argument("--val_size", "--val-size", type=int,
                    help=f"held-out records, as in training (same val_size and seed = the same records; default: "
                         f"--config's, else {defaults.val_size})")
@@ -147,10 +151,18 @@ def add_held_out(p):
                         f"--config's, else {defaults.seq_len})")
 
 
+def training_settings(config: str) -> SoftOptions:
+    """The "soft" settings of a training config file, or of a run directory's latest checkpoint."""
+    if not os.path.isdir(config):
+        return load_config(config).soft
+    saved = read_checkpoint_meta(config)["soft"]  # no checkpoint: a CheckpointError naming the directory
+    return SoftOptions(**{f.name: saved[f.name] for f in dataclasses.fields(SoftOptions) if f.name in saved})
+
+
 def resolve_held_out(args):
     """Fill the held-out split's options not given from --config (else the training defaults), and
     --exits from the config's exits (a bad config file stops here, with its own error)."""
-    soft = load_config(args.config).soft if args.config else SoftOptions()
+    soft = training_settings(args.config) if args.config else SoftOptions()
     for name, value in (("val_size", soft.val_size), ("seed", soft.seed), ("max_length", soft.seq_len)):
         if getattr(args, name) is None:
             setattr(args, name, value)
