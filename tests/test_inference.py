@@ -483,9 +483,13 @@ def test_benchmark_smoke(checkpoint, capsys, tmp_path):
         "--draft-tokens", "2", "--thresholds", "0,1", "--exits", "2,4,8", "--draft-exits", "4",
         "--proxy-layers", "4", "--proxy-hidden", "64", "--proxy-intermediate", "172", "--proxy-draft-exits", "2",
         "--plot", str(plot)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     for text in ("tokens/s", "self-speculative", "dynamic exit", "13B cost proxy", "== summary"):
         assert text in out
+    # Progress goes to stderr, a line per timed prompt batch, so that the report stays clean.
+    assert "round 1/1, prompt batch 1/1:" in captured.err and "transformers round 1/1" in captured.err
+    assert "prompt batch" not in out
     assert set(goals) == {"model", "13B cost proxy"} and all(len(lines) == 3 for lines in goals.values())
     # Every exit, every (draft exit, k) and every threshold has its row, with a speed.
     assert sum(line.split()[0] in ("2", "4", "8") for line in out.splitlines() if "PASS" in line or "MISS" in line

@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -178,8 +179,10 @@ def transformers_rows(generator: SoftGenerator, prompts, args, draft_exits, full
                                                    assistant_confidence_threshold=0.0)
     seconds = {key: [0.0] * args.repeats for key in configs}
     outputs = {key: [] for key in configs}
+    began = time.time()
     with torch.inference_mode():
         for round_index in range(args.repeats):
+            progress(f"transformers round {round_index + 1}/{args.repeats}", began)
             for key, options in configs.items():
                 tokens = []
                 for prompt in prompts:
@@ -198,6 +201,11 @@ def transformers_rows(generator: SoftGenerator, prompts, args, draft_exits, full
         rows.append(dict(exit=key[1], k=key[2], tokens_per_s=num_tokens / statistics.median(seconds[key]),
                          identical=sum(a == b for a, b in pairs) / len(pairs)))
     return rows
+
+
+def progress(message: str, since: float) -> None:
+    """One line of progress on stderr (the report stays on stdout), with the wall time since `since`."""
+    print(f"   ... {message} ({(time.time() - since) / 60:.1f} min)", file=sys.stderr, flush=True)
 
 
 def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calibrations=(), vocabulary=None) -> dict:
@@ -237,6 +245,7 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
         generator.generate(batch, max_new_tokens=2)
     seconds = {key: [0.0] * args.repeats for key in configs}
     outputs = {key: [None] * len(batches) for key in configs}
+    began = time.time()
     for round_index in range(args.repeats):
         for batch_index, batch in enumerate(batches):
             keys = list(configs)
@@ -244,6 +253,8 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
                 start = clock()
                 outputs[key][batch_index] = configs[key](batch)
                 seconds[key][round_index] += clock() - start
+            progress(f"round {round_index + 1}/{args.repeats}, prompt batch {batch_index + 1}/{len(batches)}: "
+                     f"{len(configs)} configurations timed", began)
 
     def tokens_of(key):
         return [tokens for result in outputs[key] for tokens in result.tokens]
