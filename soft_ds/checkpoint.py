@@ -88,7 +88,7 @@ def check_resume(output_dir, resume: bool, shape: dict, soft=None) -> None:
                           f"that run, or choose another --output_dir (nothing was overwritten)")
     meta = read_checkpoint_meta(output_dir)
     saved_soft = meta.get("soft", {})
-    compared = [(key, meta.get(key), value) for key, value in shape.items() if key in meta]
+    compared = [(key, meta[key], value) for key, value in shape.items() if key in meta]
     if soft is not None:
         compared += [(key, saved_soft[key], getattr(soft, key)) for key in RESUME_SOFT_KEYS if key in saved_soft]
     for key, saved, value in compared:

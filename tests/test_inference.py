@@ -488,7 +488,8 @@ def test_benchmark_smoke(checkpoint, capsys, tmp_path):
     for text in ("tokens/s", "self-speculative", "dynamic exit", "13B cost proxy", "== summary"):
         assert text in out
     # Progress goes to stderr, a line per timed prompt batch, so that the report stays clean.
-    assert "round 1/1, prompt batch 1/1:" in captured.err and "transformers round 1/1" in captured.err
+    assert "round 1/1, prompt batch 2/2: 6 configurations timed" in captured.err, captured.err
+    assert "transformers round 1/1" in captured.err, captured.err
     assert "prompt batch" not in out
     assert set(goals) == {"model", "13B cost proxy"} and all(len(lines) == 3 for lines in goals.values())
     # Every exit, every (draft exit, k) and every threshold has its row, with a speed.
