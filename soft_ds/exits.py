@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from soft_ds.memo import TensorMemo
+
 IGNORE_INDEX = -100
 
 # The paper's exit set for LLaMA 2 13B (40 layers); for other depths the default is every 4th layer
@@ -175,12 +177,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight * grad_output if ctx.needs_input_grad[1] else None
             return grad_normed * grad_output, grad_weight, None, None, None
         (grad_normed,) = ctx.saved_tensors
-        factor, upstream = ctx.weight_grad_factor, grad_output.item()  # a host sync on GPU, once per exit
-        if abs(upstream - factor) > 1e-6 * abs(factor):
-            raise RuntimeError(f"the exit loss added its weight gradient scaled by {factor} in the forward "
-                               f"pass, but backward brought {upstream}: keep the weight gradient "
-                               "(weight_grad_factor=None) for this loss")
+        factor = ctx.weight_grad_factor
+        # Checked on the device, without a host sync (on a GPU the failure surfaces at the next sync).
+        torch._assert_async((grad_output - factor).abs() <= 1e-6 * abs(factor),
+                            f"the exit loss added its weight gradient scaled by {factor} in the forward pass, but "
+                            "backward brought another gradient: keep the weight gradient (weight_grad_factor=None) "
+                            "for this loss")
         return grad_normed * grad_output, None, None, None, None
+
+
+def counted_rows(targets: torch.Tensor) -> torch.Tensor:
+    """(N,) indices of the counted positions of (B, T) targets, flattened. Its size depends on the
+    data, so on a GPU it is a host sync: every exit of a stage shares one per micro-batch."""
+    return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+_counted_rows = TensorMemo()
 
 
 def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, implementation: str = "whole",
@@ -207,10 +219,9 @@ def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, implementation:
         raise ValueError(f"exit loss implementation must be one of {EXIT_LOSS_IMPLEMENTATIONS}, got {implementation!r}")
     if implementation != "whole" and chunk_tokens <= 0:
         raise ValueError(f"the {implementation} exit loss needs chunk_tokens > 0, got {chunk_tokens}")
-    targets = targets.reshape(-1)  # (B*T,)
-    counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) row indices; a host sync on GPU
+    counted = _counted_rows.get(targets, "counted", counted_rows)  # (N,): once per micro-batch, not per exit
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted)  # (N, H)
-    targets = targets.index_select(0, counted)  # (N,)
+    targets = targets.reshape(-1).index_select(0, counted)  # (N,)
     if not torch.is_grad_enabled() or implementation == "whole":
         return _token_ce_sum(head, hidden, targets) / max(len(targets), 1)
     if implementation == "fused":

@@ -14,6 +14,7 @@ the last layer keeps the model's head.
 
 import functools
 import importlib.util
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from soft_ds.exits import check_exit_layer
+from soft_ds.memo import TensorMemo
 
 # Named tiny models for demos and tests. "debug" is the workhorse of every CPU test.
 PRESETS = {
@@ -105,12 +107,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding; cos/sin are computed per call from the positions (cheap)."""
+    """Rotary position embedding; cos/sin are computed per call from the positions (cheap).
+
+    `inv_freq` is fp32 whatever the module is cast to. A floating buffer follows `.to(bfloat16)`,
+    `.half()` and DeepSpeed's bf16 engine, and bf16 keeps 8 bits of it: the angle at position p is
+    p x inv_freq, so at p = 2047 its rounding error is radians, silently. Casts move the buffer to
+    their device but keep its fp32 values (`_apply`)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         inv_freq, self.scaling = rope_inverse_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # a dtype cast: keep the fp32 values, take the device
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) or (B, T) -> cos, sin of shape (T, head_dim) or (B, T, head_dim)."""
@@ -139,7 +153,6 @@ class Attention(nn.Module):
         in the form its kernel takes (a (B, 1, T, T) boolean tensor for SDPA)."""
         B, T, _ = x.shape
         q, k, v = self._rotated_qkv(x, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, VarlenSpans):  # flash-attn wants (tokens, heads, d) and the records' spans
             from flash_attn import flash_attn_varlen_func
             q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], self.head_dim) for t in (q, k, v))
@@ -147,9 +160,9 @@ class Attention(nn.Module):
                                        causal=True)  # (B*T, h, d)
             return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         if mask is not None and not isinstance(mask, torch.Tensor):  # flex attention's BlockMask
-            y = _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
+            y = _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            y = attention_sdpa(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -162,18 +175,41 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self._rotated_qkv(x, cos, sin)
         keys, values, mask = cache.append(layer, k, v)  # (B, kv, S, d) x 2, (B, 1, T, S) or None
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = attention_sdpa(q, keys, values, mask, causal=False)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _rotated_qkv(self, x, cos, sin):
+        """q (B, h, T, d), k and v (B, kv, T, d), all in the projections' dtype: under autocast the
+        projections give bf16 while cos/sin come in the fp32 residual's dtype, and bf16 x fp32 would
+        promote q and k to fp32 beside a bf16 v, which flash-attn and flex reject."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k, v
+
+
+def sdpa_expands_kv(device_type: str, mask, q_heads: int, kv_heads: int) -> bool:
+    """Whether `attention_sdpa` repeats k/v to q's head count: on CUDA, for grouped-query attention
+    under a mask. SDPA's `enable_gqa` runs only in its flash and math kernels, flash takes no mask,
+    so a masked GQA call falls to math, which materialises (B, h, T, S) fp32 scores; repeated k/v
+    keep the memory-efficient kernel. Elsewhere (CPU) enable_gqa costs nothing and stays."""
+    return device_type == "cuda" and mask is not None and kv_heads != q_heads
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   causal: bool | None = None) -> torch.Tensor:
+    """SDPA of q (B, h, T, d) over k, v (B, kv, S, d) -> (B, h, T, d). mask: None or a boolean
+    (B, 1, T, S) (True: may attend); causal: default is_causal exactly when there is no mask."""
+    q_heads, kv_heads = q.shape[1], k.shape[1]
+    if sdpa_expands_kv(q.device.type, mask, q_heads, kv_heads):
+        # Query head i reads kv head i // (h / kv), as enable_gqa does.
+        k, v = (t.repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None if causal is None else causal,
+                                          enable_gqa=k.shape[1] != q_heads)
 
 
 # Kernels for packed rows' block-diagonal causal attention, fastest first. All compute exact attention
@@ -181,13 +217,42 @@ class Attention(nn.Module):
 # the device has; SOFT_PACKED_ATTENTION names one instead (e.g. to compare them).
 PACKED_KERNELS = ("flash-varlen", "flex", "sdpa-mask")
 KERNEL_ENV = "SOFT_PACKED_ATTENTION"
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere (sm80) and newer
+
+logger = logging.getLogger("soft_ds")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls on `x` run in: autocast's when it is on for x's device, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def packed_attention_kernel(device_type: str, dtype: torch.dtype) -> str:
-    """flash-attn's varlen kernel (CUDA, bf16/fp16, flash_attn installed), else flex attention
-    (CUDA), else SDPA with a boolean mask (CPU: the only one that trains there; flex's CPU version
-    has no backward)."""
+    """flash-attn's varlen kernel (CUDA, bf16/fp16, flash_attn importable on an sm80+ GPU), else flex
+    attention (CUDA), else SDPA with a boolean mask (CPU: the only one that trains there; flex's CPU
+    version has no backward). `dtype`: the compute dtype (`compute_dtype`), not the residual's."""
     return _kernel(device_type, dtype, os.environ.get(KERNEL_ENV, ""))
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_problem() -> str | None:
+    """Why flash-attn's varlen kernel cannot run here, or None when it can.
+
+    Probed by importing it, not by finding it: a wheel built against another torch is found, then
+    fails to import ("undefined symbol") inside the first step on every rank."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == "flash_attn":
+            return "flash_attn is not installed"
+        return f"flash_attn is installed but does not import ({str(error).splitlines()[0][:200]})"
+    except Exception as error:  # a broken extension can raise anything while loading
+        return f"flash_attn is installed but does not import ({type(error).__name__}: {str(error)[:200]})"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < FLASH_ATTN_MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability()
+        return f"flash-attn needs compute capability 8.0 or newer; this GPU has {major}.{minor}"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,12 +260,17 @@ def _kernel(device_type: str, dtype: torch.dtype, forced: str) -> str:
     if forced:
         if forced not in PACKED_KERNELS:
             raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of {', '.join(PACKED_KERNELS)}")
-        if forced == "flash-varlen" and (device_type != "cuda" or not importlib.util.find_spec("flash_attn")):
-            raise ValueError(f"{KERNEL_ENV}=flash-varlen needs a CUDA device and the flash_attn package")
+        if forced == "flash-varlen" and (device_type != "cuda" or flash_attn_problem()):
+            raise ValueError(f"{KERNEL_ENV}=flash-varlen needs a CUDA device and the flash_attn package: "
+                             f"{flash_attn_problem() or f'this run is on {device_type}'}")
         return forced
     if device_type == "cuda":
-        if dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
-            return "flash-varlen"
+        if dtype in (torch.float16, torch.bfloat16):
+            problem = flash_attn_problem()
+            if problem is None:
+                return "flash-varlen"
+            if problem != "flash_attn is not installed":  # one line, once per process
+                logger.warning(f"packed attention: not flash-varlen ({problem}); using flex")
         if importlib.util.find_spec("torch.nn.attention.flex_attention"):
             return "flex"
     return "sdpa-mask"
@@ -222,32 +292,26 @@ class VarlenSpans:
     max_len: int
 
 
-# The last micro-batch's positions (a copy), kernel and mask: every decoder layer of a stage asks for
-# the mask of the same positions, so only the first builds it. Keyed on the positions' values, not
-# the tensor: DeepSpeed receives each micro-batch's positions into the same buffer.
-_last_mask: list = []
+# Every decoder layer of a stage asks for the mask of the same positions tensor: only the first builds it.
+_packed_masks = TensorMemo()
 
 
 def packed_mask(positions: torch.Tensor, kernel: str):
     """Block-diagonal causal attention of packed rows ((B, T) positions, 0 where a record starts) in
     `kernel`'s form; None when no row holds a second record (plain causal attention then). Built once
-    per distinct positions in a row of calls (the layers of one forward)."""
-    if _last_mask:
-        seen, seen_kernel, mask = _last_mask[0]
-        if (seen_kernel == kernel and seen.shape == positions.shape and seen.device == positions.device
-                and torch.equal(seen, positions)):
-            return mask
-    mask = _build_packed_mask(positions, kernel)
-    _last_mask[:] = [(positions.clone(), kernel, mask)]
-    return mask
+    per positions tensor (the layers of one forward share it; `memo.TensorMemo`)."""
+    return _packed_masks.get(positions, kernel, lambda p: _build_packed_mask(p, kernel))
 
 
 def _build_packed_mask(positions: torch.Tensor, kernel: str):
+    # Host syncs, once per micro-batch and stage (a GPU waits for each): whether any row holds a
+    # second record (if none, plain causal attention is exact and faster); for flash-varlen also the
+    # records' offsets (their count depends on the data) and the longest record (an int argument).
     starts = positions == 0  # (B, T)
     if not starts[:, 1:].any():
         return None
     if kernel == "sdpa-mask":
-        return record_mask(positions)
+        return _block_causal(starts)
     if kernel == "flash-varlen":
         B, T = positions.shape
         begins = starts.reshape(-1).nonzero().squeeze(1)  # every row starts a record: rows never merge
@@ -272,9 +336,14 @@ def record_mask(positions: torch.Tensor) -> torch.Tensor | None:
     starts = positions == 0  # (B, T)
     if not starts[:, 1:].any():
         return None
+    return _block_causal(starts)
+
+
+def _block_causal(starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) record starts -> (B, 1, T, T) bool: same record and j <= i."""
     record = starts.cumsum(-1)  # (B, T) record number of each token
-    T = positions.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()  # (T, T)
+    T = starts.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=starts.device).tril()  # (T, T)
     return ((record[:, :, None] == record[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
 
@@ -307,7 +376,7 @@ class DecoderLayer(nn.Module):
             mask = None
         else:
             cos, sin = (t[:, None] for t in self.rotary(positions, x.dtype))  # (B, 1, T, d): per row
-            mask = packed_mask(positions, packed_attention_kernel(x.device.type, x.dtype))
+            mask = packed_mask(positions, packed_attention_kernel(x.device.type, compute_dtype(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -343,14 +343,146 @@ def test_packed_attention_kernels_agree_and_the_choice_is_named(monkeypatch):
 
 
 def test_packed_mask_is_built_once_per_positions_and_follows_their_values():
-    """The layers of one forward share one mask; new positions in the same tensor (DeepSpeed reuses its
-    receive buffers) get their own."""
+    """The layers of one forward share one mask (the same positions tensor, recognised without
+    comparing values); another tensor, or the same one written in place, gets its own."""
     positions = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])
     first = packed_mask(positions, "sdpa-mask")
-    assert packed_mask(positions.clone(), "sdpa-mask") is first
+    assert packed_mask(positions, "sdpa-mask") is first
+    copy = packed_mask(positions.clone(), "sdpa-mask")
+    assert copy is not first and torch.equal(copy, first)
     assert torch.equal(first, record_mask(positions))
     positions[0] = torch.tensor([0, 1, 2, 3, 0, 1])  # in place, as a receive buffer
     second = packed_mask(positions, "sdpa-mask")
     assert second is not first and torch.equal(second, record_mask(positions))
     assert packed_mask(positions, "flash-varlen").cu_seqlens.tolist() == [0, 4, 6, 8, 12]
     assert packed_mask(torch.arange(6).expand(2, 6), "sdpa-mask") is None
+
+
+# -- hardware paths, checked against the APIs' contracts on CPU ----------------------------------------
+
+ROTARY_CASTS = {
+    ".to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    ".bfloat16()": lambda m: m.bfloat16(),
+    ".half()": lambda m: m.half(),
+    ".to(cpu, float16)": lambda m: m.to("cpu", torch.float16),
+}
+
+
+@pytest.mark.parametrize("cast", sorted(ROTARY_CASTS))
+def test_rotary_frequencies_stay_fp32_through_every_cast(cast):
+    """inv_freq after a cast is the fp32 reference's, bit for bit, and so are the angles at the last
+    position (seq_len - 1 = 511); stored in bf16 they would be off by radians there."""
+    config = preset_config("debug")
+    reference = Llama(config).model.layers[0].rotary
+    model = ROTARY_CASTS[cast](Llama(config))
+    last = torch.tensor([config.max_position_embeddings - 1])
+    for layer in model.model.layers:
+        assert layer.rotary.inv_freq.dtype == torch.float32
+        assert torch.equal(layer.rotary.inv_freq, reference.inv_freq)
+        cos, sin = layer.rotary(last, torch.float32)
+        expected_cos, expected_sin = reference(last, torch.float32)
+        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+    # What the fp32 buffer guards against: the same angles from bf16-rounded frequencies.
+    rounded = reference.inv_freq.to(torch.bfloat16).float()
+    assert ((last.float()[:, None] * rounded).cos() - expected_cos[:, :rounded.numel()]).abs().max() > 0.05
+
+
+def test_rotary_frequencies_stay_fp32_when_loaded_in_bf16(tmp_path):
+    """generate / eval --dtype bfloat16 load through hf_io.load_model, which casts the whole model."""
+    from soft_ds.hf_io import load_model, save_hf_checkpoint
+    config = preset_config("debug")
+    model = Llama.from_weights(config, random_weights(config, 0))
+    out = save_hf_checkpoint(model.state_dict(), config, tmp_path / "export")
+    for dtype in (torch.bfloat16, torch.float16):
+        loaded = load_model(out, dtype=dtype)
+        assert loaded.lm_head.weight.dtype == dtype
+        assert {layer.rotary.inv_freq.dtype for layer in loaded.model.layers} == {torch.float32}
+
+
+def test_autocast_gives_attention_one_dtype(monkeypatch):
+    """Under autocast the projections give bf16; the rotary tables must not promote q and k back to
+    fp32 beside a bf16 v (flash-attn and flex refuse mixed dtypes), and the packed kernel is chosen
+    for the bf16 compute dtype."""
+    import soft_ds.model as model_module
+    config = preset_config("debug")
+    model = Llama.from_weights(config, random_weights(config, 0))
+    seen, chosen = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+    kernel = model_module.packed_attention_kernel
+    monkeypatch.setattr(model_module, "packed_attention_kernel",
+                        lambda device_type, dtype: chosen.append(dtype) or kernel(device_type, dtype))
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    packed = torch.tensor([list(range(5)) + list(range(7))] * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.hidden_states(ids, [8])
+        model.hidden_states(ids, [8], packed)
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+    assert set(chosen) == {torch.bfloat16}
+
+
+def test_masked_gqa_attention_repeats_kv_on_cuda_only(monkeypatch):
+    """SDPA with a mask and grouped-query attention falls to the math kernel on CUDA (enable_gqa
+    runs only in flash, which takes no mask), which materialises (B, h, T, S): there k/v are
+    repeated instead, with the same result."""
+    import soft_ds.model as model_module
+    from soft_ds.model import attention_sdpa, sdpa_expands_kv
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
+    assert sdpa_expands_kv("cuda", mask, 4, 2)
+    assert not sdpa_expands_kv("cuda", None, 4, 2) and not sdpa_expands_kv("cuda", mask, 4, 4)
+    assert not sdpa_expands_kv("cpu", mask, 4, 2)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=generator)
+    k, v = (torch.randn(2, 2, 5, 8, generator=generator) for _ in range(2))
+    mask = torch.rand(2, 1, 5, 5, generator=generator) > 0.3
+    mask[..., 0] = True
+    expected = attention_sdpa(q, k, v, mask)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((k.shape[1], kw["enable_gqa"])) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(model_module, "sdpa_expands_kv", lambda *args: True)  # as on CUDA
+    assert torch.allclose(attention_sdpa(q, k, v, mask), expected, atol=1e-6)
+    assert calls == [(4, False)]  # full heads, no enable_gqa: the memory-efficient kernel takes it
+
+
+def _fake_flash_attn(root, body: str):
+    package = root / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text(body)
+
+
+@pytest.fixture
+def fresh_flash_probe(monkeypatch, tmp_path):
+    """A sys.path entry for a fake flash_attn package, and the kernel probes' caches emptied."""
+    import soft_ds.model as model_module
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "flash_attn", raising=False)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    for cached in (model_module.flash_attn_problem, model_module._kernel):
+        cached.cache_clear()
+    yield tmp_path
+    for cached in (model_module.flash_attn_problem, model_module._kernel):
+        cached.cache_clear()
+
+
+def test_broken_flash_attn_falls_back_with_one_line(fresh_flash_probe, monkeypatch, caplog):
+    """A flash_attn wheel built against another torch is found but does not import: the kernel is
+    flex, one warning line says why, and forcing flash-varlen is an error naming the import error."""
+    _fake_flash_attn(fresh_flash_probe, 'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice")\n')
+    with caplog.at_level("WARNING", logger="soft_ds"):
+        assert packed_attention_kernel("cuda", torch.bfloat16) == "flex"
+        assert packed_attention_kernel("cuda", torch.bfloat16) == "flex"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "undefined symbol" in lines[0] and "using flex" in lines[0], lines
+    monkeypatch.setenv(KERNEL_ENV, "flash-varlen")
+    with pytest.raises(ValueError, match="flash_attn is installed but does not import.*undefined symbol"):
+        packed_attention_kernel("cuda", torch.bfloat16)
+
+
+def test_working_flash_attn_is_chosen_for_half_precision_only(fresh_flash_probe):
+    _fake_flash_attn(fresh_flash_probe, "def flash_attn_varlen_func(*args, **kwargs):\n    raise NotImplementedError\n")
+    assert packed_attention_kernel("cuda", torch.bfloat16) == "flash-varlen"
+    assert packed_attention_kernel("cuda", torch.float32) == "flex"  # flash-attn takes fp16/bf16 only
+    assert packed_attention_kernel("cpu", torch.bfloat16) == "sdpa-mask"
