@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 
 from soft_ds.exits import EXIT_LOSS_CHOICES, resolve_exit_loss
 from soft_ds.exit_schedule import SCHEDULES, ExitSchedule
+from soft_ds.precision import AUTO
 
 # DeepSpeed keys a config file may carry (passed through after validation).
 DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
     "gradient_clipping", "bf16", "zero_optimization", "pipeline", "steps_per_print",
     "wall_clock_breakdown", "communication_data_type", "checkpoint", "comms_logger", "flops_profiler",
+    "data_types",  # only {"grad_accum_dtype": "fp32"}, which bf16 runs get anyway
     "fp16", "torch_autocast",  # accepted only to be refused with a clear message
 }
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
@@ -64,8 +66,9 @@ class SoftOptions:
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     # matmuls in bf16 under torch.autocast, entered by each layer (soft_ds.pipe.precision); weights,
     # gradients, optimizer, residual stream, norms and softmax stay fp32. DeepSpeed's "bf16" instead
-    # keeps bf16 weights and activations.
-    autocast: bool = False
+    # keeps bf16 weights and activations. "auto": on where this machine's bf16 matmuls are faster
+    # (soft_ds.precision.resolve_autocast: native bf16 GPUs; CPUs where a timed bf16 matmul wins)
+    autocast: bool | str = "auto"
     # How each exit's loss is computed (soft_ds.exits.exit_loss; measured by soft_ds.bench.overhead):
     # "fused" computes the head's gradients in the forward pass chunk by chunk, keeps no logits and
     # recomputes nothing; "whole" keeps every exit's logits until backward; "chunked" recomputes
@@ -86,6 +89,13 @@ class SoftOptions:
 class RunConfig:
     ds: dict  # the DeepSpeed keys from the file (without "soft")
     soft: SoftOptions = field(default_factory=SoftOptions)
+    autocast_reason: str = ""  # why soft.autocast is what it is, once resolved (precision.resolve_autocast)
+
+    @property
+    def compute_dtype(self) -> "torch.dtype":
+        """The dtype the decoder layers' matmuls and attention run in (what picks the attention kernel)."""
+        import torch
+        return torch.bfloat16 if self.bf16 or self.soft.autocast is True else torch.float32
 
     @property
     def micro_batch_size(self) -> int:
@@ -106,7 +116,9 @@ class RunConfig:
     @property
     def precision(self) -> str:
         """What the progress banner calls this run's arithmetic."""
-        return "bf16" if self.bf16 else "fp32 + bf16 autocast" if self.soft.autocast else "fp32"
+        if self.bf16:
+            return "bf16 (fp32 master weights and gradient accumulation)"
+        return {True: "fp32 + bf16 autocast", False: "fp32", AUTO: "fp32, bf16 autocast auto"}[self.soft.autocast]
 
     @property
     def exit_loss(self) -> str:
@@ -136,8 +148,13 @@ class RunConfig:
         ds = json.loads(json.dumps(self.ds))
         ds["train_batch_size"] = derived
         ds["optimizer"]["params"].setdefault("weight_decay", 0.0)
-        # DeepSpeed's fused Adam needs a compiled op; torch's AdamW is exact and fine on CPU.
-        ds["optimizer"]["params"]["torch_adam"] = cpu
+        # torch's AdamW everywhere, its fused CUDA kernel on GPUs: DeepSpeed's FusedAdam is built by
+        # JIT on first use, which needs nvcc and ninja on every node and serialises the ranks of a
+        # node on one build lock; torch's ships compiled and computes the same update.
+        ds["optimizer"]["params"]["torch_adam"] = True
+        if not cpu:
+            ds["optimizer"]["params"]["fused"] = True
+        ds.update(precision_keys(self.bf16))
         pipeline = ds.setdefault("pipeline", {})
         # Reentrant checkpointing breaks on the embedding and on tuple backward; non-reentrant is exact.
         pipeline["use_reentrant"] = False
@@ -160,6 +177,16 @@ class RunConfig:
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def precision_keys(bf16: bool) -> dict:
+    """The DeepSpeed keys a run's precision needs beyond its "bf16" block.
+
+    bf16: fp32 gradient accumulation. Without it DeepSpeed keeps bf16 gradients under ZeRO-1
+    (DeepSpeedZeroOptimizer) and sums every exit's head gradient over every micro-batch, and the tied
+    head's all-reduce, in 8 bits of mantissa; with it DeepSpeed builds its BF16_Optimizer (fp32
+    gradient buffers beside the fp32 master weights)."""
+    return {"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}
+
+
 def _check_keys(given: dict, allowed, where: str):
     unknown = sorted(set(given) - set(allowed))
     if unknown:
@@ -180,6 +207,8 @@ def _check_type(name, value, default, where="option"):
         ok = value is None or (isinstance(value, list) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
         expected = "a list of numbers"
+    elif name == "autocast":
+        ok, expected = isinstance(value, bool) or value == AUTO, 'true, false or "auto"'
     elif isinstance(default, bool):
         ok, expected = isinstance(value, bool), "true or false"
     elif isinstance(default, int):
@@ -219,6 +248,9 @@ def load_config(path: str) -> RunConfig:
         raise ConfigError(f"{path}: remove the \"torch_autocast\" block and set \"autocast\": true in the \"soft\" "
                           "block: each layer then enters autocast itself, which activation checkpointing's "
                           "recomputation needs")
+    if raw.get("data_types", {}) not in ({}, {"grad_accum_dtype": "fp32"}):
+        raise ConfigError(f"{path}: \"data_types\" {raw['data_types']}: soft-ds accumulates gradients in fp32 "
+                          "(bf16 would sum every exit's head gradient in 8 bits of mantissa); remove the block")
     if raw.get("zero_optimization", {}).get("stage", 0) > 1:
         raise ConfigError(f"{path}: ZeRO stage {raw['zero_optimization']['stage']} is incompatible with "
                           "pipeline parallelism; use stage 0 or 1")
@@ -283,7 +315,7 @@ def validate(config: RunConfig):
         raise ConfigError(f"learning rate must be > 0, got {config.lr}")
     if config.ds.get("zero_optimization", {}).get("stage", 0) > 1:
         raise ConfigError("ZeRO stages 2 and 3 are incompatible with pipeline parallelism; use 0 or 1")
-    if s.autocast and config.bf16:
+    if s.autocast is True and config.bf16:
         raise ConfigError("bf16 and autocast are both on: choose one (bf16: bf16 weights and activations; "
                           "autocast: fp32 weights, bf16 matmuls)")
 

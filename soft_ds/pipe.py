@@ -326,11 +326,12 @@ class SoftPipelineModule(PipelineModule):
         gathered from every stage (a collective: every rank calls it). Exits that did not run (a
         step's skipped exits) are left out."""
         layers = [e.layer for e in self.exits]
-        values = torch.zeros(2, len(layers), dtype=torch.float64)  # (loss, ran) per exit
+        device = next(self.parameters()).device
+        values = torch.zeros(2, len(layers), dtype=torch.float64, device=device)  # (loss, ran) per exit
         for i, layer in enumerate(layers):
-            if layer in self.meter.sums:
-                values[:, i] = torch.tensor([float(self.meter.sums[layer]) / self.meter.counts[layer], 1.0])
-        values = values.to(next(self.parameters()).device)
+            if layer in self.meter.sums:  # device arithmetic: the one host sync is tolist() below
+                values[0, i] = self.meter.sums[layer].to(device, torch.float64) / self.meter.counts[layer]
+                values[1, i] = 1.0
         torch_dist.all_reduce(values, group=self.world_group)  # each exit lives on one stage
         values /= self._grid.data_parallel_size
         self.meter.reset()
@@ -401,7 +402,8 @@ class SoftPipelineEngine(PipelineEngine):
         if self.is_pipe_parallel:
             torch_dist.all_reduce(squares, group=self.grid.get_pipe_parallel_group())
         total_norm = squares.sqrt().float()
-        self._global_grad_norm = total_norm.item()
+        # Kept on the device: read back only when a progress line prints it (float() there).
+        self._global_grad_norm = total_norm
         clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
         for p in params:
             p.grad.detach().mul_(clip.to(p.grad.dtype))
@@ -425,6 +427,17 @@ def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_sou
     return module
 
 
+def direct_weight_gradient_exact(engine) -> bool:
+    """Whether the fused exit loss may add the head's weight gradient straight into `weight.grad`.
+
+    Only in fp32 (bf16's optimizer reads its own fp32 gradient buffers), and not under ZeRO's
+    `overlap_comm`: that reduces each gradient from a hook that autograd fires when it accumulates
+    the gradient, and a gradient written directly never fires it, so the head's would be lost."""
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        return False
+    return not (engine.zero_optimization() and engine.zero_overlap_comm())
+
+
 def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None,
                  lr_multiplier=None, direct_weight_gradient: bool = True) -> SoftPipelineEngine:
     """The DeepSpeed engine; lr_multiplier(step) -> LR / peak LR gives the schedule.
@@ -439,7 +452,7 @@ def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None,
         model_parameters=[p for p in module.parameters() if p.requires_grad])
     # deepspeed.initialize always builds a plain PipelineEngine; ours only overrides methods.
     engine.__class__ = SoftPipelineEngine
-    if direct_weight_gradient and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+    if direct_weight_gradient and direct_weight_gradient_exact(engine):
         # The last stage's backward starts from loss / gradient_accumulation_steps (fp32: no loss
         # scaling); the running loss passes that gradient unchanged to every exit before it.
         module.exit_loss_settings.weight_grad_scale = 1.0 / engine.gradient_accumulation_steps()

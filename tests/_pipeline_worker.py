@@ -3,16 +3,21 @@ from tests/test_pipeline_exact.py) and saves, per rank, its parameters after eve
 losses. Also the single-process reference the test compares against (`reference_run`)."""
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 
 import torch
+from torch.overrides import TorchFunctionMode
 
+from soft_ds.config import precision_keys
 from soft_ds.exit_schedule import ExitSchedule
 from soft_ds.exits import IGNORE_INDEX, Exit, exit_loss, make_exits, soft_loss
 from soft_ds.model import DecoderLayer, Llama, preset_config, random_weights
 
 SEQ_LEN, MICRO_BATCH, SEED = 16, 2, 0
+STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin")  # tests/standin/flash_attn
 
 
 def tiny_config(tied=False):
@@ -105,6 +110,9 @@ def parse_case(argv):
     parser.add_argument("--packed", action="store_true", help="several records per row")
     parser.add_argument("--bf16", action="store_true", help="DeepSpeed's bf16 training (its BF16 optimizer)")
     parser.add_argument("--autocast", action="store_true", help="fp32 weights, bf16 matmuls (soft.autocast)")
+    parser.add_argument("--overlap-comm", action="store_true", help="ZeRO's overlap_comm (gradient hooks)")
+    parser.add_argument("--flash-standin", action="store_true",
+                        help="packed attention through tests/standin/flash_attn (flash-varlen's contract, on CPU)")
     parser.add_argument("--exit-schedule", default="all")
     parser.add_argument("--exit-sample-k", type=int, default=0)
     parser.add_argument("--exit-warmup", type=int, default=0)
@@ -131,9 +139,10 @@ def run_case(args, steps: int) -> dict:
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": args.gas,
         "train_batch_size": MICRO_BATCH * args.gas * dp, "gradient_clipping": args.clip,
-        "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": args.zero, "overlap_comm": args.overlap_comm},
+        "zero_allow_untested_optimizer": True,
         "pipeline": {"use_reentrant": False, "activation_checkpoint_interval": int(args.act_ckpt)},
-        "steps_per_print": 10**9, "bf16": {"enabled": args.bf16},
+        "steps_per_print": 10**9, "bf16": {"enabled": args.bf16}, **precision_keys(args.bf16),
     }
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
     engine = build_engine(module, ds_config, optimizer, direct_weight_gradient=not args.kept_weight_gradient)
@@ -145,17 +154,91 @@ def run_case(args, steps: int) -> dict:
         lambda _module, _inputs, output: matmul_dtypes.add(str(output.dtype)))
     dp_rank = engine.grid.get_data_parallel_rank()
     result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": [],
-              "direct_weight_gradient": direct}
-    for step in range(steps):
-        batches = make_batches(step, args.gas * dp, config.vocab_size, args.packed)
-        mine = batches[dp_rank * args.gas:(dp_rank + 1) * args.gas]
-        loss = engine.train_batch(iter([((ids, t, positions), t) for ids, t, positions in mine]))
-        result["losses"].append(float(loss))
-        result["exit_losses"].append(module.reduce_exit_losses())
-        result["params"].append({k: v.detach().clone() for k, v in module.local_hf_parameters().items()})
+              "direct_weight_gradient": direct, "optimizer": type(engine.optimizer).__name__, "host_syncs": [],
+              "inv_freq_dtypes": sorted({str(m.rotary.inv_freq.dtype) for m in module.modules()
+                                         if isinstance(m, DecoderLayer)})}
+    with attention_probe() as attention_calls:
+        for step in range(steps):
+            batches = make_batches(step, args.gas * dp, config.vocab_size, args.packed)
+            mine = batches[dp_rank * args.gas:(dp_rank + 1) * args.gas]
+            with HostSyncCounter() as syncs:
+                loss = engine.train_batch(iter([((ids, t, positions), t) for ids, t, positions in mine]))
+            result["host_syncs"].append(syncs.counts)
+            result["losses"].append(float(loss))
+            result["exit_losses"].append(module.reduce_exit_losses())
+            result["params"].append({k: v.detach().clone() for k, v in module.local_hf_parameters().items()})
     engine.destroy()
     result["matmul_dtypes"] = sorted(matmul_dtypes)
+    result["attention_calls"] = attention_calls
     return result
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts, by name, the calls in its block that make the host wait for the device on a GPU: a
+    value read back (item, tolist, bool, int, float), a comparison read back (torch.equal) and an
+    output whose size depends on the data (nonzero). On CPU they cost nothing, but they are the
+    same calls a GPU run makes, so their number per train_batch is the GPU's sync count."""
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.equal, torch.Tensor.nonzero, torch.nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            self.counts[func.__name__] = self.counts.get(func.__name__, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def attention_probe():
+    """Every attention kernel call of the block, as {"kernel (q, k, v dtypes)": count}: SDPA and the
+    flash-attn stand-in (a kernel gets one dtype for q, k and v, or flash-attn and flex refuse it)."""
+    import torch.nn.functional as F
+    calls = {}
+    wrapped = {F: "scaled_dot_product_attention"}
+    if "flash_attn" in sys.modules:
+        wrapped[sys.modules["flash_attn"]] = "flash_attn_varlen_func"
+    originals = {owner: getattr(owner, name) for owner, name in wrapped.items()}
+
+    def probe(kernel, original):
+        def call(q, k, v, *args, **kwargs):
+            key = f"{kernel} ({q.dtype}, {k.dtype}, {v.dtype})".replace("torch.", "")
+            calls[key] = calls.get(key, 0) + 1
+            if kernel == "flash_attn_varlen_func":
+                # The stand-in's own contract checks read values back; the real kernel does not.
+                with torch._C.DisableTorchFunction():
+                    return original(q, k, v, *args, **kwargs)
+            return original(q, k, v, *args, **kwargs)
+        return call
+
+    for owner, name in wrapped.items():
+        setattr(owner, name, probe(name, originals[owner]))
+    try:
+        yield calls
+    finally:
+        for owner, name in wrapped.items():
+            setattr(owner, name, originals[owner])
+
+
+@contextlib.contextmanager
+def packed_kernel(args):
+    """--flash-standin: packed rows go through flash-varlen, served by the stand-in module (CPU)."""
+    if not args.flash_standin:
+        yield
+        return
+    import soft_ds.model as model
+    sys.path.insert(0, STANDIN)
+    import flash_attn  # noqa: F401  (the stand-in)
+    choose = model._kernel
+    model._kernel = lambda device_type, dtype, forced: "flash-varlen"
+    try:
+        yield
+    finally:
+        model._kernel = choose
+        sys.path.remove(STANDIN)
 
 
 def main():
@@ -176,7 +259,9 @@ def main():
     with open(args.cases) as f:
         cases = json.load(f)
     for name, case_args in cases.items():
-        result = run_case(parse_case(case_args), args.steps)
+        case = parse_case(case_args)
+        with packed_kernel(case):
+            result = run_case(case, args.steps)
         os.makedirs(os.path.join(args.out, name), exist_ok=True)
         torch.save(result, os.path.join(args.out, name, f"rank{rank}.pt"))
         torch.distributed.barrier()

@@ -1,12 +1,15 @@
 """soft_ds.config: shipped configs load; strictness; the derived DeepSpeed batch numbers and schedule."""
 
 import copy
+import glob
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from soft_ds.config import ConfigError, RunConfig, SoftOptions, load_config, override
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -115,7 +118,9 @@ def test_deepspeed_config_other_fields(tmp_path):
     gpu = config.deepspeed_config(world_size=4, cpu=False)
     assert cpu["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.95], "weight_decay": 0.0,
                                           "torch_adam": True}
-    assert gpu["optimizer"]["params"]["torch_adam"] is False
+    # GPUs: torch's fused AdamW (compiled into torch), never DeepSpeed's JIT-built FusedAdam.
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
+    assert "data_types" not in cpu  # fp32: nothing to say
     assert cpu["pipeline"]["activation_checkpoint_interval"] == 0
     config = override(config, activation_checkpointing=True)
     assert config.deepspeed_config(world_size=4, cpu=True)["pipeline"]["activation_checkpoint_interval"] == 1
@@ -258,3 +263,45 @@ def test_template_from_the_file_and_overridden(tmp_path):
     assert config.soft.template == "chat"
     assert override(config, template="alpaca").soft.template == "alpaca"
     assert override(config, template=None).soft.template == "chat"
+
+
+# Shipped configs in bf16 (DeepSpeed's bf16 block), whose gradients must accumulate in fp32.
+BF16_CONFIGS = {"pp4.json", "pp8.json"}
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-config", "gpu-config"])
+def test_each_shipped_config_builds_the_intended_optimizer(tmp_path, gpu):
+    """The optimizer DeepSpeed really builds from each shipped config: BF16_Optimizer (fp32 gradient
+    accumulation) for bf16 under ZeRO-1, the ZeRO optimizer or plain AdamW in fp32; torch's AdamW
+    always, its fused kernel in a GPU run's config (no FusedAdam JIT build on the nodes)."""
+    from conftest import deepspeed_launch
+    deepspeed_launch(1, "tests/_optimizer_worker.py", "--out", tmp_path, *(["--gpu-config"] if gpu else []),
+                     timeout=300)
+    built = json.loads((tmp_path / "optimizers.json").read_text())
+    shipped = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
+    assert sorted(built) == shipped
+    for name, optimizer in built.items():
+        config = load_config(os.path.join(REPO, "ds_configs", name))
+        assert config.bf16 == (name in BF16_CONFIGS), name
+        zero = config.ds.get("zero_optimization", {}).get("stage", 0)
+        if config.bf16:
+            expected = ("BF16_Optimizer", "float32")
+        else:
+            expected = ("DeepSpeedZeroOptimizer" if zero else "AdamW", "float32")
+        assert (optimizer["optimizer"], optimizer["grad_accum_dtype"]) == expected, (name, optimizer)
+        assert optimizer["basic"] == "AdamW" and optimizer["fused"] == gpu, (name, optimizer)
+
+
+def test_autocast_setting_and_data_types(tmp_path):
+    """soft.autocast is true, false or "auto" (the default); bf16 runs get fp32 gradient
+    accumulation, and a config asking for another is refused."""
+    assert SoftOptions().autocast == "auto"
+    for value in (True, False, "auto"):
+        assert load_config(write(tmp_path, base(soft={"autocast": value}))).soft.autocast == value
+    for value in ("yes", 1, None):
+        with pytest.raises(ConfigError, match='soft.autocast must be true, false or "auto"'):
+            load_config(write(tmp_path, base(soft={"autocast": value})))
+    config = load_config(write(tmp_path, base(bf16={"enabled": True})))  # autocast auto beside bf16: fine
+    assert config.deepspeed_config(world_size=2, cpu=True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    with pytest.raises(ConfigError, match="soft-ds accumulates gradients in fp32"):
+        load_config(write(tmp_path, base(bf16={"enabled": True}, data_types={"grad_accum_dtype": "bf16"})))

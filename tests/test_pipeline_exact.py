@@ -80,6 +80,18 @@ CASES = {
     "autocast_pp2_fused": (2, ["--pp", 2, "--gas", 2, "--autocast", *FUSED], dict(mode="soft", gas=2, dp=1, clip=0.0)),
     "warmup_tied_pp2_dp2": (4, ["--pp", 2, "--gas", 2, "--tied", "--exit-warmup", 2],
                             dict(mode="soft", gas=2, dp=2, clip=0.0, tied=True, schedule=ExitSchedule(warmup_steps=2))),
+    # ZeRO's overlap_comm reduces gradients from autograd hooks, which a gradient written straight
+    # into .grad never fires: the fp32 fused loss must keep its weight gradient for backward there.
+    "overlap_comm_pp2_dp2_fused": (4, ["--pp", 2, "--gas", 2, "--overlap-comm", *FUSED],
+                                   dict(mode="soft", gas=2, dp=2, clip=0.0)),
+    # Packed rows under autocast through SDPA, and through flash-varlen (tests/standin/flash_attn: the
+    # real kernel's argument contract, computed with SDPA) under autocast and under bf16.
+    "packed_autocast_pp2": (2, ["--pp", 2, "--gas", 2, "--autocast", "--packed"],
+                            dict(mode="soft", gas=2, dp=1, clip=0.0, packed=True)),
+    "flash_packed_autocast_pp2_actckpt": (2, ["--pp", 2, "--gas", 2, "--autocast", "--packed", "--act-ckpt",
+                                              "--flash-standin"], dict(mode="soft", gas=2, dp=1, clip=0.0, packed=True)),
+    "flash_packed_bf16_tied_pp2": (2, ["--pp", 2, "--gas", 2, "--bf16", "--packed", "--tied", "--flash-standin"],
+                                   dict(mode="soft", gas=2, dp=1, clip=0.0, packed=True, tied=True)),
 }
 STEPS = 2
 
@@ -152,8 +164,55 @@ def test_fused_cases_add_the_weight_gradient_directly(request, case):
     kept case, the bf16 one and the others do not."""
     ranks, _, _ = case
     args = CASES[request.node.callspec.params["case"]][1]
-    expected = "fused" in args and "--kept-weight-gradient" not in args and "--bf16" not in args
+    expected = ("fused" in args and "--kept-weight-gradient" not in args and "--bf16" not in args
+                and "--overlap-comm" not in args)
     assert all(rank["direct_weight_gradient"] == expected for rank in ranks)
+
+
+def test_bf16_runs_accumulate_gradients_in_fp32(launches):
+    """bf16 under ZeRO-1 gets DeepSpeed's BF16_Optimizer (fp32 gradient accumulation, from
+    config.precision_keys), not the ZeRO optimizer that sums bf16 gradients; and every cast leaves
+    the rotary frequencies fp32."""
+    bf16 = [name for name, (_, args, _) in CASES.items() if "--bf16" in args]
+    assert bf16
+    for name in bf16:
+        ranks = [torch.load(f) for f in glob.glob(os.path.join(launches[name], "rank*.pt"))]
+        assert ranks and {rank["optimizer"] for rank in ranks} == {"BF16_Optimizer"}, name
+        assert {dtype for rank in ranks for dtype in rank["inv_freq_dtypes"]} == {"torch.float32"}, name
+
+
+def test_host_syncs_per_train_batch_stay_within_budget(request, case):
+    """A GPU waits for the device at each value read back. Per micro-batch and stage at most: the
+    counted rows (their number depends on the data; every exit of the stage shares them) and
+    whether any row holds a second record (the positions travel with every micro-batch; +2 for
+    flash-varlen's record offsets and longest record); per train_batch DeepSpeed's own: its ZeRO
+    optimizer's overflow check, and with clipping its norm check. Nothing per layer or per exit.
+    The first step is left out: DeepSpeed exchanges the tensors' shapes there once."""
+    ranks, _, _ = case
+    args = CASES[request.node.callspec.params["case"]][1]
+    micro_batches = args[args.index("--gas") + 1]
+    per_micro_batch = 2 + 2 * ("--flash-standin" in args)
+    budget = micro_batches * per_micro_batch + 1 + ("--clip" in args)
+    for rank in ranks:
+        for step, syncs in enumerate(rank["host_syncs"][1:], start=1):
+            assert sum(syncs.values()) <= budget, (rank["stage"], step, syncs, budget)
+            assert not {"equal", "item"} & set(syncs), (rank["stage"], step, syncs)
+
+
+def test_attention_kernels_get_one_dtype(request, case):
+    """Every attention kernel call of every rank got q, k and v in one dtype, the case's compute
+    dtype (flash-attn and flex refuse mixed dtypes; SDPA under autocast would hide them); the
+    flash-varlen cases really ran the stand-in kernel."""
+    ranks, _, _ = case
+    args = CASES[request.node.callspec.params["case"]][1]
+    dtype = "bfloat16" if "--bf16" in args or "--autocast" in args else "float32"
+    for rank in ranks:
+        calls = rank["attention_calls"]
+        assert calls, f"stage {rank['stage']}: no attention call seen"
+        for key in calls:
+            assert key.endswith(f"({dtype}, {dtype}, {dtype})"), (rank["stage"], key)
+        flash = sum(n for key, n in calls.items() if key.startswith("flash_attn_varlen_func"))
+        assert (flash > 0) == ("--flash-standin" in args), (rank["stage"], calls)
 
 
 def test_matmuls_run_in_the_cases_precision(request, case):
