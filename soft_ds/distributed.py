@@ -63,9 +63,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_environment(place: DistributedEnv, environ=os.environ, pick_port=free_port) -> dict[str, str]:
+def visible_cuda_devices() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device (index among the visible ones) a process of this local rank uses.
+
+    Its local rank where it sees a GPU per local rank (the deepspeed launcher, torchrun, mpirun on
+    a node's GPUs); the only one where it sees one (`srun --gpus-per-task=1` sets
+    CUDA_VISIBLE_DEVICES per task, while SLURM_LOCALID goes up to 7). Otherwise two processes
+    would share a GPU: a LaunchError."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise LaunchError(f"local rank {local_rank} sees {visible} CUDA devices (CUDA_VISIBLE_DEVICES="
+                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} processes per node, "
+                      f"or give each task one GPU (srun --gpus-per-task=1)")
+
+
+def deepspeed_environment(place: DistributedEnv, environ=os.environ, pick_port=free_port,
+                          cuda_devices: int | None = None) -> dict[str, str]:
     """The variables DeepSpeed starts torch.distributed from: RANK, LOCAL_RANK, WORLD_SIZE (this
     process's place) and MASTER_ADDR, MASTER_PORT (where rank 0 listens).
+
+    On GPUs LOCAL_RANK is the CUDA device this process uses (`cuda_device_index`), which is what
+    DeepSpeed takes it for (its engine and PipelineModule move to cuda:LOCAL_RANK); cuda_devices:
+    the visible count (default: this process's).
 
     Rank 0's address: MASTER_ADDR when set (deepspeed/torchrun set it; slurm/soft.sbatch exports it).
     One process needs nobody's address: 127.0.0.1 and MASTER_PORT, or a free port. Otherwise
@@ -73,8 +100,9 @@ def deepspeed_environment(place: DistributedEnv, environ=os.environ, pick_port=f
     or srun --mpi=pmix; plain srun cannot start MPI without PMIx, so that is a LaunchError.
     Every rank must agree on the port: with more than one process it is MASTER_PORT or 29500.
     """
-    environment = {"RANK": str(place.rank), "LOCAL_RANK": str(place.local_rank),
-                   "WORLD_SIZE": str(place.world_size)}
+    cuda_devices = visible_cuda_devices() if cuda_devices is None else cuda_devices
+    device = cuda_device_index(place.local_rank, cuda_devices) if cuda_devices else place.local_rank
+    environment = {"RANK": str(place.rank), "LOCAL_RANK": str(device), "WORLD_SIZE": str(place.world_size)}
     port = environ.get("MASTER_PORT")
     if "MASTER_ADDR" in environ:
         environment["MASTER_ADDR"] = environ["MASTER_ADDR"]
@@ -104,8 +132,14 @@ def init_distributed(backend: str | None = None, environment: dict[str, str] | N
     barrier), the names can go: the mappings live on until the processes exit.
     """
     import deepspeed
+    import torch
     from deepspeed.accelerator import get_accelerator
     os.environ.update(environment or {})
+    if torch.cuda.is_available():
+        # Before the process group starts: NCCL binds each rank to the current device, and until
+        # DeepSpeed's engine exists (the tied weights' first broadcast runs before it) every rank
+        # would otherwise work on cuda:0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend or get_accelerator().communication_backend_name(),
                                distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)))
     segment = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"

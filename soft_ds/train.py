@@ -29,6 +29,7 @@ from soft_ds.exits import EXIT_LOSS_CHOICES, make_exits
 from soft_ds.model import PRESETS, check_supported, packed_attention_kernel, preset_config, random_weights
 from soft_ds.monitor import Monitor, error
 from soft_ds.partition import balance_ratio, plan_stages
+from soft_ds.precision import resolve_autocast
 
 
 
@@ -189,9 +190,11 @@ def validate_and_prepare(args, world_size: int):
             f"whose prompt fills seq_len {soft.seq_len}; packing {soft.packing}), fewer than one validation pass "
             f"needs: micro batch {config.micro_batch_size} x eval_batches {soft.eval_batches} x data parallel {dp}; "
             f"raise val_size or seq_len, lower eval_batches, or set val_size to 0")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # "auto" becomes on or off here, from this machine (the start line says why).
+    soft.autocast, config.autocast_reason = resolve_autocast(soft.autocast, device_type, config.bf16)
     if soft.packing:  # SOFT_PACKED_ATTENTION, if set, names a kernel this machine has
-        packed_attention_kernel("cuda" if torch.cuda.is_available() else "cpu",
-                                torch.bfloat16 if config.bf16 else torch.float32)
+        packed_attention_kernel(device_type, config.compute_dtype)
     shape = checkpoint.run_shape(exits, soft.pipeline_stages, dp, config.micro_batch_size, config.grad_accum)
     checkpoint.check_resume(args.output_dir, args.resume, shape, soft)
     return config, tokenizer, model_config, weight_source, exits, stages, train_set, val_set
@@ -214,6 +217,15 @@ def validate(engine, module, val_set, config, pad_id):
     engine.eval_batch(data_iterator(val_set, config, engine, pad_id, 0, config.soft.eval_batches),
                       num_micro_batches=config.soft.eval_batches)
     return module.reduce_exit_losses()
+
+
+def device_line(place) -> str:
+    """Where this rank computes, for the start line: its CUDA device and how it was mapped."""
+    if not torch.cuda.is_available():
+        return "CPU"
+    index = torch.cuda.current_device()
+    return (f"rank 0 on cuda:{index} ({torch.cuda.get_device_name(index)}) of {torch.cuda.device_count()} visible "
+            f"to it (local rank {place.local_rank})")
 
 
 def quiet_off_rank_zero(rank: int):
@@ -265,15 +277,15 @@ def run(argv, stop: preemption.StopRequest):
     schedule = "" if soft.exit_schedule == "all" else f" ({soft.exit_schedule}, k={soft.exit_sample_k})"
     schedule += f" (warm-up {soft.exit_warmup_steps} steps)" if soft.exit_warmup_steps else ""
     monitor.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in exits]}{schedule} | {config.exit_loss} exit loss | "
-                 f"{config.precision} | "
                  f"{soft.pipeline_stages} stages x "
                  f"{config.data_parallel_size(world_size)} data parallel | train batch "
                  f"{config.train_batch_size(world_size)} | {len(train_set)} train / {len(val_set)} val records")
-    monitor.info(f"  {place.launcher}, world size {world_size} | torch {torch.__version__}, deepspeed "
-                 f"{deepspeed.__version__}, transformers {transformers.__version__}")
+    monitor.info(f"  {place.launcher}, world size {world_size} | {device_line(place)} | torch {torch.__version__}, "
+                 f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")
+    monitor.info(f"  precision: {config.precision} | {config.autocast_reason}")
     lengths = soft_data.token_counts(train_set)  # for the rows' fill and each step's real tokens
     rows, fill = soft_data.row_fill(lengths, soft.seed, soft.seq_len, soft.packing)
-    kernel = packed_attention_kernel(get_accelerator().device_name(), torch.bfloat16 if config.bf16 else torch.float32)
+    kernel = packed_attention_kernel(get_accelerator().device_name(), config.compute_dtype)
     monitor.info(f"  {'packed' if soft.packing else 'padded'} rows of {soft.seq_len} tokens: {len(train_set)} train "
                  f"records in {rows} rows per epoch, {fill:.0%} of their positions real tokens"
                  + (f"; packed attention: {kernel}" if soft.packing else ""))

@@ -1,5 +1,11 @@
 import glob
 import os
+
+# The suite is a CPU suite, on a GPU machine too: every process it starts (deepspeed launches, Slurm
+# steps, mpirun) inherits these, so DeepSpeed's accelerator is its CPU one and no CUDA tensor is ever
+# sent over gloo. Set before torch initialises CUDA (lazily, at first use).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["DS_ACCELERATOR"] = "cpu"
 import subprocess
 import sys
 

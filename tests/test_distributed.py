@@ -65,6 +65,46 @@ def test_deepspeed_environment(environ, expected):
     assert environment_for(environ) == expected
 
 
+# srun --gpus-per-task=1 on 8-GPU nodes: each task sees one GPU (CUDA_VISIBLE_DEVICES per task) while
+# SLURM_LOCALID goes up to 7.
+SRUN_LOCAL_7 = {"SLURM_PROCID": "15", "SLURM_LOCALID": "7", "SLURM_STEP_NUM_TASKS": "16", **RENDEZVOUS_SET}
+
+
+@pytest.mark.parametrize("visible, device", [(0, "7"), (1, "0"), (8, "7")],
+                         ids=["cpu", "one-gpu-per-task", "node-gpus"])
+def test_local_rank_maps_to_a_visible_cuda_device(visible, device):
+    """DeepSpeed moves its engine and pipeline module to cuda:LOCAL_RANK, so LOCAL_RANK is the
+    device this process uses: the only one it sees, or its local rank among a node's."""
+    environment = deepspeed_environment(distributed_env(SRUN_LOCAL_7), SRUN_LOCAL_7, cuda_devices=visible)
+    assert environment["LOCAL_RANK"] == device and environment["RANK"] == "15"
+
+
+def test_more_local_ranks_than_visible_gpus_is_a_launch_error():
+    with pytest.raises(LaunchError, match="local rank 7 sees 2 CUDA devices.*at most 2 processes per node"):
+        deepspeed_environment(distributed_env(SRUN_LOCAL_7), SRUN_LOCAL_7, cuda_devices=2)
+
+
+def test_cuda_device_is_set_before_the_process_group_starts(monkeypatch):
+    """init_distributed selects this rank's GPU before DeepSpeed starts the process group: until
+    the engine exists (the tied weights' first broadcast runs before it) every rank would work on
+    cuda:0. A stand-in for torch.cuda and deepspeed.init_distributed records the order."""
+    import deepspeed
+    import torch
+
+    from soft_ds import distributed
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: events.append(("set_device", index)))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: events.append(("init_distributed",)))
+    monkeypatch.setattr(distributed.torch_dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # no CPU shared-memory segment to release
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # init_distributed writes them into os.environ
+    environment = deepspeed_environment(distributed_env(SRUN_LOCAL_7), SRUN_LOCAL_7, cuda_devices=1)
+    distributed.init_distributed("nccl", environment)
+    assert events == [("set_device", 0), ("init_distributed",)]
+
+
 def test_srun_without_pmix_or_rendezvous_is_a_launch_error():
     with pytest.raises(LaunchError, match=r"srun without --mpi=pmix needs MASTER_ADDR \(the first node of the job\) "
                                           r"and MASTER_PORT in the environment; slurm/soft.sbatch sets both"):
