@@ -318,6 +318,10 @@ def validate(config: RunConfig):
     if s.autocast is True and config.bf16:
         raise ConfigError("bf16 and autocast are both on: choose one (bf16: bf16 weights and activations; "
                           "autocast: fp32 weights, bf16 matmuls)")
+    if config.bf16 and config.ds.get("zero_optimization", {}).get("stage", 0) != 1:
+        raise ConfigError("bf16 needs zero_optimization.stage 1: DeepSpeed accumulates bf16 runs' gradients in fp32 "
+                          "(its BF16_Optimizer) only under ZeRO-1, and without ZeRO it would sum every exit's head "
+                          "gradient in bf16 (ZeRO-1 itself only partitions the optimizer state over data-parallel ranks)")
 
 
 def validate_exit_schedule(s: SoftOptions, number_of_exits: int | None = None):

@@ -301,7 +301,11 @@ def test_autocast_setting_and_data_types(tmp_path):
     for value in ("yes", 1, None):
         with pytest.raises(ConfigError, match='soft.autocast must be true, false or "auto"'):
             load_config(write(tmp_path, base(soft={"autocast": value})))
-    config = load_config(write(tmp_path, base(bf16={"enabled": True})))  # autocast auto beside bf16: fine
+    # autocast auto beside bf16: fine
+    config = load_config(write(tmp_path, base(bf16={"enabled": True}, zero_optimization={"stage": 1})))
     assert config.deepspeed_config(world_size=2, cpu=True)["data_types"] == {"grad_accum_dtype": "fp32"}
     with pytest.raises(ConfigError, match="soft-ds accumulates gradients in fp32"):
         load_config(write(tmp_path, base(bf16={"enabled": True}, data_types={"grad_accum_dtype": "bf16"})))
+    # Without ZeRO DeepSpeed offers bf16 only bf16 gradient accumulation (and refuses fp32 outright).
+    with pytest.raises(ConfigError, match="bf16 needs zero_optimization.stage 1"):
+        load_config(write(tmp_path, base(bf16={"enabled": True})))
