@@ -2,12 +2,14 @@
 
     soft-ds bench overhead [options]     training: SoFT's step time and peak memory over SFT's
     soft-ds bench inference [options]    decoding speed per exit, self-speculative, dynamic exit
+    soft-ds bench gpu-check [options]    acceptance check: bf16 training per attention kernel vs fp32, MFU
 
 The package, one module per piece:
     proxy.py            the LLaMA 2 13B cost proxy both benchmarks measure
     overhead.py         `bench overhead`: launches overhead_worker.py with the deepspeed launcher
     overhead_worker.py  one pipeline rank of it
     inference.py        `bench inference`
+    gpu_check.py        `bench gpu-check` (tools/gpu_check.sh): one device, training + inference, PASS/FAIL
 Each benchmark's module is imported only when it runs (the overhead report never imports the
 generator, the inference benchmark never imports DeepSpeed).
 """
@@ -24,6 +26,8 @@ BENCHMARKS = {
                                            "DeepSpeed pipeline of the 13B cost proxy"),
     "inference": ("soft_ds.bench.inference", "tokens/s per exit, self-speculative decoding and dynamic exit, on a "
                                              "model and on the 13B cost proxy"),
+    "gpu-check": ("soft_ds.bench.gpu_check", "acceptance check on one GPU: bf16 training per packed-attention kernel "
+                                             "against fp32, tokens/s and MFU, inference rows; PASS/FAIL"),
 }
 
 
