@@ -430,12 +430,14 @@ def build_pipeline(config, exits, pipeline_stages: int, seq_len: int, weight_sou
 def direct_weight_gradient_exact(engine) -> bool:
     """Whether the fused exit loss may add the head's weight gradient straight into `weight.grad`.
 
-    Only in fp32 (bf16's optimizer reads its own fp32 gradient buffers), and not under ZeRO's
-    `overlap_comm`: that reduces each gradient from a hook that autograd fires when it accumulates
-    the gradient, and a gradient written directly never fires it, so the head's would be lost."""
+    Only in fp32 (bf16's optimizer reads its own fp32 gradient buffers), and not where the ZeRO
+    optimizer overlaps communication: that reduces each gradient from a hook that autograd fires
+    when it accumulates the gradient, which a gradient written directly never fires. DeepSpeed
+    (0.17-0.19) turns `overlap_comm` off for every PipelineModule, whatever the config says, so
+    this asks the optimizer it built rather than the config."""
     if engine.bfloat16_enabled() or engine.fp16_enabled():
         return False
-    return not (engine.zero_optimization() and engine.zero_overlap_comm())
+    return not getattr(engine.optimizer, "overlap_comm", False)
 
 
 def build_engine(module: SoftPipelineModule, ds_config: dict, optimizer=None,

@@ -155,6 +155,7 @@ def run_case(args, steps: int) -> dict:
     dp_rank = engine.grid.get_data_parallel_rank()
     result = {"stage": engine.stage_id, "dp_rank": dp_rank, "losses": [], "exit_losses": [], "params": [],
               "direct_weight_gradient": direct, "optimizer": type(engine.optimizer).__name__, "host_syncs": [],
+              "overlap_comm": getattr(engine.optimizer, "overlap_comm", None),
               "inv_freq_dtypes": sorted({str(m.rotary.inv_freq.dtype) for m in module.modules()
                                          if isinstance(m, DecoderLayer)})}
     with attention_probe() as attention_calls:

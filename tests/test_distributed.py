@@ -99,7 +99,9 @@ def test_cuda_device_is_set_before_the_process_group_starts(monkeypatch):
     monkeypatch.setattr(distributed.torch_dist, "get_rank", lambda: 0)
     monkeypatch.setattr(os.path, "exists", lambda path: False)  # no CPU shared-memory segment to release
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)  # init_distributed writes them into os.environ
+        # init_distributed writes these into os.environ; set here, they are restored (or removed)
+        # after the test, so later tests' processes do not inherit rank 15 of 16.
+        monkeypatch.setenv(name, "unset")
     environment = deepspeed_environment(distributed_env(SRUN_LOCAL_7), SRUN_LOCAL_7, cuda_devices=1)
     distributed.init_distributed("nccl", environment)
     assert events == [("set_device", 0), ("init_distributed",)]

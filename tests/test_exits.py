@@ -307,3 +307,21 @@ def test_make_exits_errors_name_the_offending_values(layers, weights, message):
 def test_make_exits_bad_mode():
     with pytest.raises(ValueError, match="'sfft'"):
         make_exits(None, 40, mode="sfft")
+
+
+def test_direct_weight_gradient_only_where_exact():
+    """The fused loss writes the head's weight gradient straight into .grad only in fp32 and where the
+    ZeRO optimizer DeepSpeed built does not overlap communication (its hooks would never see that
+    gradient); DeepSpeed turns overlap_comm off for pipelines, so that is asked of the optimizer."""
+    from types import SimpleNamespace
+
+    from soft_ds.pipe import direct_weight_gradient_exact
+
+    def engine(bf16=False, overlap_comm=None):
+        optimizer = SimpleNamespace() if overlap_comm is None else SimpleNamespace(overlap_comm=overlap_comm)
+        return SimpleNamespace(bfloat16_enabled=lambda: bf16, fp16_enabled=lambda: False, optimizer=optimizer)
+
+    assert direct_weight_gradient_exact(engine())  # fp32, no ZeRO
+    assert direct_weight_gradient_exact(engine(overlap_comm=False))  # ZeRO-1 as DeepSpeed builds it for pipelines
+    assert not direct_weight_gradient_exact(engine(overlap_comm=True))
+    assert not direct_weight_gradient_exact(engine(bf16=True))
