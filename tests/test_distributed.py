@@ -148,3 +148,38 @@ def test_no_launcher_is_one_process_without_mpi(tmp_path, command):
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert [row["exit"] for row in summary["exits"]] == [2, 4, 6, 8]
     assert all(row["val_loss"] is not None for row in summary["exits"])
+
+
+class Collected(Exception):
+    """Raised by the recording collective once it has seen its tensor (nothing is reduced)."""
+
+
+def test_soft_ds_collectives_send_tensors_on_the_module_device(monkeypatch):
+    """Every collective soft-ds itself calls gets a tensor on the device it was given (the engine's
+    or the module's): NCCL takes CUDA tensors only, and gloo CPU ones. The module is put on the
+    meta device, so a tensor built on the CPU by default would show; the collective records the
+    device and stops there."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from soft_ds.exits import Exit
+    from soft_ds.pipe import ExitLossMeter, SoftPipelineModule
+    from soft_ds.preemption import StopRequest
+    meta = torch.device("meta")
+    seen = []
+
+    def record(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Collected
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", record)
+    with pytest.raises(Collected):
+        StopRequest().agreed(meta)
+    meter = ExitLossMeter()
+    meter.add(4, torch.ones((), device=meta))
+    module = SimpleNamespace(exits=(Exit(4), Exit(8)), meter=meter, world_group=None,
+                             parameters=lambda: iter([torch.nn.Parameter(torch.empty(2, device=meta))]))
+    with pytest.raises(Collected):
+        SoftPipelineModule.reduce_exit_losses(module)
+    assert seen == [meta, meta]
