@@ -1,8 +1,8 @@
 """Builds, for every shipped config (ds_configs/*.json), the DeepSpeed engine training would build,
 on the debug model in one process (launched by tests/test_config.py), and writes which optimizer
-DeepSpeed chose: {config file: {"optimizer": class, "basic": class, "fused": bool, "grad_accum_dtype"}}.
-`--gpu-config` builds from the config a GPU run gets (`deepspeed_config(cpu=False)`), which on CPU
-checks that DeepSpeed accepts it and what it constructs, not GPU numbers."""
+DeepSpeed chose: {"cpu" | "gpu": {config file: {"optimizer": class, "basic": class, "fused": bool,
+"grad_accum_dtype"}}}. "gpu" is built from the config a GPU run gets (`deepspeed_config(cpu=False)`),
+which on CPU checks that DeepSpeed accepts it and what it constructs, not GPU numbers."""
 
 import argparse
 import glob
@@ -17,7 +17,6 @@ from soft_ds.model import preset_config, random_weights
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--gpu-config", action="store_true")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
@@ -26,17 +25,17 @@ def main():
 
     init_distributed("gloo")
     model_config = preset_config("debug")
-    result = {}
-    for path in sorted(glob.glob("ds_configs/*.json")):
+    result = {"cpu": {}, "gpu": {}}
+    for path, gpu in ((path, gpu) for path in sorted(glob.glob("ds_configs/*.json")) for gpu in (False, True)):
         # One process: one stage, no exits beyond the debug model's depth; the precision, ZeRO and
         # optimizer settings, which decide the optimizer, are the file's own.
         config = override(load_config(path), pipeline_stages=1, exits=[4, 8], exit_weights=[1.0, 1.0],
                           seq_len=16)
         module = build_pipeline(model_config, make_exits([4, 8], 8), 1, 16, random_weights(model_config, 0))
-        ds_config = config.deepspeed_config(world_size=1, cpu=not args.gpu_config)
+        ds_config = config.deepspeed_config(world_size=1, cpu=not gpu)
         engine = build_engine(module, ds_config, lr_multiplier=config.lr_multiplier)
         basic = engine.basic_optimizer
-        result[os.path.basename(path)] = {
+        result["gpu" if gpu else "cpu"][os.path.basename(path)] = {
             "optimizer": type(engine.optimizer).__name__, "basic": type(basic).__name__,
             "fused": bool(basic.defaults.get("fused")),
             "grad_accum_dtype": str(engine.get_data_types()[1]).replace("torch.", "")}

@@ -269,15 +269,21 @@ def test_template_from_the_file_and_overridden(tmp_path):
 BF16_CONFIGS = {"pp4.json", "pp8.json"}
 
 
+@pytest.fixture(scope="module")
+def built_optimizers(tmp_path_factory) -> dict:
+    """{"cpu" | "gpu": {shipped config: what DeepSpeed built from it}} (tests/_optimizer_worker.py)."""
+    from conftest import deepspeed_launch
+    out = tmp_path_factory.mktemp("optimizers")
+    deepspeed_launch(1, "tests/_optimizer_worker.py", "--out", out, timeout=300)
+    return json.loads((out / "optimizers.json").read_text())
+
+
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-config", "gpu-config"])
-def test_each_shipped_config_builds_the_intended_optimizer(tmp_path, gpu):
+def test_each_shipped_config_builds_the_intended_optimizer(built_optimizers, gpu):
     """The optimizer DeepSpeed really builds from each shipped config: BF16_Optimizer (fp32 gradient
     accumulation) for bf16 under ZeRO-1, the ZeRO optimizer or plain AdamW in fp32; torch's AdamW
     always, its fused kernel in a GPU run's config (no FusedAdam JIT build on the nodes)."""
-    from conftest import deepspeed_launch
-    deepspeed_launch(1, "tests/_optimizer_worker.py", "--out", tmp_path, *(["--gpu-config"] if gpu else []),
-                     timeout=300)
-    built = json.loads((tmp_path / "optimizers.json").read_text())
+    built = built_optimizers["gpu" if gpu else "cpu"]
     shipped = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
     assert sorted(built) == shipped
     for name, optimizer in built.items():
