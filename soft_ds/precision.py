@@ -80,7 +80,8 @@ def resolve_autocast(setting, device_type: str, bf16_weights: bool, measure=meas
     ratio = measure()
     flags = cpu_bf16_flags()
     features = f"bf16 instructions: {', '.join(flags)}" if flags else "no bf16 instructions reported"
-    caps = [f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ]
+    caps = [f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+            if name in os.environ]
     features += f"; {', '.join(caps)}" if caps else ""
     speed = f"a bf16 matmul took {ratio:.2f}x fp32's time on this CPU ({features})"
     if ratio <= CPU_SPEEDUP_THRESHOLD:

