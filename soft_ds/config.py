@@ -110,6 +110,10 @@ class RunConfig:
         return float(self.ds["optimizer"]["params"]["lr"])
 
     @property
+    def zero_stage(self) -> int:
+        return int(self.ds.get("zero_optimization", {}).get("stage", 0))
+
+    @property
     def bf16(self) -> bool:
         return bool(self.ds.get("bf16", {}).get("enabled", False))
 
@@ -313,12 +317,12 @@ def validate(config: RunConfig):
                           f"({config.grad_accum}) must be >= 1")
     if config.lr <= 0:
         raise ConfigError(f"learning rate must be > 0, got {config.lr}")
-    if config.ds.get("zero_optimization", {}).get("stage", 0) > 1:
+    if config.zero_stage > 1:
         raise ConfigError("ZeRO stages 2 and 3 are incompatible with pipeline parallelism; use 0 or 1")
     if s.autocast is True and config.bf16:
         raise ConfigError("bf16 and autocast are both on: choose one (bf16: bf16 weights and activations; "
                           "autocast: fp32 weights, bf16 matmuls)")
-    if config.bf16 and config.ds.get("zero_optimization", {}).get("stage", 0) != 1:
+    if config.bf16 and config.zero_stage != 1:
         raise ConfigError("bf16 needs zero_optimization.stage 1: DeepSpeed accumulates bf16 runs' gradients in fp32 "
                           "(its BF16_Optimizer) only under ZeRO-1, and without ZeRO it would sum every exit's head "
                           "gradient in bf16 (ZeRO-1 itself only partitions the optimizer state over data-parallel ranks)")
