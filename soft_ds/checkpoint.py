@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import torch
 import transformers
@@ -42,6 +43,8 @@ import transformers
 from soft_ds.config import TEMPLATE_KEY, ConfigError
 from soft_ds.hf_io import CheckpointError, hf_name, save_hf_checkpoint
 from soft_ds.model import tied_embeddings
+from soft_ds.preemption import EXIT_TO_BE_CONTINUED
+from soft_ds.settings import RESUME_SETTINGS
 
 # Bump when a file or a metadata field changes meaning; readers refuse versions they do not know
 # rather than misread them.
@@ -69,16 +72,9 @@ def run_shape(exits, pipeline_stages: int, data_parallel: int, micro_batch_size:
             "data_parallel": data_parallel, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum}
 
 
-# The soft settings a resumed run must share with its checkpoint (besides `run_shape`): they decide
-# which records each step reads and which exits its loss counts. The learning rate, the number of
-# steps and the intervals may change on a resume.
-RESUME_SOFT_KEYS = ("mode", "exit_schedule", "exit_sample_k", "exit_warmup_steps", "seq_len", "packing",
-                    "val_size", "seed", "template")
-
-
 def check_resume(output_dir, resume: bool, shape: dict, soft=None) -> None:
     """Refuse a fresh run into a directory that holds checkpoints, and a --resume whose exits,
-    parallel layout, batch (`run_shape`) or data and exit settings (RESUME_SOFT_KEYS of `soft`)
+    parallel layout, batch (`run_shape`) or data and exit settings (settings.RESUME_SETTINGS of `soft`)
     differ from the checkpoint's. A key an older checkpoint did not record is not compared.
     Reads, never writes."""
     if not has_checkpoint(output_dir):
@@ -90,7 +86,7 @@ def check_resume(output_dir, resume: bool, shape: dict, soft=None) -> None:
     saved_soft = meta.get("soft", {})
     compared = [(key, meta[key], value) for key, value in shape.items() if key in meta]
     if soft is not None:
-        compared += [(key, saved_soft[key], getattr(soft, key)) for key in RESUME_SOFT_KEYS if key in saved_soft]
+        compared += [(key, saved_soft[key], getattr(soft, key)) for key in RESUME_SETTINGS if key in saved_soft]
     for key, saved, value in compared:
         if saved != value:
             raise ConfigError(f"--resume: checkpoint in {checkpoint_dir(output_dir)} has {key}={saved}, "
@@ -124,6 +120,39 @@ def save(engine, output_dir, step: int, tokenizer, *, shape: dict, layout, model
     if rank0:
         _write_atomically(os.path.join(ckpt, LATEST_FILE), tag)
     return ckpt
+
+
+class Checkpointer:
+    """Saves a run every soft.save_interval steps, after its last step, and after the step at which
+    a stop signal is agreed (`stop`: preemption.StopRequest); resumes it."""
+
+    def __init__(self, output_dir, engine, module, run, stop, last_step: int):
+        self.output_dir, self.engine, self.module, self.run = output_dir, engine, module, run
+        self.stop, self.last_step = stop, last_step
+
+    def resume(self, requested: bool, monitor) -> int:
+        """The step to start from: the latest checkpoint's when `requested` and there is one, else 0."""
+        if requested and has_checkpoint(self.output_dir):
+            step = load(self.engine, self.output_dir)
+            monitor.info(f"resumed from step {step}")
+            return step
+        if requested:
+            monitor.info(f"--resume: no checkpoint in {checkpoint_dir(self.output_dir)}, starting fresh")
+        return 0
+
+    def after_step(self, step: int, monitor) -> bool:
+        """Save if step `step` is due; True when a stop signal was agreed (the run ends here)."""
+        stopping = self.stop.agreed(self.engine.device)  # every rank stops after the same step
+        if stopping and step < self.last_step:
+            monitor.info(f"stop requested ({self.stop.received or 'signal on another rank'}): saving step {step}, "
+                         f"then exiting with {EXIT_TO_BE_CONTINUED} (to be continued)")
+        interval = self.run.soft.save_interval
+        if (interval and step % interval == 0) or step == self.last_step or stopping:
+            saving = time.time()
+            saved = save(self.engine, self.output_dir, step, self.run.tokenizer, shape=self.run.shape,
+                         layout=self.module.layout, model_config=self.run.model_config, soft=self.run.soft)
+            monitor.info(f"saved checkpoint step {step} to {saved} ({time.time() - saving:.1f} s)")
+        return stopping
 
 
 def load(engine, output_dir) -> int:

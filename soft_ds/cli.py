@@ -8,8 +8,9 @@ module is both the command and the library), imported only when that subcommand 
 `soft-ds plan` never imports DeepSpeed.
 
 Errors: the library raises `ValueError` subclasses (ConfigError, DataError, CheckpointError, ...)
-whose message names the problem; here they become one `error:` line on stderr and exit code 2.
-Commands do not check their input a second time before calling the library.
+whose message names the problem; here they become one `error:` line on stderr and exit code 2
+(`monitor.fail`, which train.py's ranks use too). What argparse can check (a flag's type and
+choices) it reports itself, also with exit code 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import argparse
 import importlib
 import sys
 
-# name: (module, its help line). Training proper is `deepspeed soft_ds/train.py ...` (the launcher
+from soft_ds.monitor import fail
+
+# name: (module, its help line), or for a command with subcommands (name: {subcommand: (module,
+# help line)}, its help line). Training proper is `deepspeed soft_ds/train.py ...` (the launcher
 # starts one process per rank); `soft-ds train` is the same main() in this one process.
 COMMANDS = {
     "train": ("soft_ds.train", "Sorted Fine-Tuning on a DeepSpeed pipeline (this process; launch ranks "
@@ -27,7 +31,14 @@ COMMANDS = {
     "generate": ("soft_ds.inference.generate", "text from an exported checkpoint: any exit, speculative, dynamic"),
     "eval": ("soft_ds.eval.command", "score every exit of exported checkpoints: loss, KL, judge, TriviaQA, claims"),
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
-    "bench": ("soft_ds.bench", "benchmarks: SoFT's training overhead over SFT, inference speed per exit"),
+    "bench": ({
+        "overhead": ("soft_ds.bench.overhead", "SoFT's optimizer-step time and peak memory per rank over SFT's, on a "
+                                               "DeepSpeed pipeline of the 13B cost proxy"),
+        "inference": ("soft_ds.bench.inference", "tokens/s per exit, self-speculative decoding and dynamic exit, on a "
+                                                 "model and on the 13B cost proxy"),
+        "gpu-check": ("soft_ds.bench.gpu_check", "acceptance check on one GPU: bf16 training per packed-attention "
+                                                 "kernel against fp32, tokens/s and MFU, inference rows; PASS/FAIL"),
+    }, "benchmarks: SoFT's training overhead over SFT, inference speed per exit, the GPU acceptance check"),
     "import-gguf": ("soft_ds.gguf_import", "a LLaMA GGUF file (default: the packaged SmolLM2-135M-Instruct) as a "
                                            "Hugging Face LLaMA directory"),
     "train-tokenizer": ("soft_ds.train_tokenizer", "train the small LLaMA-style SentencePiece tokenizer bundled in "
@@ -35,46 +46,34 @@ COMMANDS = {
 }
 
 
-def parse_list(text: str, flag: str, kind=int) -> list:
-    """A comma-separated command-line list ("12,16,40"); ValueError naming the flag. The one parser
-    of such lists: exits, exit weights, draft exits."""
-    try:
-        return [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        what = "integers" if kind is int else "numbers"
-        raise ValueError(f"{flag} must be comma-separated {what}, got {text!r}") from None
-
-
-def fail(message: str) -> SystemExit:
-    """One `error:` line on stderr; the caller raises the returned SystemExit (exit code 2)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return SystemExit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="soft-ds", description="Sorted Fine-Tuning (SoFT) of LLaMA models on DeepSpeed pipelines.",
-        epilog="Run `soft-ds COMMAND --help` for a command's options.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, help_line) in COMMANDS.items():
+def build_parser(prog: str, commands: dict, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=f"Run `{prog} COMMAND --help` for a command's options.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_line) in commands.items():
         # add_help=False: the command's own parser answers --help, with its real options.
-        commands.add_parser(name, help=help_line, add_help=False)
+        subparsers.add_parser(name, help=help_line, add_help=False)
     return parser
+
+
+def dispatch(prog: str, commands: dict, description: str, argv: list[str]) -> None:
+    if not argv or argv[0] not in commands:
+        build_parser(prog, commands, description).parse_args(argv[:1] or ["--help"])  # help, or "invalid choice"
+        return
+    target, help_line = commands[argv[0]]
+    if isinstance(target, dict):
+        return dispatch(f"{prog} {argv[0]}", target, help_line, argv[1:])
+    # A command's usage line names it as typed: argparse takes its default prog from argv[0].
+    sys.argv[0] = f"{prog} {argv[0]}"
+    importlib.import_module(target).main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv[:1] or ["--help"])  # prints help or the "invalid choice" error
-        return
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    # A command's usage line names it as typed: argparse takes its default prog from argv[0].
-    sys.argv[0] = f"soft-ds {argv[0]}"
     try:
-        module.main(argv[1:])
+        dispatch("soft-ds", COMMANDS, "Sorted Fine-Tuning (SoFT) of LLaMA models on DeepSpeed pipelines.", argv)
     except ValueError as error:
-        raise fail(str(error)) from None
+        fail(str(error))
 
 
 if __name__ == "__main__":

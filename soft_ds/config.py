@@ -20,9 +20,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from soft_ds.exits import EXIT_LOSS_CHOICES, resolve_exit_loss
 from soft_ds.exit_schedule import SCHEDULES, ExitSchedule
+from soft_ds.exits import resolve_exit_loss
 from soft_ds.precision import AUTO
+from soft_ds.settings import TEMPLATES  # noqa: F401 (where callers find it)
+from soft_ds.settings import ConfigError, DeepSpeedSettings, SoftOptions, check, ds_value, flag, set_ds_value
 
 # DeepSpeed keys a config file may carry (passed through after validation).
 DEEPSPEED_KEYS = {
@@ -33,56 +35,9 @@ DEEPSPEED_KEYS = {
     "fp16", "torch_autocast",  # accepted only to be refused with a clear message
 }
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
-# Prompt templates (soft_ds.data renders them): Stanford Alpaca's text, or the tokenizer's chat template.
-TEMPLATES = ("alpaca", "chat")
 # The key of an exported config.json that records the template its model was trained with
 # (`soft-ds export` writes it; generation and evaluation default to it: data.checkpoint_template).
 TEMPLATE_KEY = "soft_ds_template"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass
-class SoftOptions:
-    """The "soft" block. Every field can be overridden on the command line."""
-    pipeline_stages: int = 1  # pipeline degree; data-parallel degree = world size / this
-    mode: str = "soft"  # "soft": loss at every exit; "sft": the last layer only; "ict": SFT+ICT heads
-    exits: list | None = None  # exit layers (1-based depth); default: paper's B for 40 layers
-    exit_weights: list | None = None  # per-exit loss weights; default uniform (the paper)
-    # which exits train each step (soft_ds.exit_schedule): "all" (the paper), "random-k" (the last layer
-    # and k-1 others drawn from (seed, step): SortedNet) or "rotate" (k-1 others in turn: LayerSkip)
-    exit_schedule: str = "all"
-    exit_sample_k: int = 0  # random-k / rotate: exits per step, the last layer included
-    exit_warmup_steps: int = 0  # EE-LLM: intermediate exits' weights ramp linearly from 0 over N steps
-    seq_len: int = 512  # tokens per row (fixed pipeline buffer shapes): records are packed into rows, or padded
-    # several records per row, attention confined to each: every record gets the loss it gets alone
-    # (tests/test_model.py), so it is on wherever a run has more than one record to put in a row
-    packing: bool = True
-    train_steps: int = 100  # optimizer steps
-    warmup_steps: int = 0  # linear LR warm-up steps, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.0
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward
-    # matmuls in bf16 under torch.autocast, entered by each layer (soft_ds.pipe.precision); weights,
-    # gradients, optimizer, residual stream, norms and softmax stay fp32. DeepSpeed's "bf16" instead
-    # keeps bf16 weights and activations. "auto": on where this machine's bf16 matmuls are faster
-    # (soft_ds.precision.resolve_autocast: native bf16 GPUs; CPUs where a timed bf16 matmul wins)
-    autocast: bool | str = "auto"
-    # How each exit's loss is computed (soft_ds.exits.exit_loss; measured by soft_ds.bench.overhead):
-    # "fused" computes the head's gradients in the forward pass chunk by chunk, keeps no logits and
-    # recomputes nothing; "whole" keeps every exit's logits until backward; "chunked" recomputes
-    # the head forward in backward. Default "auto": fused in fp32 (autocast included), chunked under bf16
-    # (exits.resolve_exit_loss says why, with the figures; RunConfig.exit_loss resolves it).
-    exit_loss: str = "auto"
-    exit_chunk_tokens: int = 1024  # counted tokens per chunk of the chunked and fused exit losses
-    val_size: int = 200  # held-out records for validation
-    template: str = "alpaca"  # prompt template: "alpaca" text or the tokenizer's "chat" template
-    eval_interval: int = 50  # validation every N steps (0: only at the end)
-    eval_batches: int = 4  # validation micro-batches per data-parallel rank
-    save_interval: int = 0  # checkpoint every N steps (0: only at the end)
-    log_interval: int = 1  # console/TensorBoard every N steps
-    seed: int = 1234
 
 
 @dataclass
@@ -99,23 +54,23 @@ class RunConfig:
 
     @property
     def micro_batch_size(self) -> int:
-        return int(self.ds.get("train_micro_batch_size_per_gpu", 1))
+        return ds_value(self.ds, "micro_batch_size")
 
     @property
     def grad_accum(self) -> int:
-        return int(self.ds.get("gradient_accumulation_steps", 1))
+        return ds_value(self.ds, "grad_accum")
 
     @property
     def lr(self) -> float:
-        return float(self.ds["optimizer"]["params"]["lr"])
+        return ds_value(self.ds, "lr")
 
     @property
     def zero_stage(self) -> int:
-        return int(self.ds.get("zero_optimization", {}).get("stage", 0))
+        return ds_value(self.ds, "zero_stage")
 
     @property
     def bf16(self) -> bool:
-        return bool(self.ds.get("bf16", {}).get("enabled", False))
+        return ds_value(self.ds, "bf16")
 
     @property
     def precision(self) -> str:
@@ -198,31 +153,11 @@ def _check_keys(given: dict, allowed, where: str):
 
 
 def _soft_options(block: dict, where: str) -> SoftOptions:
-    defaults = SoftOptions()
     names = {f.name for f in dataclasses.fields(SoftOptions)}
     _check_keys(block, names, f"{where} \"soft\"")
     for name, value in block.items():
-        _check_type(name, value, getattr(defaults, name), where)
+        check(name, value, where, label=f"soft.{name}")
     return SoftOptions(**block)
-
-
-def _check_type(name, value, default, where="option"):
-    if default is None:  # exits / exit_weights: a list of numbers
-        ok = value is None or (isinstance(value, list) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
-        expected = "a list of numbers"
-    elif name == "autocast":
-        ok, expected = isinstance(value, bool) or value == AUTO, 'true, false or "auto"'
-    elif isinstance(default, bool):
-        ok, expected = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(default, float):
-        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    else:
-        ok, expected = isinstance(value, type(default)), f"a {type(default).__name__}"
-    if not ok:
-        raise ConfigError(f"{where}: soft.{name} must be {expected}, got {value!r}")
 
 
 def load_config(path: str) -> RunConfig:
@@ -255,70 +190,45 @@ def load_config(path: str) -> RunConfig:
     if raw.get("data_types", {}) not in ({}, {"grad_accum_dtype": "fp32"}):
         raise ConfigError(f"{path}: \"data_types\" {raw['data_types']}: soft-ds accumulates gradients in fp32 "
                           "(bf16 would sum every exit's head gradient in 8 bits of mantissa); remove the block")
-    if raw.get("zero_optimization", {}).get("stage", 0) > 1:
-        raise ConfigError(f"{path}: ZeRO stage {raw['zero_optimization']['stage']} is incompatible with "
-                          "pipeline parallelism; use stage 0 or 1")
     config = RunConfig(ds=raw, soft=_soft_options(soft, path))
-    validate(config)
+    check_config(config, path)
     return config
 
 
 def override(config: RunConfig, **values) -> RunConfig:
-    """A copy of `config` with command-line overrides applied (None = not given), validated.
-    DeepSpeed-owned numbers have aliases."""
+    """A copy of `config` with command-line overrides (settings.overrides) applied and validated;
+    None means "not given"."""
     config = copy.deepcopy(config)
-    ds_aliases = {"micro_batch_size": "train_micro_batch_size_per_gpu",
-                  "grad_accum": "gradient_accumulation_steps", "gradient_clipping": "gradient_clipping"}
+    deepspeed_names = {f.name for f in dataclasses.fields(DeepSpeedSettings)}
     for name, value in values.items():
         if value is None:
             continue
-        if name in ds_aliases:
-            config.ds[ds_aliases[name]] = value
-        elif name == "lr":
-            config.ds["optimizer"]["params"]["lr"] = value
-        elif name == "bf16":
-            config.ds["bf16"] = {"enabled": bool(value)}
-        elif name == "zero_stage":
-            config.ds["zero_optimization"] = {**config.ds.get("zero_optimization", {}), "stage": value}
+        if name not in deepspeed_names and not hasattr(config.soft, name):
+            raise ConfigError(f"unknown option {name!r}")
+        check(name, value, "command line", label=flag(name))
+        if name in deepspeed_names:
+            set_ds_value(config.ds, name, value)
         else:
-            if not hasattr(config.soft, name):
-                raise ConfigError(f"unknown option {name!r}")
-            _check_type(name, value, getattr(SoftOptions(), name), "command line")
             setattr(config.soft, name, value)
-    validate(config)
+    check_config(config, "command line")
     return config
 
 
-def validate(config: RunConfig):
+def check_config(config: RunConfig, where: str = "config"):
+    """Each setting's own type and bounds (settings.check), then the rules between settings."""
     s = config.soft
-    if s.mode not in ("soft", "sft", "ict"):
-        raise ConfigError(f"mode must be 'soft', 'sft' or 'ict', got {s.mode!r}")
-    if s.template not in TEMPLATES:
-        raise ConfigError(f"template must be one of {', '.join(TEMPLATES)}, got {s.template!r}")
-    for name in ("pipeline_stages", "seq_len", "train_steps", "log_interval", "eval_batches"):
-        if getattr(s, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
-    for name in ("warmup_steps", "exit_warmup_steps", "val_size", "eval_interval", "save_interval",
-                 "exit_chunk_tokens"):
-        if getattr(s, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
-    if s.exit_loss not in EXIT_LOSS_CHOICES:
-        raise ConfigError(f"exit_loss must be one of {', '.join(EXIT_LOSS_CHOICES)}, got {s.exit_loss!r}")
+    for f in dataclasses.fields(SoftOptions):
+        check(f.name, getattr(s, f.name), where, label=f"soft.{f.name}")
+    for f in dataclasses.fields(DeepSpeedSettings):
+        check(f.name, ds_value(config.ds, f.name), where, label=f.metadata["ds_key"])
     if config.exit_loss != "whole" and s.exit_chunk_tokens < 1:
         raise ConfigError(f"exit_chunk_tokens={s.exit_chunk_tokens}: the {config.exit_loss} exit loss works in chunks "
                           "of counted tokens, so it must be >= 1 (exit_loss 'whole' computes them all at once)")
-    if not 0.0 <= s.min_lr_ratio <= 1.0:
-        raise ConfigError(f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-    validate_exit_schedule(s)
+    check_exit_schedule(s)
     if s.warmup_steps > s.train_steps:
         raise ConfigError(f"warmup_steps={s.warmup_steps} exceeds train_steps={s.train_steps}")
-    if config.micro_batch_size < 1 or config.grad_accum < 1:
-        raise ConfigError(f"micro batch ({config.micro_batch_size}) and gradient accumulation "
-                          f"({config.grad_accum}) must be >= 1")
     if config.lr <= 0:
         raise ConfigError(f"learning rate must be > 0, got {config.lr}")
-    if config.zero_stage > 1:
-        raise ConfigError("ZeRO stages 2 and 3 are incompatible with pipeline parallelism; use 0 or 1")
     if s.autocast is True and config.bf16:
         raise ConfigError("bf16 and autocast are both on: choose one (bf16: bf16 weights and activations; "
                           "autocast: fp32 weights, bf16 matmuls)")
@@ -328,7 +238,7 @@ def validate(config: RunConfig):
                           "gradient in bf16 (ZeRO-1 itself only partitions the optimizer state over data-parallel ranks)")
 
 
-def validate_exit_schedule(s: SoftOptions, number_of_exits: int | None = None):
+def check_exit_schedule(s: SoftOptions, number_of_exits: int | None = None):
     """soft.exit_schedule and its options; number_of_exits (default: len(soft.exits), when given)
     bounds exit_sample_k."""
     if s.exit_schedule not in SCHEDULES:

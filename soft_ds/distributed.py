@@ -17,6 +17,7 @@ import os
 import socket
 from typing import NamedTuple
 
+import torch
 import torch.distributed as torch_dist
 
 
@@ -147,3 +148,18 @@ def init_distributed(backend: str | None = None, environment: dict[str, str] | N
     if os.path.exists(segment):
         torch_dist.barrier()
         os.unlink(segment)
+
+
+def device_type() -> str:
+    """The device DeepSpeed's accelerator computes on: "cuda", or "cpu" (DS_ACCELERATOR=cpu, or no GPU)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
+def device_line(place: DistributedEnv) -> str:
+    """Where this rank computes, for the start line: its CUDA device and how it was mapped."""
+    if not torch.cuda.is_available():
+        return "CPU"
+    index = torch.cuda.current_device()
+    return (f"rank 0 on cuda:{index} ({torch.cuda.get_device_name(index)}) of {torch.cuda.device_count()} visible "
+            f"to it (local rank {place.local_rank})")

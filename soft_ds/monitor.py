@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from typing import NoReturn
 
 
 def perplexity(loss: float) -> float:
@@ -23,12 +24,57 @@ def perplexity(loss: float) -> float:
 
 
 class Monitor:
-    def __init__(self, log_dir: str | None, enabled: bool, total_steps: int):
+    """What a run shows: the start banner, a progress line and TensorBoard scalars every
+    soft.log_interval steps (and at the last), validation lines, and the per-exit summary."""
+
+    def __init__(self, log_dir: str | None, enabled: bool, soft):
         self.enabled = enabled
         self.log_dir = log_dir
-        self.total_steps = total_steps
+        self.total_steps = soft.train_steps
+        self.log_interval = soft.log_interval
+        # the exits' shares of the loss vary by step: the progress line shows them
+        self.show_shares = soft.exit_schedule != "all" or soft.exit_warmup_steps > 0
         self.writer = None
         self.started, self.start_step = time.time(), 0
+
+    def banner(self, run, place):
+        """The start lines: what trains, where, in which precision, on which rows and stages (`run`:
+        train.PreparedRun; `place`: distributed.DistributedEnv)."""
+        import deepspeed
+        import torch
+        import transformers
+
+        from soft_ds.data import row_fill
+        from soft_ds.distributed import device_line, device_type
+        from soft_ds.model import packed_attention_kernel
+        from soft_ds.partition import balance_ratio
+        soft, config = run.soft, run.config
+        schedule = "" if soft.exit_schedule == "all" else f" ({soft.exit_schedule}, k={soft.exit_sample_k})"
+        schedule += f" (warm-up {soft.exit_warmup_steps} steps)" if soft.exit_warmup_steps else ""
+        self.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in run.exits]}{schedule} | {config.exit_loss} exit "
+                  f"loss | {soft.pipeline_stages} stages x {run.data_parallel} data parallel | train batch "
+                  f"{config.micro_batch_size * config.grad_accum * run.data_parallel} | {len(run.train_set)} train / "
+                  f"{len(run.val_set)} val records")
+        self.info(f"  {place.launcher}, world size {place.world_size} | {device_line(place)} | torch "
+                  f"{torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")
+        self.info(f"  precision: {config.precision} | {config.autocast_reason}")
+        rows, fill = row_fill(run.lengths, soft.seed, soft.seq_len, soft.packing)
+        kernel = packed_attention_kernel(device_type(), config.compute_dtype)
+        self.info(f"  {'packed' if soft.packing else 'padded'} rows of {soft.seq_len} tokens: {len(run.train_set)} "
+                  f"train records in {rows} rows per epoch, {fill:.0%} of their positions real tokens"
+                  + (f"; packed attention: {kernel}" if soft.packing else ""))
+        for i, stage in enumerate(run.stages):
+            self.info(f"  stage {i}: layers {stage.first_layer}-{stage.last_layer}, exits {list(stage.exits)}")
+        self.info(f"  stage balance (slowest / mean cost): {balance_ratio(run.stages):.3f}")
+
+    def frozen_model(self, module, exits) -> dict:
+        """SFT+ICT's line (the model frozen, heads training); the run facts the summary records."""
+        if not module.frozen_base:
+            return {}
+        extra = {"extra_parameters": module.extra_parameters()}
+        self.info(f"  SFT+ICT: the model is frozen; {sum(e.own_head for e in exits)} exit heads train, "
+                  f"{extra['extra_parameters']:,} parameters beyond the model's")
+        return extra
 
     def start(self, step: int):
         """Training begins at `step` (0, or the checkpoint resumed from): open the event files."""
@@ -37,6 +83,23 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events an interrupted run logged after its last checkpoint.
             self.writer = SummaryWriter(self.log_dir, purge_step=step + 1 if step else None)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether step `step` is logged: every log_interval steps, and the last step of this run."""
+        return step % self.log_interval == 0 or step == last_step
+
+    def train_step(self, step: int, loss: float, exit_losses: dict[int, float], lr: float, grad_norm,
+                   tokens_per_s: float, exits, shares: dict[int, float]):
+        """A logged step: TensorBoard scalars, each exit's share, the progress line."""
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        self.scalars("train", step, loss, exit_losses, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+        self.exit_shares(step, exits, shares)
+        self.progress(step, loss, exit_losses, lr, grad_norm, tokens_per_s, shares if self.show_shares else None)
+
+    def validation(self, step: int, exits, exit_losses: dict[int, float]):
+        loss = sum(exit_losses[e.layer] * e.weight for e in exits) / sum(e.weight for e in exits)
+        self.scalars("val", step, loss, exit_losses)
+        self.info(f"validation at step {step}: " + " ".join(f"exit {n}: {v:.4f}" for n, v in exit_losses.items()))
 
     def scalars(self, prefix: str, step: int, loss: float | None, exit_losses: dict[int, float], **extra):
         if not self.writer:
@@ -95,13 +158,22 @@ class Monitor:
                 json.dump({"exits": rows, **(extra or {})}, f, indent=2)
             print(f"summary written to {path}", flush=True)
 
+    def finish(self, step: int, exits, train: dict[int, float], val: dict[int, float], path: str, extra: dict):
+        """The per-exit summary when the run has reached its last step; else how to continue it."""
+        if step == self.total_steps:
+            self.summary(exits, train, val, path, extra)
+        else:
+            self.info(f"stopped at step {step} of {self.total_steps}; continue with --resume")
+        self.close()
+
     def close(self):
         if self.writer:
             self.writer.close()
 
 
-def error(message: str, rank: int) -> "SystemExit":
-    """One clear error, printed once (by rank 0), before any training work starts."""
+def fail(message: str, rank: int = 0) -> NoReturn:
+    """One `error: ...` line on stderr (from rank 0 only: every rank finds the same problem), then
+    exit code 2: what every command does with input it cannot run."""
     if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    return SystemExit(2)
+    raise SystemExit(2)

@@ -48,15 +48,14 @@ The pipeline bubble of 1F1B is (pp - 1) / (grad_accum + pp - 1).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import LlamaConfig
 
-from soft_ds.cli import parse_list
-from soft_ds.config import SoftOptions
-from soft_ds.exits import EXIT_LOSS_CHOICES, EXIT_LOSS_IMPLEMENTATIONS, make_exits, resolve_exit_loss
+from soft_ds.config import load_config, override
+from soft_ds.exits import EXIT_LOSS_IMPLEMENTATIONS, make_exits
+from soft_ds.settings import ArgumentParser, ConfigError, HelpFormatter, add_flags, overrides
 from soft_ds.hf_io import CheckpointError, read_llama_config_file, stage_tensor_names
 from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages
@@ -222,49 +221,41 @@ def format_plan(plans: list[StagePlan], grad_accum: int) -> str:
 # The command
 
 
+# The settings a plan depends on: train's flags of the same names override the --ds-config file.
+PLAN_SETTINGS = ("pipeline_stages", "mode", "exits", "seq_len", "activation_checkpointing", "exit_loss",
+                 "exit_chunk_tokens", "micro_batch_size", "grad_accum", "bf16", "zero_stage")
+
+
 def main(argv=None):
     """`soft-ds plan`: print the per-stage plan of a run."""
-    p = argparse.ArgumentParser(description=COMMAND_HELP,
-                                epilog="Formulas: see the docstring of soft_ds/plan.py.")
+    p = ArgumentParser(description=COMMAND_HELP, formatter_class=HelpFormatter,
+                       epilog="Formulas: see the docstring of soft_ds/plan.py.")
+    p.add_argument("--ds-config", required=True, help="the run's DeepSpeed config with its 'soft' block, as train's")
     p.add_argument("--model", required=True,
                    help="7B, 13B or 70B (LLaMA 2 shapes), a test preset (debug, tiny), or a Hugging Face "
                         "config.json / checkpoint directory")
-    p.add_argument("--exits", default=None,
-                   help="exit layers, comma-separated (default: exits.default_exit_layers for the depth)")
-    p.add_argument("--mode", choices=("soft", "sft"), default="soft", help="sft: one exit, the last layer")
-    p.add_argument("--pp", type=int, default=1, help="pipeline degree (stages)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel degree (ZeRO-1 shards over it)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch per GPU")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", dest="bf16", action="store_true", default=True,
-                           help="bf16 weights/activations, fp32 master weights (default)")
-    precision.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 everything")
-    p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="ZeRO stage")
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute each decoder layer in backward")
-    p.add_argument("--exit-loss", choices=EXIT_LOSS_CHOICES, default=SoftOptions.exit_loss,
-                   help="the exit loss implementation, as training's soft.exit_loss (auto: fused in fp32, "
-                        "chunked under bf16)")
-    p.add_argument("--exit-chunk-tokens", type=int, default=SoftOptions.exit_chunk_tokens,
-                   help="counted tokens per chunk of the chunked and fused exit losses; as training")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="GPUs in the run: data parallel = world size / pipeline stages (default: one per stage)")
     p.add_argument("--counted-share", type=float, default=1.0,
                    help="share of a micro-batch's tokens that count in the loss (the heads compute only "
                         "those); about 0.12 for padded 512-token Alpaca rows")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory per device, GiB")
+    add_flags(p, PLAN_SETTINGS)
     args = p.parse_args(argv)
-    config = load_model_config(args.model)  # errors: ValueError subclasses, one line from soft-ds
-    exits = parse_list(args.exits, "--exits") if args.exits else None
-    args.exit_loss = resolve_exit_loss(args.exit_loss, args.bf16)
-    plans = plan(config, exits, mode=args.mode, pipeline_stages=args.pp, data_parallel=args.dp,
-                 micro_batch=args.micro_batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                 bf16=args.bf16, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
-                 exit_loss=args.exit_loss, exit_chunk_tokens=args.exit_chunk_tokens,
+    config = override(load_config(args.ds_config), **overrides(args))  # errors: one line from soft-ds
+    soft = config.soft
+    if soft.mode == "ict":
+        raise ConfigError("plan estimates soft and sft runs; an ict run trains heads on a frozen model")
+    dp = config.data_parallel_size(args.world_size or soft.pipeline_stages)
+    model_config = load_model_config(args.model)
+    plans = plan(model_config, soft.exits, mode=soft.mode, pipeline_stages=soft.pipeline_stages, data_parallel=dp,
+                 micro_batch=config.micro_batch_size, seq_len=soft.seq_len, grad_accum=config.grad_accum,
+                 bf16=config.bf16, zero_stage=config.zero_stage, activation_checkpointing=soft.activation_checkpointing,
+                 exit_loss=config.exit_loss, exit_chunk_tokens=soft.exit_chunk_tokens,
                  counted_share=args.counted_share, gpu_gib=args.gpu_gib)
-    print(f"{args.model}: {config.num_hidden_layers} layers, mode {args.mode}, pp {args.pp} x dp {args.dp}, "
-          f"micro-batch {args.micro_batch} x {args.seq_len} tokens, grad_accum {args.grad_accum}, "
-          f"{'bf16' if args.bf16 else 'fp32'}, ZeRO-{args.zero}, activation checkpointing "
-          f"{'on' if args.activation_checkpointing else 'off'}, {args.exit_loss} exit loss, "
+    print(f"{args.model}: {model_config.num_hidden_layers} layers, mode {soft.mode}, pp {soft.pipeline_stages} x dp "
+          f"{dp}, micro-batch {config.micro_batch_size} x {soft.seq_len} tokens, grad_accum {config.grad_accum}, "
+          f"{'bf16' if config.bf16 else 'fp32'}, ZeRO-{config.zero_stage}, activation checkpointing "
+          f"{'on' if soft.activation_checkpointing else 'off'}, {config.exit_loss} exit loss, "
           f"counted share {args.counted_share:g}")
-    print(format_plan(plans, args.grad_accum))
+    print(format_plan(plans, config.grad_accum))

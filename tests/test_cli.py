@@ -33,7 +33,7 @@ def test_unknown_subcommand_is_an_error():
 
 
 def test_library_value_error_is_one_error_line(capsys):
-    out = run_cli(capsys, "plan", "--model", "/nonexistent/config.json")
+    out = run_cli(capsys, "plan", "--ds-config", "ds_configs/tiny_pp2.json", "--model", "/nonexistent/config.json")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [line for line in out.stderr.splitlines() if line] == [out.stderr.strip()]
     assert out.stderr.startswith("error: --model '/nonexistent/config.json' is neither a named size")

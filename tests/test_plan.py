@@ -125,19 +125,20 @@ def test_parameters_match_real_pipeline(tmp_path):
 
 
 def run_plan(capsys, *args):
-    return run_cli(capsys, "plan", *args)
+    return run_cli(capsys, "plan", "--ds-config", "ds_configs/tiny_pp2.json", *args)
 
 
 def test_cli_table_and_verdict(capsys):
-    out = run_plan(capsys, "--model", "debug", "--pp", "2", "--dp", "2", "--micro-batch", "2", "--seq-len", "16",
-                  "--grad-accum", "4", "--zero", "1", "--exit-loss", "whole", "--exit-chunk-tokens", "0", "--gpu-gib", "1")
+    out = run_plan(capsys, "--model", "debug", "--pipeline-stages", "2", "--world-size", "4", "--micro-batch-size", "2",
+                   "--seq_len", "16", "--grad-accum", "4", "--bf16", "--zero-stage", "1", "--exit-loss", "whole",
+                   "--exit-chunk-tokens", "0", "--gpu-gib", "1")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[2].split()[:4] == ["0", "1-4", "2,4", "213,568"]
     assert lines[3].split()[:4] == ["1", "5-8", "6,8", "180,800"]
     assert "1F1B bubble: 20.0%" in out.stdout
     assert lines[-1].startswith("slowest stage: 0") and "every stage fits in 1 GiB" in lines[-1]
-    tight = run_plan(capsys, "--model", "debug", "--pp", "2", "--gpu-gib", "0.001")
+    tight = run_plan(capsys, "--model", "debug", "--pipeline-stages", "2", "--gpu-gib", "0.001")
     assert "do NOT fit" in tight.stdout
 
 
@@ -149,8 +150,11 @@ def test_cli_help():
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/config.json"], "neither a named size"),
     (["--model", "debug", "--exits", "2,9"], "exit(s) [9] out of range for the model: it has 8 layers"),
-    (["--model", "debug", "--pp", "5"], "cannot be aligned to exits"),
+    (["--model", "debug", "--pipeline-stages", "5"], "cannot be aligned to exits"),
     (["--model", "debug", "--exits", "2,x"], "comma-separated"),
+    (["--model", "debug", "--world-size", "3"], "world size 3 is not divisible by pipeline_stages=2"),
+    (["--model", "debug", "--bf16", "--zero-stage", "0"], "bf16 needs zero_optimization.stage 1"),
+    (["--model", "debug", "--mode", "ict"], "plan estimates soft and sft runs"),
 ])
 def test_cli_errors(capsys, args, message):
     out = run_plan(capsys, *args)

@@ -11,7 +11,7 @@ What it checks, in this process (world size 1; torch.distributed is started once
    runs (CUDA: flash-varlen when flash_attn imports on an sm80+ GPU, flex, sdpa-mask; CPU: sdpa-mask,
    the only one with a backward there; a flash_attn installed but broken fails the check), a few
    bf16 training steps (--steps, 3 on a GPU) run exactly as train.py runs them: train.py's argument
-   parser and `validate_and_prepare`, then `pipe.build_pipeline` and `pipe.build_engine` with
+   parser and `prepare`, then `pipe.build_pipeline` and `pipe.build_engine` with
    `RunConfig.deepspeed_config`, on packed rows of the bundled Alpaca sample (`train.data_iterator`).
    The config is ds_configs/pp4.json, the GPU training config (bf16, ZeRO-1, activation
    checkpointing, 4 x 4 micro-batches of 512 tokens, AdamW), on one pipeline stage, with the
@@ -81,7 +81,7 @@ from pathlib import Path
 import torch
 
 from soft_ds import hf_io
-from soft_ds.cli import parse_list
+from soft_ds.settings import parse_list
 from soft_ds.data import BUNDLED, BUNDLED_TOKENIZER
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.model import KERNEL_ENV, PACKED_KERNELS
@@ -262,13 +262,13 @@ def train_arguments(args, model_dir: str, exits: list[int]) -> list[str]:
     """train.py's command line for the bf16 runs: the config file on one stage, bf16 (no autocast),
     CHECK_LR, every exit every step at uniform weights, the budget's overrides. The runs never save
     (output_dir is only checked to hold no checkpoint)."""
-    argv = ["--ds_config", args.ds_config, "--model", model_dir, "--output_dir", str(Path(args.work) / "train"),
-            "--pipeline_stages", "1", "--train_steps", str(args.steps), "--warmup_steps", "0", "--val_size", "0",
-            "--exits", ",".join(map(str, exits)), "--exit_weights", ",".join("1" for _ in exits),
-            "--exit_schedule", "all", "--exit_warmup_steps", "0", "--packing", "--bf16", "--no-autocast",
+    argv = ["--ds-config", args.ds_config, "--model", model_dir, "--output-dir", str(Path(args.work) / "train"),
+            "--pipeline-stages", "1", "--train-steps", str(args.steps), "--warmup-steps", "0", "--val-size", "0",
+            "--exits", ",".join(map(str, exits)), "--exit-weights", ",".join("1" for _ in exits),
+            "--exit-schedule", "all", "--exit-warmup-steps", "0", "--packing", "--bf16", "--no-autocast",
             "--lr", str(CHECK_LR)]
-    for flag, value in (("--micro_batch_size", args.micro_batch), ("--grad_accum", args.grad_accum),
-                        ("--seq_len", args.seq_len)):
+    for flag, value in (("--micro-batch-size", args.micro_batch), ("--grad-accum", args.grad_accum),
+                        ("--seq-len", args.seq_len)):
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -276,7 +276,7 @@ def train_arguments(args, model_dir: str, exits: list[int]) -> list[str]:
 
 def prepare_runs(args, model_dir: str) -> tuple:
     """(the bf16 RunConfig, what every run shares: model config, weight source, exits, train set,
-    tokenizer), from train.py's own argument parser and `validate_and_prepare`: everything training
+    tokenizer), from train.py's own argument parser and `prepare`: everything training
     checks is checked, and one tokenization of the data serves every run."""
     from soft_ds import train
     layers = hf_io.load_llama_config(model_dir).num_hidden_layers
@@ -284,10 +284,9 @@ def prepare_runs(args, model_dir: str) -> tuple:
              else list(default_exit_layers(layers)))
     train_args = train.parse_args(train_arguments(args, model_dir, exits))
     log("tokenizing the bundled Alpaca sample and checking the run as train.py does")
-    (config, tokenizer, model_config, weight_source, exit_records, _, train_set,
-     _) = train.validate_and_prepare(train_args, 1)
-    return config, dict(model_config=model_config, weight_source=weight_source, exits=exit_records,
-                        train_set=train_set, tokenizer=tokenizer)
+    run = train.prepare(train_args, 1)
+    return run.config, dict(model_config=run.model_config, weight_source=run.weight_source, exits=run.exits,
+                            train_set=run.train_set, tokenizer=run.tokenizer)
 
 
 # --------------------------------------------------------------------------------------------

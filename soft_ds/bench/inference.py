@@ -68,7 +68,7 @@ import torch
 from transformers import LlamaConfig
 
 from soft_ds.bench.proxy import LLAMA2_13B, LLAMA2_13B_SEQ_LEN, head_layer_ratio, proxy_config
-from soft_ds.cli import parse_list
+from soft_ds.settings import parse_list
 from soft_ds.data import (BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, BUNDLED_TOKENIZER, encode_prompt, frequent_tokens,
                           load_instructions, load_tokenizer, response_token_counts)
 from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from soft_ds.cli import parse_list
+from soft_ds.settings import parse_list
 from soft_ds.data import build_datasets, check_template, checkpoint_template
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.hf_io import load_llama_config, load_model

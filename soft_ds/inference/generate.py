@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from soft_ds.cli import parse_list
+from soft_ds.settings import parse_list
 from soft_ds.config import TEMPLATES
 from soft_ds.data import (BUNDLED_RECORDS, checkpoint_template, encode_prompt, encode_text, frequent_tokens, load_instructions,
                           load_tokenizer, response_token_counts)
