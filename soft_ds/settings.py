@@ -75,6 +75,9 @@ class SoftOptions:
     packing: bool = setting(True, "several records per row, attention confined to each (every record gets the "
                             "loss it gets alone)", resume=True)
     train_steps: int = setting(100, "optimizer steps", minimum=1)
+    train_epochs: float = setting(0.0, "when > 0: train this many passes over the training split's rows instead, "
+                                  "train_steps becoming the whole steps that takes (fixed once the data is tokenized)",
+                                  minimum=0.0)
     warmup_steps: int = setting(0, "linear learning-rate warm-up steps, then cosine decay", minimum=0)
     min_lr_ratio: float = setting(0.0, "the cosine decay ends at this fraction of the peak learning rate",
                                   minimum=0.0, maximum=1.0)

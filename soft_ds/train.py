@@ -13,6 +13,7 @@ Runs unchanged on GPUs (NCCL) and on CPU (DeepSpeed's CPU accelerator, gloo).
 
 import argparse
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -149,8 +150,6 @@ def prepare(args, world_size: int) -> PreparedRun:
     soft = config.soft
     dp = config.data_parallel_size(world_size)
     config.deepspeed_config(world_size, cpu=True)  # checks that the batch numbers multiply out
-    if args.stop_at_step is not None and not 1 <= args.stop_at_step <= soft.train_steps:
-        raise ConfigError(f"--stop-at-step {args.stop_at_step} outside 1..{soft.train_steps}")
     tokenizer_path = args.tokenizer or (soft_data.BUNDLED_TOKENIZER if args.model in PRESETS else args.model)
     if args.model not in PRESETS and not os.path.isdir(args.model):
         raise hf_io.CheckpointError(f"--model {args.model!r} is neither a checkpoint directory nor a preset "
@@ -169,6 +168,13 @@ def prepare(args, world_size: int) -> PreparedRun:
     stages = plan_stages(model_config, [e.layer for e in exits], soft.pipeline_stages, soft.seq_len)
     check_stages(soft, exits, stages, model_config)
     train_set, val_set = build_data(args, config, tokenizer, dp)
+    if soft.train_epochs:
+        rows = soft_data.epoch_rows(len(train_set), soft.seed, 0, soft_data.record_lengths(train_set, soft.packing),
+                                    soft.seq_len)
+        soft.train_steps = math.ceil(soft.train_epochs * len(rows) / (config.micro_batch_size * config.grad_accum * dp))
+        run_config.check_config(config, f"--train-epochs {soft.train_epochs:g} ({soft.train_steps} steps)")
+    if args.stop_at_step is not None and not 1 <= args.stop_at_step <= soft.train_steps:
+        raise ConfigError(f"--stop-at-step {args.stop_at_step} outside 1..{soft.train_steps}")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     # "auto" becomes on or off here, from this machine (the start line says why).
     soft.autocast, config.autocast_reason = resolve_autocast(soft.autocast, device_type, config.bf16)

@@ -22,7 +22,8 @@ def all_cores() -> dict:
 
 def test_whole_chain_on_a_two_step_budget(tmp_path):
     out = tmp_path / "repro"
-    result = subprocess.run(["bash", "tools/reproduce_small.sh", str(out), "--train_steps", "2", "--warmup_steps", "1"],
+    result = subprocess.run(["bash", "tools/reproduce_small.sh", str(out), "--train-steps", "2", "--warmup-steps", "1",
+                             "--train-epochs", "0"],
                             cwd=REPO, capture_output=True, text=True, timeout=1500, env=all_cores())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("sft", "soft", "ict"):

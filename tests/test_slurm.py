@@ -80,8 +80,8 @@ def test_13b_dry_run_prints_the_launch_for_4_nodes_of_8_gpus(tmp_path, paths_13b
     assert shlex.split(launch) == [
         "env", "MASTER_ADDR=gpu001", "MASTER_PORT=29512",
         "srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
-        "python3", f"{REPO}/soft_ds/train.py", "--ds_config", f"{REPO}/ds_configs/pp{stages}.json",
-        "--model", "/models/Llama-2-13b-hf", "--data", paths_13b["DATA"], "--output_dir", "/shared/runs/soft-13b",
+        "python3", f"{REPO}/soft_ds/train.py", "--ds-config", f"{REPO}/ds_configs/pp{stages}.json",
+        "--model", "/models/Llama-2-13b-hf", "--data", paths_13b["DATA"], "--output-dir", "/shared/runs/soft-13b",
         "--resume", "--lr", "1e-5"]
     # The time limit, the warning signal and the requeueing, as submitted.
     assert settings == [

@@ -17,8 +17,8 @@ out=${OUT:-runs/demo-real-$(date +%Y%m%d-%H%M%S)}
 # One process uses both cores best on a small CPU (no pipeline bubble, no messages between stages).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 [ -f "$MODEL/config.json" ] || soft-ds import-gguf --out "$MODEL"
-"$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 soft_ds/train.py --ds_config "$CONFIG" --model "$MODEL" \
-  --output_dir "$out" "$@"
+"$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 soft_ds/train.py --ds-config "$CONFIG" --model "$MODEL" \
+  --output-dir "$out" "$@"
 soft-ds export --run "$out" --out "$out/hf"
 echo
 echo "Held-out instructions answered by every exit, before and after (greedy):"

@@ -19,8 +19,8 @@ train() {  # train NAME [train.py options...]: train, then export the full model
   local begun resume=()
   begun=$(date +%s)
   [ -f "$OUT/$name/checkpoints/latest" ] && resume=(--resume)
-  deepspeed --num_gpus 1 --master_port "$port" soft_ds/train.py --ds_config "$CONFIG" \
-    --output_dir "$OUT/$name" "${resume[@]}" "$@" "${EXTRA[@]}"
+  deepspeed --num_gpus 1 --master_port "$port" soft_ds/train.py --ds-config "$CONFIG" \
+    --output-dir "$OUT/$name" "${resume[@]}" "$@" "${EXTRA[@]}"
   soft-ds export --run "$OUT/$name" --out "$OUT/hf/$name" --overwrite
   echo "== $name: trained and exported in $(minutes "$begun")"
 }

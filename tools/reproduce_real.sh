@@ -12,7 +12,7 @@
 # as reproduce_real_*.
 # 1. soft-ds import-gguf: the packaged GGUF as a Hugging Face directory ($OUT/hf/base).
 # 2. SFT (last layer only) and SoFT (exits 10,15,20,25,30), same budget from the same weights:
-#    ds_configs/reproduce_real.json (why those numbers: README, "The paper's findings on a real model").
+#    ds_configs/reproduce_real.json (why those numbers: docs/reproduction.md, "Budget and last-layer weight").
 # 3. SFT+ICT: a separate norm + head per exit 10..25 on the frozen SFT model, the same steps.
 # 4. soft-ds eval lm / kl / answers of the model before fine-tuning ("base") and the three, then
 #    soft-ds eval claims --goals real: OUT/report.md.
@@ -31,7 +31,7 @@ if [ ! -f "$OUT/hf/base/config.json" ]; then
 fi
 train sft --model "$OUT/hf/base" --mode sft
 train soft --model "$OUT/hf/base" --mode soft
-train ict --model "$OUT/hf/sft" --mode ict --eval_interval 0
+train ict --model "$OUT/hf/sft" --mode ict --eval-interval 0
 
 echo "== evaluating every exit ($(date +%H:%M:%S))"
 # --config: the config's exits, and the held-out split training set aside (its val_size, seed, seq_len).
