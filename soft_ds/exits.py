@@ -233,9 +233,3 @@ def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, implementation:
     total = sum(checkpoint(_token_ce_sum, head, h, t, use_reentrant=False)
                 for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
     return total / max(len(targets), 1)
-
-
-def soft_loss(exit_losses: dict[int, torch.Tensor], exits) -> torch.Tensor:
-    """Weighted mean of the per-exit losses (uniform weights: the paper's plain mean)."""
-    total_weight = sum(e.weight for e in exits)
-    return sum(exit_losses[e.layer] * (e.weight / total_weight) for e in exits)
