@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from transformers import LlamaConfig
 from soft_ds.bench.proxy import LLAMA2_13B, head_layer_ratio, matched_vocab_size, proxy_config
 from soft_ds.bench.rows import SMOLLM2
 from soft_ds.config import SoftOptions
+from soft_ds.distributed import free_port
 from soft_ds.exits import make_exits
 from soft_ds.model import hf_shapes
 from soft_ds.partition import decoder_layer_flops, head_flops, head_to_layer_ratio, plan_stages
@@ -197,12 +197,6 @@ def time_exit_in_layers(config: LlamaConfig, micro_batch: int, seq_len: int, chu
         loss.backward()
     torch.set_num_threads(threads)
     return {c: (fastest[c] / fastest["layer"], kept[c]) for c in CANDIDATES}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_args(argv=None):
