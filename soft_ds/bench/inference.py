@@ -71,6 +71,7 @@ from soft_ds.bench.proxy import LLAMA2_13B, LLAMA2_13B_SEQ_LEN, head_layer_ratio
 from soft_ds.cli import parse_list
 from soft_ds.data import (BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, BUNDLED_TOKENIZER, encode_prompt, frequent_tokens,
                           load_instructions, load_tokenizer, response_token_counts)
+from soft_ds.eval.report import verdict
 from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers
 from soft_ds.inference import SoftGenerator
 from soft_ds.inference.calibrate import (CALIBRATION_FIRST, calibrate, calibration_prompts, check_target_agreement,
@@ -323,10 +324,6 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
                                        agreement=agreement(key), prefix_agreement=agreeing / len(depths)))
     rows["context"], rows["num_tokens"], rows["layers"] = context, num_tokens, L
     return rows
-
-
-def verdict(passed: bool | None) -> str:
-    return "N/A" if passed is None else ("PASS" if passed else "MISS")
 
 
 def report(title: str, rows: dict, note: str) -> list[str]:

@@ -55,6 +55,7 @@ from soft_ds.bench.proxy import LLAMA2_13B, head_layer_ratio, matched_vocab_size
 from soft_ds.bench.rows import SMOLLM2
 from soft_ds.config import SoftOptions
 from soft_ds.distributed import free_port
+from soft_ds.eval.report import verdict
 from soft_ds.exits import make_exits
 from soft_ds.model import hf_shapes
 from soft_ds.partition import decoder_layer_flops, head_flops, head_to_layer_ratio, plan_stages
@@ -260,10 +261,6 @@ def run_worker(args, out_dir: str) -> None:
         with open(log_path) as log:
             sys.exit(f"the benchmark launch exited {result.returncode}; last lines of its log:\n"
                      + "".join(log.readlines()[-40:]))
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def report(args, results: list[dict], timed_exit: dict[str, tuple[float, int]]) -> str:
