@@ -8,8 +8,9 @@ instant cannot break, resuming, and reading a run back for export (`soft-ds expo
             *optim_states.pt                DeepSpeed: optimizer state (ZeRO-1: one shard per replica)
             shared_head-model_states.pt     HEAD_FILE: the shared exit head, once (pipe.py writes it);
                                             a tied model's embedding is that head's, stored here only
-            soft_meta.json                  META_FILE: format_version, step, exits, pipeline and
-                                            data-parallel degrees, layer layout, model config, "soft" block
+            soft_meta.json                  META_FILE: format_version, step, the run shape (exits, pipeline
+                                            and data-parallel degrees, micro-batch size, gradient
+                                            accumulation), layer layout, model config, "soft" block
         latest                            the tag ("step{N}") of the newest complete checkpoint
     <output_dir>/tokenizer/               the run's tokenizer, copied into every export
 
@@ -43,10 +44,11 @@ from soft_ds.config import TEMPLATE_KEY, ConfigError
 from soft_ds.hf_io import CheckpointError, hf_name, save_hf_checkpoint
 from soft_ds.model import tied_embeddings
 
-# Bump when a file or a metadata field changes meaning; readers refuse versions they do not know
-# rather than misread them.
-FORMAT_VERSION = 1
-KNOWN_FORMATS = (FORMAT_VERSION,)
+# Bump when a file or a metadata field changes meaning (a key added, removed or read differently,
+# the "soft" block's included). Readers take every key as this version writes it (`save`: the
+# `run_shape` keys, layout, model_config and the whole "soft" block) and refuse any other version
+# with a CheckpointError, rather than guess what an older one meant.
+FORMAT_VERSION = 2
 
 META_FILE = "soft_meta.json"
 HEAD_FILE = "shared_head-model_states.pt"  # the shared exit head, written once per checkpoint
@@ -79,18 +81,16 @@ RESUME_SOFT_KEYS = ("mode", "exit_schedule", "exit_sample_k", "exit_warmup_steps
 def check_resume(output_dir, resume: bool, shape: dict, soft=None) -> None:
     """Refuse a fresh run into a directory that holds checkpoints, and a --resume whose exits,
     parallel layout, batch (`run_shape`) or data and exit settings (RESUME_SOFT_KEYS of `soft`)
-    differ from the checkpoint's. A key an older checkpoint did not record is not compared.
-    Reads, never writes."""
+    differ from the checkpoint's. Reads, never writes."""
     if not has_checkpoint(output_dir):
         return
     if not resume:
         raise ConfigError(f"{output_dir} already holds checkpoints: pass --resume to continue "
                           f"that run, or choose another --output_dir (nothing was overwritten)")
     meta = read_checkpoint_meta(output_dir)
-    saved_soft = meta.get("soft", {})
-    compared = [(key, meta[key], value) for key, value in shape.items() if key in meta]
+    compared = [(key, meta[key], value) for key, value in shape.items()]
     if soft is not None:
-        compared += [(key, saved_soft[key], getattr(soft, key)) for key in RESUME_SOFT_KEYS if key in saved_soft]
+        compared += [(key, meta["soft"][key], getattr(soft, key)) for key in RESUME_SOFT_KEYS]
     for key, saved, value in compared:
         if saved != value:
             raise ConfigError(f"--resume: checkpoint in {checkpoint_dir(output_dir)} has {key}={saved}, "
@@ -200,10 +200,11 @@ def _read_meta(folder) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e}); was the save interrupted?") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version not in KNOWN_FORMATS:
-        found = "has no format_version" if version is None else f"has format_version {version!r}"
-        raise CheckpointError(f"{path} {found}; this soft-ds reads checkpoint format version(s) "
-                              f"{', '.join(map(str, KNOWN_FORMATS))}")
+    if version != FORMAT_VERSION:
+        found = "no format_version" if version is None else f"format_version {version!r}"
+        raise CheckpointError(f"{path} has {found}; this soft-ds reads format_version {FORMAT_VERSION} only. "
+                              f"Export the run with the soft-ds that saved it (soft-ds export) and train "
+                              f"(--model) or evaluate from the export, or start a new run")
     return meta
 
 
@@ -240,9 +241,8 @@ def main(argv=None):
     exits = [layer for layer, _ in meta["exits"]]
     if args.exit is not None and args.exit not in exits:
         print(f"note: layer {args.exit} was not a training exit (exits: {exits})", file=sys.stderr)
-    # The prompt template training used, for `soft-ds generate` and `eval` to default to (data.checkpoint_template);
-    # runs saved before the template existed were Alpaca.
-    setattr(config, TEMPLATE_KEY, meta["soft"].get("template", "alpaca"))
+    # The prompt template training used, for `soft-ds generate` and `eval` to default to (data.checkpoint_template).
+    setattr(config, TEMPLATE_KEY, meta["soft"]["template"])
     out = save_hf_checkpoint(state, config, args.out, tokenizer_dir=os.path.join(args.run, TOKENIZER_DIR),
                              exit_layer=args.exit, overwrite=args.overwrite)
     what = f"exit {args.exit} ({args.exit} layers)" if args.exit else f"full model ({config.num_hidden_layers} layers)"

@@ -22,7 +22,6 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import html
 import os
 import sys
@@ -155,8 +154,8 @@ def training_settings(config: str) -> SoftOptions:
     """The "soft" settings of a training config file, or of a run directory's latest checkpoint."""
     if not os.path.isdir(config):
         return load_config(config).soft
-    saved = read_checkpoint_meta(config)["soft"]  # no checkpoint: a CheckpointError naming the directory
-    return SoftOptions(**{f.name: saved[f.name] for f in dataclasses.fields(SoftOptions) if f.name in saved})
+    # No checkpoint, or one of another format version: a CheckpointError naming the directory.
+    return SoftOptions(**read_checkpoint_meta(config)["soft"])
 
 
 def resolve_held_out(args):
