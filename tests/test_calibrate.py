@@ -183,14 +183,15 @@ def checkpoint(tmp_path_factory):
 def test_generate_cli_target_agreement(checkpoint, capsys, tmp_path):
     import json
     from soft_ds.data import encode_prompt
-    from soft_ds.inference import SoftGenerator, generate
+    from soft_ds.inference import SoftGenerator
+    from soft_ds.inference import command as generate_command
     from test_inference import REPO
     records = json.loads((REPO / "data" / "pandalm_testset_inference_v1.json").read_text())[:4]
     file = tmp_path / "instructions.json"
     file.write_text(json.dumps(records))
     base = ["--model", str(checkpoint), "--max-new-tokens", "8", "--instructions", str(file),
             "--calibration-prompts", "6", "--stats"]
-    texts = generate.main(base + ["--target-agreement", "0.9"])
+    texts = generate_command.main(base + ["--target-agreement", "0.9"])
     err = capsys.readouterr().err
     assert "calibrated for agreement >= 0.9 (max_prob, Wilson bound at 0.95)" in err
     assert "agreement with the full model's greedy token after the same prefix" in err
@@ -205,7 +206,7 @@ def test_generate_cli_target_agreement(checkpoint, capsys, tmp_path):
     expected = generator.generate_dynamic(prompts, calibration.thresholds, max_new_tokens=8, eos_token_id=2).tokens
     assert texts == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in expected]
     # Target 1 is the full model.
-    assert generate.main(base + ["--target-agreement", "1"]) == generate.main(base[:-1])
+    assert generate_command.main(base + ["--target-agreement", "1"]) == generate_command.main(base[:-1])
 
 
 @pytest.mark.parametrize("extra,message", [

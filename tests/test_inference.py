@@ -13,7 +13,7 @@ from test_model import hf_reference
 
 from soft_ds import inference
 from soft_ds.bench import inference as benchmark_inference
-from soft_ds.inference import generate
+from soft_ds.inference import command as generate_command
 from soft_ds.inference import Sampling, SoftGenerator, speculative_accept
 from soft_ds.inference import KVCache
 from soft_ds.model import Llama, preset_config
@@ -380,7 +380,7 @@ def test_from_pretrained_matches_hf(checkpoint):
 
 
 def run_generate(args, capsys):
-    texts = generate.main(args)
+    texts = generate_command.main(args)
     return texts, capsys.readouterr()
 
 
