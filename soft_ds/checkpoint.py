@@ -8,8 +8,9 @@ instant cannot break, resuming, and reading a run back for export (`soft-ds expo
             *optim_states.pt                DeepSpeed: optimizer state (ZeRO-1: one shard per replica)
             shared_head-model_states.pt     HEAD_FILE: the shared exit head, once (pipe.py writes it);
                                             a tied model's embedding is that head's, stored here only
-            soft_meta.json                  META_FILE: format_version, step, exits, pipeline and
-                                            data-parallel degrees, layer layout, model config, "soft" block
+            soft_meta.json                  META_FILE: format_version, step, the run shape (exits, pipeline
+                                            and data-parallel degrees, micro-batch size, gradient
+                                            accumulation), layer layout, model config, "soft" block
         latest                            the tag ("step{N}") of the newest complete checkpoint
     <output_dir>/tokenizer/               the run's tokenizer, copied into every export
 
@@ -28,7 +29,6 @@ AutoTokenizer); this package is not needed to use them. Their config.json record
 template under "soft_ds_template" (alpaca or chat), which `soft-ds generate` and `eval` default to.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -44,12 +44,13 @@ from soft_ds.config import TEMPLATE_KEY, ConfigError
 from soft_ds.hf_io import CheckpointError, hf_name, save_hf_checkpoint
 from soft_ds.model import tied_embeddings
 from soft_ds.preemption import EXIT_TO_BE_CONTINUED
-from soft_ds.settings import RESUME_SETTINGS
+from soft_ds.settings import ArgumentParser, RESUME_SETTINGS
 
-# Bump when a file or a metadata field changes meaning; readers refuse versions they do not know
-# rather than misread them.
-FORMAT_VERSION = 1
-KNOWN_FORMATS = (FORMAT_VERSION,)
+# Bump when a file or a metadata field changes meaning (a key added, removed or read differently,
+# the "soft" block's included). Readers take every key as this version writes it (`save`: the
+# `run_shape` keys, layout, model_config and the whole "soft" block) and refuse any other version
+# with a CheckpointError, rather than guess what an older one meant.
+FORMAT_VERSION = 2
 
 META_FILE = "soft_meta.json"
 HEAD_FILE = "shared_head-model_states.pt"  # the shared exit head, written once per checkpoint
@@ -75,23 +76,21 @@ def run_shape(exits, pipeline_stages: int, data_parallel: int, micro_batch_size:
 def check_resume(output_dir, resume: bool, shape: dict, soft=None) -> None:
     """Refuse a fresh run into a directory that holds checkpoints, and a --resume whose exits,
     parallel layout, batch (`run_shape`) or data and exit settings (settings.RESUME_SETTINGS of `soft`)
-    differ from the checkpoint's. A key an older checkpoint did not record is not compared.
-    Reads, never writes."""
+    differ from the checkpoint's. Reads, never writes."""
     if not has_checkpoint(output_dir):
         return
     if not resume:
         raise ConfigError(f"{output_dir} already holds checkpoints: pass --resume to continue "
-                          f"that run, or choose another --output_dir (nothing was overwritten)")
+                          f"that run, or choose another --output-dir (nothing was overwritten)")
     meta = read_checkpoint_meta(output_dir)
-    saved_soft = meta.get("soft", {})
-    compared = [(key, meta[key], value) for key, value in shape.items() if key in meta]
+    compared = [(key, meta[key], value) for key, value in shape.items()]
     if soft is not None:
-        compared += [(key, saved_soft[key], getattr(soft, key)) for key in RESUME_SETTINGS if key in saved_soft]
+        compared += [(key, meta["soft"][key], getattr(soft, key)) for key in RESUME_SETTINGS]
     for key, saved, value in compared:
         if saved != value:
             raise ConfigError(f"--resume: checkpoint in {checkpoint_dir(output_dir)} has {key}={saved}, "
                               f"this run has {value} (a resumed run keeps the exits, layout, batch and data "
-                              f"order of its checkpoint; start a new --output_dir to change them)")
+                              f"order of its checkpoint; start a new --output-dir to change them)")
 
 
 def save(engine, output_dir, step: int, tokenizer, *, shape: dict, layout, model_config, soft) -> str:
@@ -229,10 +228,11 @@ def _read_meta(folder) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e}); was the save interrupted?") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version not in KNOWN_FORMATS:
-        found = "has no format_version" if version is None else f"has format_version {version!r}"
-        raise CheckpointError(f"{path} {found}; this soft-ds reads checkpoint format version(s) "
-                              f"{', '.join(map(str, KNOWN_FORMATS))}")
+    if version != FORMAT_VERSION:
+        found = "no format_version" if version is None else f"format_version {version!r}"
+        raise CheckpointError(f"{path} has {found}; this soft-ds reads format_version {FORMAT_VERSION} only. "
+                              f"Export the run with the soft-ds that saved it (soft-ds export) and train "
+                              f"(--model) or evaluate from the export, or start a new run")
     return meta
 
 
@@ -257,9 +257,9 @@ def read_training_checkpoint(run_dir, step=None):
 
 def main(argv=None):
     """`soft-ds export`: a training checkpoint as a Hugging Face LlamaForCausalLM directory."""
-    p = argparse.ArgumentParser(description="Export a soft-ds training checkpoint as a Hugging Face "
+    p = ArgumentParser(description="Export a soft-ds training checkpoint as a Hugging Face "
                                             "LlamaForCausalLM directory (the full model, or exit N's sub-model).")
-    p.add_argument("--run", required=True, help="the training --output_dir (holds checkpoints/ and tokenizer/)")
+    p.add_argument("--run", required=True, help="the training --output-dir (holds checkpoints/ and tokenizer/)")
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     p.add_argument("--exit", type=int, default=None, help="export the N-layer sub-model of exit N")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -269,9 +269,8 @@ def main(argv=None):
     exits = [layer for layer, _ in meta["exits"]]
     if args.exit is not None and args.exit not in exits:
         print(f"note: layer {args.exit} was not a training exit (exits: {exits})", file=sys.stderr)
-    # The prompt template training used, for `soft-ds generate` and `eval` to default to (data.checkpoint_template);
-    # runs saved before the template existed were Alpaca.
-    setattr(config, TEMPLATE_KEY, meta["soft"].get("template", "alpaca"))
+    # The prompt template training used, for `soft-ds generate` and `eval` to default to (data.checkpoint_template).
+    setattr(config, TEMPLATE_KEY, meta["soft"]["template"])
     out = save_hf_checkpoint(state, config, args.out, tokenizer_dir=os.path.join(args.run, TOKENIZER_DIR),
                              exit_layer=args.exit, overwrite=args.overwrite)
     what = f"exit {args.exit} ({args.exit} layers)" if args.exit else f"full model ({config.num_hidden_layers} layers)"

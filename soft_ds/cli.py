@@ -28,7 +28,7 @@ COMMANDS = {
     "train": ("soft_ds.train", "Sorted Fine-Tuning on a DeepSpeed pipeline (this process; launch ranks "
                                "with `deepspeed soft_ds/train.py`)"),
     "export": ("soft_ds.checkpoint", "a training checkpoint as a Hugging Face LLaMA directory (full model or exit N)"),
-    "generate": ("soft_ds.inference.generate", "text from an exported checkpoint: any exit, speculative, dynamic"),
+    "generate": ("soft_ds.inference.command", "text from an exported checkpoint: any exit, speculative, dynamic"),
     "eval": ("soft_ds.eval.command", "score every exit of exported checkpoints: loss, KL, judge, TriviaQA, claims"),
     "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
     "bench": ({

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from soft_ds.exit_schedule import SCHEDULES, ExitSchedule
 from soft_ds.exits import resolve_exit_loss
-from soft_ds.precision import AUTO
-from soft_ds.settings import TEMPLATES  # noqa: F401 (where callers find it)
+
+from soft_ds.settings import AUTO, TEMPLATES  # noqa: F401 (TEMPLATES: where callers find it)
 from soft_ds.settings import ConfigError, DeepSpeedSettings, SoftOptions, check, ds_value, flag, set_ds_value
 
 # DeepSpeed keys a config file may carry (passed through after validation).

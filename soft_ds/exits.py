@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from soft_ds.memo import TensorMemo
+from soft_ds.settings import EXIT_LOSS_IMPLEMENTATIONS
 
 IGNORE_INDEX = -100
 
@@ -89,8 +90,6 @@ def make_exits(layers, num_layers: int, weights=None, mode: str = "soft") -> tup
     return tuple(exits)
 
 
-EXIT_LOSS_IMPLEMENTATIONS = ("whole", "chunked", "fused")
-EXIT_LOSS_CHOICES = ("auto", *EXIT_LOSS_IMPLEMENTATIONS)  # what soft.exit_loss and the commands accept
 
 
 def resolve_exit_loss(choice: str, bf16: bool) -> str:
@@ -233,9 +232,3 @@ def exit_loss(head, hidden: torch.Tensor, targets: torch.Tensor, implementation:
     total = sum(checkpoint(_token_ce_sum, head, h, t, use_reentrant=False)
                 for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
     return total / max(len(targets), 1)
-
-
-def soft_loss(exit_losses: dict[int, torch.Tensor], exits) -> torch.Tensor:
-    """Weighted mean of the per-exit losses (uniform weights: the paper's plain mean)."""
-    total_weight = sum(e.weight for e in exits)
-    return sum(exit_losses[e.layer] * (e.weight / total_weight) for e in exits)

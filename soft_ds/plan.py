@@ -54,8 +54,8 @@ from pathlib import Path
 from transformers import LlamaConfig
 
 from soft_ds.config import load_config, override
-from soft_ds.exits import EXIT_LOSS_IMPLEMENTATIONS, make_exits
-from soft_ds.settings import ArgumentParser, ConfigError, HelpFormatter, add_flags, overrides
+from soft_ds.exits import make_exits
+from soft_ds.settings import EXIT_LOSS_IMPLEMENTATIONS, ArgumentParser, ConfigError, HelpFormatter, add_flags, overrides
 from soft_ds.hf_io import CheckpointError, read_llama_config_file, stage_tensor_names
 from soft_ds.model import LLAMA2_SIZES, PRESETS, check_supported, head_dim, hf_shapes, llama2_config, preset_config
 from soft_ds.partition import decoder_layer_flops, head_flops, plan_stages

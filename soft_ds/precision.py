@@ -21,7 +21,8 @@ import time
 
 import torch
 
-AUTO = "auto"
+from soft_ds.settings import AUTO
+
 # bf16 must take at most this share of fp32's time: a margin against timing noise.
 CPU_SPEEDUP_THRESHOLD = 0.8
 # The CPU features that make bf16 matmuls native (Linux /proc/cpuinfo names), named in the reason.

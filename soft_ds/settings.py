@@ -25,11 +25,12 @@ import sys
 from dataclasses import dataclass, field
 
 from soft_ds.exit_schedule import SCHEDULES
-from soft_ds.exits import EXIT_LOSS_CHOICES
-from soft_ds.precision import AUTO
 
+AUTO = "auto"  # a setting decided from the machine or the run (soft_ds.precision, exits.resolve_exit_loss)
 MODES = ("soft", "sft", "ict")
-# Prompt templates (soft_ds.data renders them): Stanford Alpaca's text, or the tokenizer's chat template.
+EXIT_LOSS_IMPLEMENTATIONS = ("whole", "chunked", "fused")  # soft_ds.exits implements each
+EXIT_LOSS_CHOICES = (AUTO, *EXIT_LOSS_IMPLEMENTATIONS)
+# Prompt templates (soft_ds.data.templates renders them): Stanford Alpaca's text, or the tokenizer's chat template.
 TEMPLATES = ("alpaca", "chat")
 
 # What a setting's value may be ("kind"): one of these, named in errors.

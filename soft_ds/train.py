@@ -1,7 +1,7 @@
 """Sorted Fine-Tuning of a LLaMA model on a DeepSpeed pipeline.
 
-    deepspeed --num_gpus N soft_ds/train.py --ds_config ds_configs/tiny_pp2.json [options]
-    python soft_ds/train.py --ds_config ds_configs/tiny_pp2.json --pipeline_stages 1 [options]   # one process
+    deepspeed --num_gpus N soft_ds/train.py --ds-config ds_configs/tiny_pp2.json [options]
+    python soft_ds/train.py --ds-config ds_configs/tiny_pp2.json --pipeline-stages 1 [options]   # one process
 
 Reads top to bottom: parse -> validate everything (before any distributed work) -> tokenizer and
 data -> pipeline model -> engine -> loop (step, log, validate, save) -> per-exit summary.

@@ -9,7 +9,6 @@ LLaMA tokenizer.
     soft-ds train-tokenizer --data data/alpaca_5000.json --vocab-size 4096 --out data/tokenizer
 """
 
-import argparse
 import io
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from soft_ds.data import DataError, load_records
+from soft_ds.settings import ArgumentParser
 
 # The model is shipped in the repository; keep it under this size (bytes) so clones stay light.
 MAX_TOKENIZER_DIR_BYTES = 1_000_000
@@ -138,7 +138,7 @@ def check_tokenizer_dir(out_dir, vocab_size, record):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train a LLaMA-style SentencePiece BPE tokenizer (byte fallback, split digits, "
         "identity normalization) on the instruction, input and output text of an Alpaca JSON file, "
         "and write it as a Hugging Face tokenizer directory (tokenizer.model plus the files "

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from soft_ds.config import precision_keys
 from soft_ds.exit_schedule import ExitSchedule
-from soft_ds.exits import IGNORE_INDEX, Exit, exit_loss, make_exits, soft_loss
+from soft_ds.exits import IGNORE_INDEX, exit_loss, make_exits
 from soft_ds.model import DecoderLayer, Llama, preset_config, random_weights
 
 SEQ_LEN, MICRO_BATCH, SEED = 16, 2, 0
@@ -63,7 +63,7 @@ def reference_run(mode, gas, dp, steps, clip, lr=1.0, tied=False, packed=False, 
     """Plain PyTorch: the same SoFT loss (mean over all micro-batches of the step, each exit's loss
     the whole plain cross-entropy whatever the pipeline's exit loss implementation), SGD(lr),
     optional clipping; each step over the exits `schedule` runs at it, at their weights (the weighted
-    mean over those exits, normalised by soft_loss). Returns per-step losses, per-step exit losses,
+    mean over those exits, computed here rather than from the schedule's shares). Returns per-step losses, per-step exit losses,
     per-step parameters (a tied model's one embedding/head matrix as model.embed_tokens.weight: its
     gradient sums both uses)."""
     config = tiny_config(tied)
@@ -73,13 +73,14 @@ def reference_run(mode, gas, dp, steps, clip, lr=1.0, tied=False, packed=False, 
     losses, exit_history, params = [], [], []
     for step in range(steps):
         batches = make_batches(step, gas * dp, config.vocab_size, packed)
-        exits = [Exit(layer, weight) for layer, weight in schedule.weights(all_exits, step).items()]
+        weights = schedule.weights(all_exits, step)  # {layer: weight} of the exits that run
         optimizer.zero_grad()
-        total, per_exit = 0.0, {e.layer: 0.0 for e in exits}
+        total, per_exit = 0.0, {layer: 0.0 for layer in weights}
         for ids, targets, positions in batches:
-            hidden = model.hidden_states(ids, [e.layer for e in exits], positions)
+            hidden = model.hidden_states(ids, list(weights), positions)
             exit_losses = {n: exit_loss(model.head, h, targets) for n, h in hidden.items()}
-            loss = soft_loss(exit_losses, exits) / len(batches)
+            soft = sum(exit_losses[n] * w for n, w in weights.items()) / sum(weights.values())
+            loss = soft / len(batches)
             loss.backward()
             total += loss.item()
             for n, value in exit_losses.items():

@@ -88,16 +88,20 @@ def fake_run(tmp_path, meta) -> str:
     return str(tmp_path / "run")
 
 
-@pytest.mark.parametrize("version", [2, None])
-def test_unknown_format_version_is_refused(tmp_path, capsys, version):
-    from soft_ds.checkpoint import read_checkpoint_meta
+@pytest.mark.parametrize("version", ["older", "newer", None])
+def test_other_format_versions_are_refused(tmp_path, capsys, version):
+    """Metadata of any other version (an older one too) is one CheckpointError naming the version
+    found and the one read, with what to do; export refuses it before writing anything."""
+    from soft_ds.checkpoint import FORMAT_VERSION, read_checkpoint_meta
     from soft_ds.hf_io import CheckpointError
     meta = {"step": 2, "exits": [[2, 1.0]], "pipeline_stages": 2, "data_parallel": 1}
     if version is not None:
-        meta["format_version"] = version
+        meta["format_version"] = FORMAT_VERSION - 1 if version == "older" else FORMAT_VERSION + 1
     run = fake_run(tmp_path, meta)
-    found = "has format_version 2" if version else "has no format_version"
-    expected = f"{run}/checkpoints/step2/soft_meta.json {found}; this soft-ds reads checkpoint format version(s) 1"
+    found = f"format_version {meta['format_version']}" if version else "no format_version"
+    expected = (f"{run}/checkpoints/step2/soft_meta.json has {found}; this soft-ds reads format_version "
+                f"{FORMAT_VERSION} only. Export the run with the soft-ds that saved it (soft-ds export) and train "
+                f"(--model) or evaluate from the export, or start a new run")
     with pytest.raises(CheckpointError) as error:
         read_checkpoint_meta(run)
     assert str(error.value) == expected
@@ -107,25 +111,26 @@ def test_unknown_format_version_is_refused(tmp_path, capsys, version):
 
 
 def test_resume_checks(tmp_path):
-    from soft_ds.checkpoint import check_resume
+    from soft_ds.checkpoint import FORMAT_VERSION, check_resume
     from soft_ds.config import ConfigError
+    from soft_ds.hf_io import CheckpointError
     run = tmp_path / "run"
     shape = {"exits": [[2, 1.0]], "pipeline_stages": 2, "data_parallel": 1}
     # An interrupted first save (a step folder, no `latest`) is no checkpoint: a fresh run may start.
     (run / "checkpoints" / "step2").mkdir(parents=True)
     check_resume(run, resume=False, shape=shape)
-    run = fake_run(tmp_path / "complete", {"format_version": 1, "step": 2, **shape})
+    run = fake_run(tmp_path / "complete", {"format_version": FORMAT_VERSION, "step": 2, **shape})
     with pytest.raises(ConfigError, match="already holds checkpoints: pass --resume"):
         check_resume(run, resume=False, shape=shape)
     check_resume(run, resume=True, shape=shape)
     with pytest.raises(ConfigError, match=r"has pipeline_stages=2, this run has 4"):
         check_resume(run, resume=True, shape={**shape, "pipeline_stages": 4})
     # The batch and the settings that decide the data order and the loss must match too; the learning
-    # rate and the number of steps may change. A key an older checkpoint lacks is not compared.
+    # rate and the number of steps may change.
     from soft_ds.config import SoftOptions
     soft = SoftOptions(exits=[2], seq_len=64, train_steps=10)
     shape = {**shape, "micro_batch_size": 2, "grad_accum": 1}
-    run = fake_run(tmp_path / "with_soft", {"format_version": 1, "step": 2, **shape, "soft": vars(soft)})
+    run = fake_run(tmp_path / "with_soft", {"format_version": FORMAT_VERSION, "step": 2, **shape, "soft": vars(soft)})
     check_resume(run, resume=True, shape=shape, soft=SoftOptions(exits=[2], seq_len=64, train_steps=20))
     with pytest.raises(ConfigError, match=r"has micro_batch_size=2, this run has 4"):
         check_resume(run, resume=True, shape={**shape, "micro_batch_size": 4}, soft=soft)
@@ -133,6 +138,8 @@ def test_resume_checks(tmp_path):
         changed = SoftOptions(**{**vars(soft), key: value})
         with pytest.raises(ConfigError, match=rf"has {key}=.*, this run has {value}"):
             check_resume(run, resume=True, shape=shape, soft=changed)
-    old = fake_run(tmp_path / "older", {"format_version": 1, "step": 2, "exits": [[2, 1.0]],
+    # An older checkpoint (which may lack keys this version compares) is refused, not half-compared.
+    old = fake_run(tmp_path / "older", {"format_version": FORMAT_VERSION - 1, "step": 2, "exits": [[2, 1.0]],
                                         "pipeline_stages": 2, "data_parallel": 1})
-    check_resume(old, resume=True, shape=shape, soft=SoftOptions(exits=[2], seq_len=128))
+    with pytest.raises(CheckpointError, match=f"has format_version {FORMAT_VERSION - 1}; this soft-ds reads"):
+        check_resume(old, resume=True, shape=shape, soft=soft)

@@ -209,7 +209,7 @@ def test_kl_cli_default_and_shared_reference(files, tmp_path, capsys):
     (["--exits", "2,5"], "exit(s) [5] out of range for soft: it has 4 layers"),
     (["--exits", "two"], "--exits must be comma-separated integers"),
     (["--data", "missing.json"], "no such file"),
-    (["--val_size", "0"], "--val_size must be at least 1"),
+    (["--val_size", "0"], "--val-size must be at least 1"),
     (["--model", "missing=/nonexistent/dir"], "does not exist"),
 ])
 def test_lm_cli_bad_input_is_one_error_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
@@ -279,12 +279,14 @@ def test_config_gives_the_held_out_split_and_exits_unless_an_option_does(files, 
     assert_cli_refuses(common[1:] + ["--config", str(config), "--out", tmp_path / "c"], capsys, tmp_path / "c",
                        "optimizer")
     # --config RUN: the settings the run's latest checkpoint recorded (a command-line --val_size included).
+    from soft_ds.checkpoint import FORMAT_VERSION
     from soft_ds.config import SoftOptions
     run = tmp_path / "run"
     (run / "checkpoints" / "step3").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step3")
-    saved = {**vars(SoftOptions(exits=[1, 3], val_size=6, seed=9, seq_len=128)), "no_longer_an_option": 1}
-    (run / "checkpoints" / "step3" / "soft_meta.json").write_text(json.dumps({"format_version": 1, "soft": saved}))
+    meta = run / "checkpoints" / "step3" / "soft_meta.json"
+    saved = vars(SoftOptions(exits=[1, 3], val_size=6, seed=9, seq_len=128))
+    meta.write_text(json.dumps({"format_version": FORMAT_VERSION, "soft": saved}))
     result = run_cli(capsys, *common, "--config", str(run), "--out", str(tmp_path / "d"))
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "d" / "lm.json").read_text())
@@ -292,6 +294,10 @@ def test_config_gives_the_held_out_split_and_exits_unless_an_option_does(files, 
     assert list(written["models"]["soft"]["exits"]) == ["1", "3"]
     assert_cli_refuses(common[1:] + ["--config", str(tmp_path / "a"), "--out", tmp_path / "e"], capsys,
                        tmp_path / "e", "checkpoint")
+    # A checkpoint of another format version is refused, not read with guesses for what it lacks.
+    meta.write_text(json.dumps({"format_version": FORMAT_VERSION - 1, "soft": saved}))
+    assert_cli_refuses(common[1:] + ["--config", str(run), "--out", tmp_path / "f"], capsys, tmp_path / "f",
+                       f"format_version {FORMAT_VERSION - 1}; this soft-ds reads format_version {FORMAT_VERSION} only")
 
 
 def test_answers_page_keeps_a_table_cell_one_cell():

@@ -23,6 +23,8 @@ def test_all_is_every_exit_at_its_weight():
     exits = make_exits([2, 4, 8], 8, weights=[1.0, 3.0, 4.0])
     for step in (None, 0, 7):
         assert ExitSchedule().shares(exits, step) == {2: 0.125, 4: 0.375, 8: 0.5}
+    # Uniform weights (the default): the paper's plain mean.
+    assert ExitSchedule().shares(make_exits([4, 6, 8], 8), None) == pytest.approx({4: 1 / 3, 6: 1 / 3, 8: 1 / 3})
 
 
 def test_random_k_draws_k_exits_with_the_last_layer_from_seed_and_step_only():

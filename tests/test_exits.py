@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soft_ds.exits import IGNORE_INDEX, PAPER_EXITS_40, Exit, default_exit_layers, exit_loss, make_exits, soft_loss
+from soft_ds.exits import IGNORE_INDEX, PAPER_EXITS_40, Exit, default_exit_layers, exit_loss, make_exits
 from soft_ds.model import SharedHead, preset_config
 
 B, T = 2, 7  # 14 tokens: not a multiple of 3 or 5, so chunking leaves a ragged last chunk
@@ -238,24 +238,6 @@ def test_exit_loss_bad_implementation(implementation, chunk_tokens):
     hidden, targets = make_batch(head)
     with pytest.raises(ValueError, match=implementation):
         exit_loss(head, hidden, targets, implementation, chunk_tokens)
-
-
-def test_soft_loss_weighted_mean():
-    losses = {4: torch.tensor(2.0), 8: torch.tensor(5.0), 6: torch.tensor(3.0)}
-    exits = (Exit(4, 1.0), Exit(6, 2.0), Exit(8, 3.0))
-    assert soft_loss(losses, exits).item() == pytest.approx((2.0 * 1 + 3.0 * 2 + 5.0 * 3) / 6)
-    uniform = make_exits([4, 6, 8], 8)
-    assert soft_loss(losses, uniform).item() == pytest.approx((2.0 + 3.0 + 5.0) / 3)
-    # Only the exits given count: extra entries in the dict are ignored.
-    assert soft_loss(losses, (Exit(8),)).item() == pytest.approx(5.0)
-
-
-def test_soft_loss_gradient_is_weighted():
-    a = torch.tensor(1.0, requires_grad=True)
-    b = torch.tensor(1.0, requires_grad=True)
-    soft_loss({2: a * 3, 4: b * 3}, (Exit(2, 1.0), Exit(4, 3.0))).backward()
-    assert a.grad.item() == pytest.approx(3 * 0.25)
-    assert b.grad.item() == pytest.approx(3 * 0.75)
 
 
 def test_default_exits_for_40_layers_are_the_papers():

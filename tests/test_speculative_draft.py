@@ -11,7 +11,7 @@ from test_inference import MAX_NEW, hf_model, ours, random_prompts
 
 from soft_ds.data import BUNDLED_RECORDS, BUNDLED_TOKENIZER, frequent_tokens, load_tokenizer, response_token_counts
 from soft_ds.inference import Sampling, SoftGenerator, speculative_accept
-from soft_ds.inference import generate
+from soft_ds.inference import command as generate_command
 from soft_ds.inference.speculative import ReducedHead
 from soft_ds.model import preset_config
 
@@ -218,9 +218,9 @@ def test_frequent_response_tokens_of_the_bundled_data():
 def test_generate_cli_draft_options(checkpoint, capsys):
     directory, _ = checkpoint
     base = ["--model", str(directory), "--max-new-tokens", "8", "--prompt", "Name three primary colors."]
-    full = generate.main(base)
+    full = generate_command.main(base)
     capsys.readouterr()
-    texts = generate.main(base + ["--speculative-exit", "3", "--draft-tokens", "2", "--draft-vocab", "512",
+    texts = generate_command.main(base + ["--speculative-exit", "3", "--draft-tokens", "2", "--draft-vocab", "512",
                                   "--draft-stop", "0.1", "--adaptive-k", "--stats"])
     assert texts == full and "draft acceptance" in capsys.readouterr().err
     for extra, message in [

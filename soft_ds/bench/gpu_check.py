@@ -64,7 +64,6 @@ tokens without the proxy. It checks the plumbing, not GPU numbers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import io
@@ -81,7 +80,7 @@ from pathlib import Path
 import torch
 
 from soft_ds import hf_io
-from soft_ds.settings import parse_list
+from soft_ds.settings import ArgumentParser, parse_list
 from soft_ds.data import BUNDLED, BUNDLED_TOKENIZER
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.model import KERNEL_ENV, PACKED_KERNELS
@@ -121,7 +120,7 @@ def log(message: str) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="GPU acceptance check: bf16 SoFT training per packed-attention kernel against fp32, "
                     "tokens/s and MFU, inference rows; one verdict line (exit code 0 PASS, 1 FAIL). Without "
                     "CUDA (or with --cpu) a tiny CPU run of the same flow.")

@@ -68,9 +68,10 @@ import torch
 from transformers import LlamaConfig
 
 from soft_ds.bench.proxy import LLAMA2_13B, LLAMA2_13B_SEQ_LEN, head_layer_ratio, proxy_config
-from soft_ds.settings import parse_list
+from soft_ds.settings import ArgumentParser, parse_list
 from soft_ds.data import (BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, BUNDLED_TOKENIZER, encode_prompt, frequent_tokens,
                           load_instructions, load_tokenizer, response_token_counts)
+from soft_ds.eval.report import verdict
 from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers
 from soft_ds.inference import SoftGenerator
 from soft_ds.inference.calibrate import (CALIBRATION_FIRST, calibrate, calibration_prompts, check_target_agreement,
@@ -325,10 +326,6 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
     return rows
 
 
-def verdict(passed: bool | None) -> str:
-    return "N/A" if passed is None else ("PASS" if passed else "MISS")
-
-
 def report(title: str, rows: dict, note: str) -> list[str]:
     """Print the three tables and the goal lines; return the goal lines."""
     L = rows["layers"]
@@ -450,7 +447,7 @@ def plot(path: Path, curves) -> str:
 def main(argv=None) -> dict[str, list[str]]:
     """`soft-ds bench inference`: print the tables and goal lines, write the plot; return the goal
     lines per model."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="exported SoFT checkpoint (HF directory); default: a random tiny model")
     p.add_argument("--num-prompts", type=int, default=8, help="PandaLM instructions used (of 170)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,9 +54,12 @@ from transformers import LlamaConfig
 from soft_ds.bench.proxy import LLAMA2_13B, head_layer_ratio, matched_vocab_size, proxy_config
 from soft_ds.bench.rows import SMOLLM2
 from soft_ds.config import SoftOptions
+from soft_ds.distributed import free_port
+from soft_ds.eval.report import verdict
 from soft_ds.exits import make_exits
 from soft_ds.model import hf_shapes
 from soft_ds.partition import decoder_layer_flops, head_flops, head_to_layer_ratio, plan_stages
+from soft_ds.settings import ArgumentParser
 
 # One rank of the benchmark, started by the `deepspeed` launcher by its file path.
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead_worker.py")
@@ -199,15 +201,9 @@ def time_exit_in_layers(config: LlamaConfig, micro_batch: int, seq_len: int, chu
     return {c: (fastest[c] / fastest["layer"], kept[c]) for c in CANDIDATES}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_args(argv=None):
     default_chunk = SoftOptions().exit_chunk_tokens
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stages", type=int, default=2, help="pipeline stages (one CPU rank each, no data parallelism)")
     p.add_argument("--layers", type=int, default=40, help="proxy depth; exits follow the 13B's pattern "
@@ -266,10 +262,6 @@ def run_worker(args, out_dir: str) -> None:
         with open(log_path) as log:
             sys.exit(f"the benchmark launch exited {result.returncode}; last lines of its log:\n"
                      + "".join(log.readlines()[-40:]))
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def report(args, results: list[dict], timed_exit: dict[str, tuple[float, int]]) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from soft_ds.eval.report import verdict
+
 MUCH_WORSE = 2.0  # claim 1: SFT's intermediate exits' perplexity >= this x SoFT's
 CLOSE = 0.10  # claim 2: SoFT's full model within 10% of SFT's perplexity
 APPROACHES = 1.25  # claim 3: SoFT's ~80%-depth exit within 25% of SFT's full model
@@ -35,10 +37,6 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: {error} (did tools/reproduce_small.sh finish that stage?)") from None
 
 
-def verdict(ok: bool) -> str:
-    return "**PASS**" if ok else "**MISS**"
-
-
 def check_claims(ppl: dict[str, dict[int, float]], extra_parameters: int) -> list[str]:
     """The four claims, one line each ending in **PASS** or **MISS**: ppl[model][exit] is the
     held-out perplexity of "sft", "ict" and "soft"; extra_parameters, what SFT+ICT's heads add."""
@@ -50,14 +48,14 @@ def check_claims(ppl: dict[str, dict[int, float]], extra_parameters: int) -> lis
     lines.append(f"1. SFT's intermediate exits are much worse than SoFT's (perplexity ratio SFT / SoFT >= "
                  f"{MUCH_WORSE} at every exit below the last): "
                  + ", ".join(f"exit {n}: {r:.2f}x" for n, r in ratios.items())
-                 + f" — {verdict(all(r >= MUCH_WORSE for r in ratios.values()))}")
+                 + f" — **{verdict(all(r >= MUCH_WORSE for r in ratios.values()))}**")
     gap = ppl["soft"][last] / ppl["sft"][last] - 1
     lines.append(f"2. SoFT's full model stays close to SFT's (within {CLOSE:.0%}): perplexity {ppl['soft'][last]:.2f} "
-                 f"vs {ppl['sft'][last]:.2f} ({gap:+.1%}) — {verdict(abs(gap) <= CLOSE)}")
+                 f"vs {ppl['sft'][last]:.2f} ({gap:+.1%}) — **{verdict(abs(gap) <= CLOSE)}**")
     ratio = ppl["soft"][deep] / ppl["sft"][last]
     lines.append(f"3. A SoFT exit at ~80% depth approaches SFT's full model (exit {deep} of {last}, perplexity "
                  f"within {APPROACHES}x): {ppl['soft'][deep]:.2f} vs {ppl['sft'][last]:.2f} ({ratio:.2f}x) — "
-                 f"{verdict(ratio <= APPROACHES)}")
+                 f"**{verdict(ratio <= APPROACHES)}**")
     lines.append(beats_ict("4. SoFT's exits beat SFT+ICT's separate heads, with no extra parameters", ppl, inner,
                            extra_parameters))
     return lines
@@ -68,7 +66,7 @@ def beats_ict(claim: str, values: dict[str, dict[int, float]], exits: list[int],
     beats = all(values["soft"][n] < values["ict"][n] for n in exits)
     return (f"{claim} (ICT adds {extra_parameters:,}): "
             + ", ".join(f"exit {n}: {values['soft'][n]:.2f} vs {values['ict'][n]:.2f}" for n in exits)
-            + f" — {verdict(beats)}")
+            + f" — **{verdict(beats)}**")
 
 
 def nearest_exit(exits: list[int], fraction: float) -> int:
@@ -84,16 +82,16 @@ def check_real_goals(loss: dict[str, dict[int, float]], extra_parameters: int) -
     shallow = [n for n in exits if n <= deep]
     lines = [f"1. SFT's exits stay gibberish (loss above {GIBBERISH} nats at every exit up to {deep}; a uniform guess "
              f"is ln V): " + ", ".join(f"exit {n}: {loss['sft'][n]:.2f}" for n in shallow)
-             + f" — {verdict(all(loss['sft'][n] > GIBBERISH for n in shallow))}"]
+             + f" — **{verdict(all(loss['sft'][n] > GIBBERISH for n in shallow))}**"]
     for fraction, limit in READABLE.items():
         n = nearest_exit(exits, fraction)
         lines.append(f"{len(lines) + 1}. A SoFT exit at ~{fraction:.0%} depth gives readable answers (exit {n} of "
                      f"{last}, loss at most {limit} nats): {loss['soft'][n]:.2f} (SFT's exit {n}: "
-                     f"{loss['sft'][n]:.2f}) — {verdict(loss['soft'][n] <= limit)}")
+                     f"{loss['sft'][n]:.2f}) — **{verdict(loss['soft'][n] <= limit)}**")
     ratio = loss["soft"][last] / loss["sft"][last]
     lines.append(f"{len(lines) + 1}. SoFT's full model stays within {FULL_RATIO - 1:.0%} of SFT's loss: "
                  f"{loss['soft'][last]:.3f} vs {loss['sft'][last]:.3f} nats ({ratio:.3f}x) — "
-                 f"{verdict(ratio <= FULL_RATIO)}")
+                 f"**{verdict(ratio <= FULL_RATIO)}**")
     lines.append(beats_ict(f"{len(lines) + 1}. SoFT beats SFT+ICT at every exit, adding no parameters", loss, inner,
                            extra_parameters))
     return lines

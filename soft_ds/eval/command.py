@@ -1,7 +1,7 @@
 """`soft-ds eval`: score every exit of exported checkpoints, and report the small-scale reproduction.
 
     soft-ds eval lm --model sft=exported/sft --model soft=exported/soft --exits 2,4,6,8 \\
-        --data data/alpaca_5000.json --val_size 200 --seed 1234 --out eval
+        --data data/alpaca_5000.json --val-size 200 --seed 1234 --out eval
     soft-ds eval kl --model soft=exported/soft --reference sft=exported/sft --exits 2,4,6,8 \\
         --data data/alpaca_5000.json --out eval
     soft-ds eval judge --a soft=exported/soft --b sft=exported/sft --a-exits 4,8 --b-exits 4,8 \\
@@ -22,7 +22,6 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import html
 import os
 import sys
@@ -39,6 +38,7 @@ from soft_ds.eval.inputs import (held_out_records, open_checkpoint, parse_spec, 
 from soft_ds.eval.report import (check_out_dir, exit_lines, exit_table, heat_map, line_plot, markdown_table,
                                 write_outputs)
 from soft_ds.inference import DTYPES
+from soft_ds.settings import ArgumentParser
 
 COMMAND_HELP = ("Score every exit of exported checkpoints: loss, KL, side-by-side answers, PandaLM judge, TriviaQA; "
                 "a reproduction's claims.")
@@ -49,7 +49,7 @@ COMMAND_HELP = ("Score every exit of exported checkpoints: loss, KL, side-by-sid
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=COMMAND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=COMMAND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     commands = p.add_subparsers(dest="command", required=True, metavar="{lm,kl,answers,judge,triviaqa,claims}")
 
@@ -138,15 +138,15 @@ def add_held_out(p):
     p.add_argument("--data", default=BUNDLED_RECORDS,
                    help="the Alpaca file training used; its held-out split is evaluated")
     p.add_argument("--config", metavar="FILE|RUN",
-                   help="the training config (ds_configs/*.json), or the training run's --output_dir (the "
+                   help="the training config (ds_configs/*.json), or the training run's --output-dir (the "
                         "settings its latest checkpoint recorded, command-line overrides included): its "
                         "soft.val_size, seed and seq_len, and its exits for --exits, wherever those options "
                         "are not given")
-    p.add_argument("--val_size", "--val-size", type=int,
+    p.add_argument("--val-size", type=int,
                    help=f"held-out records, as in training (same val_size and seed = the same records; default: "
                         f"--config's, else {defaults.val_size})")
     p.add_argument("--seed", type=int, help=f"training's data seed (default: --config's, else {defaults.seed})")
-    p.add_argument("--max_length", "--max-length", type=int,
+    p.add_argument("--max-length", type=int,
                    help=f"tokens per record, as training's seq_len (longer records are cut the same way; default: "
                         f"--config's, else {defaults.seq_len})")
 
@@ -155,8 +155,8 @@ def training_settings(config: str) -> SoftOptions:
     """The "soft" settings of a training config file, or of a run directory's latest checkpoint."""
     if not os.path.isdir(config):
         return load_config(config).soft
-    saved = read_checkpoint_meta(config)["soft"]  # no checkpoint: a CheckpointError naming the directory
-    return SoftOptions(**{f.name: saved[f.name] for f in dataclasses.fields(SoftOptions) if f.name in saved})
+    # No checkpoint, or one of another format version: a CheckpointError naming the directory.
+    return SoftOptions(**read_checkpoint_meta(config)["soft"])
 
 
 def resolve_held_out(args):

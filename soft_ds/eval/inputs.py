@@ -124,8 +124,8 @@ def held_out_records(data: str | os.PathLike, tokenizer, max_length: int, val_si
     """The validation split of `data.build_datasets`: the same data, val_size, seed and template as
     training give the very records training held out, tokenized and cut the same way."""
     if val_size < 1:
-        raise ValueError(f"--val_size must be at least 1 to have held-out records, got {val_size}")
+        raise ValueError(f"--val-size must be at least 1 to have held-out records, got {val_size}")
     _, val_set = build_datasets(data, tokenizer, max_length, val_size, seed, template)
     if len(val_set) == 0:
-        raise ValueError(f"{data}: no held-out record has a response within --max_length {max_length}")
+        raise ValueError(f"{data}: no held-out record has a response within --max-length {max_length}")
     return val_set

@@ -13,6 +13,12 @@ import sys
 from pathlib import Path
 
 
+def verdict(reached: bool) -> str:
+    """A goal's outcome as the reports print it (eval claims, bench overhead and inference): PASS,
+    or MISS: the goal was not reached, though the run itself did not fail."""
+    return "PASS" if reached else "MISS"
+
+
 def check_out_dir(out: Path) -> None:
     """`out` can become the output folder: it is one already or does not exist yet."""
     if out.exists() and not out.is_dir():

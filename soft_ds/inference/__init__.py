@@ -24,7 +24,7 @@ The package, one module per piece:
     dynamic.py      generate_dynamic: each token stops at its first confident exit
     calibrate.py    calibrate: per-exit thresholds meeting a requested agreement with the full model
     generator.py    SoftGenerator: a model with its tokenizer and exits, the three as methods
-    generate.py     the `soft-ds generate` command
+    command.py      the `soft-ds generate` command (as eval/command.py is `soft-ds eval`'s)
 """
 
 from soft_ds.inference.cache import KVCache, left_pad

@@ -35,7 +35,6 @@ bench inference` measures the records before it.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -224,12 +223,3 @@ def prefix_agreement(model: CachedModel, prompts: list[list[int]], generation: G
             agreeing += int((full == torch.tensor(tokens, device=full.device)).sum())
             total += len(tokens)
     return agreeing, total
-
-
-def tokens_needed(target: float, level: float) -> float:
-    """The fewest tokens, all agreeing, whose Wilson lower bound at `level` reaches `target`:
-    n / (n + z^2) >= target (inf when no number does: target 1 with a margin)."""
-    z2 = NormalDist().inv_cdf(level) ** 2
-    if target <= 0 or z2 == 0:
-        return 1
-    return math.inf if target >= 1 else max(1, math.ceil(target * z2 / (1 - target)))

@@ -138,15 +138,6 @@ class Generation:
     exit_layers: list[list[int]] = field(default_factory=list)  # dynamic: the exit of every token
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else float("nan")
-
-    @property
-    def mean_exit_layer(self) -> float:
-        layers = [layer for sequence in self.exit_layers for layer in sequence]
-        return sum(layers) / len(layers) if layers else float("nan")
-
-    @property
     def num_tokens(self) -> int:
         return sum(len(sequence) for sequence in self.tokens)
 

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from soft_ds.settings import parse_list
+from soft_ds.settings import ArgumentParser, parse_list
 from soft_ds.config import TEMPLATES
 from soft_ds.data import (BUNDLED_RECORDS, checkpoint_template, encode_prompt, encode_text, frequent_tokens, load_instructions,
                           load_tokenizer, response_token_counts)
@@ -49,8 +49,8 @@ COMMAND_HELP = "Generate text with an exported SoFT checkpoint: any exit, self-s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=COMMAND_HELP, epilog="Examples: see the docstring of "
-                                "soft_ds/inference/generate.py.")
+    p = ArgumentParser(description=COMMAND_HELP, epilog="Examples: see the docstring of "
+                                "soft_ds/inference/command.py.")
     p.add_argument("--model", required=True, help="exported Hugging Face checkpoint directory (`soft-ds export`)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one instruction (formatted with the training template unless --raw)")
@@ -107,41 +107,11 @@ def main(argv=None) -> list[str]:
     """`soft-ds generate`: print (and with --output write) the answers; return their texts."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.raw and args.prompt is None:
-        parser.error("--raw applies to --prompt only")
-    if args.prompt is not None and not args.prompt.strip():
-        raise ValueError("--prompt is empty")
-    # The library's own checks, under the options' names, before anything is loaded.
-    for value, name in ((args.max_new_tokens, "--max-new-tokens"), (args.batch_size, "--batch-size"),
-                        (args.draft_tokens, "--draft-tokens")):
-        check_positive_integer(value, name)
-    if args.dynamic_threshold is not None:
-        check_threshold(args.dynamic_threshold, "--dynamic-threshold")
-    check_positive_integer(args.calibration_prompts, "--calibration-prompts")
-    check_confidence_level(args.calibration_level, "--calibration-level")
-    if args.target_agreement is not None:
-        check_target_agreement(args.target_agreement, "--target-agreement")
-        if args.temperature > 0:
-            raise ValueError("--target-agreement calibrates greedy decoding; it cannot be used with --temperature > 0")
-    drafting = [name for name, value in (("--draft-vocab", args.draft_vocab), ("--draft-stop", args.draft_stop),
-                                         ("--adaptive-k", args.adaptive_k or None)) if value is not None]
-    if drafting and args.speculative_exit is None:
-        parser.error(f"{', '.join(drafting)}: only with --speculative-exit")
-    if args.draft_stop is not None:
-        check_threshold(args.draft_stop, "--draft-stop")
-    sampling = Sampling(check_temperature(args.temperature, "--temperature"), check_top_p(args.top_p, "--top-p"),
-                        args.seed)
+    sampling = check_options(parser, args)
     records = [{"instruction": args.prompt}] if args.prompt is not None else load_instructions(args.instructions)
     template = checkpoint_template(args.model, args.template)
     config = load_llama_config(args.model)
-    num_layers = config.num_hidden_layers
-    if args.exit is not None:
-        check_exit_layer(args.exit, num_layers, "--exit")
-    if args.speculative_exit is not None:
-        check_draft_exit(args.speculative_exit, num_layers, "--speculative-exit")
-    if args.draft_vocab is not None:
-        check_draft_vocabulary_size(args.draft_vocab, config.vocab_size, "--draft-vocab")
-    exits = None if args.exits is None else check_exit_layers(parse_list(args.exits, "--exits"), num_layers)
+    exits = check_model_options(args, config)
 
     generator = SoftGenerator.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, exits=exits)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else generator.tokenizer
@@ -185,22 +155,70 @@ def main(argv=None) -> list[str]:
             json.dump([{**record, "output": text} for record, text in zip(records, texts)], f, indent=2,
                       ensure_ascii=False)
     if args.stats:
-        tokens = sum(result.num_tokens for result in results)
-        line = f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)"
-        if args.speculative_exit is not None:
-            drafted = sum(result.drafted for result in results)
-            accepted = sum(result.accepted for result in results)
-            line += f"; draft acceptance {accepted}/{drafted} = {accepted / max(drafted, 1):.3f}"
-        if dynamic is not None:
-            layers = [layer for result in results for sequence in result.exit_layers for layer in sequence]
-            line += f"; mean exit layer {sum(layers) / max(len(layers), 1):.2f} of {num_layers}"
-            agreeing = total = 0
-            for first, result in zip(range(0, len(prompts), args.batch_size), results):
-                counts = prefix_agreement(generator, prompts[first:first + args.batch_size], result)
-                agreeing, total = agreeing + counts[0], total + counts[1]
-            line += f"; agreement with the full model's greedy token after the same prefix {agreeing / max(total, 1):.3f}"
-        print(line, file=sys.stderr)
+        print(stats_line(args, generator, prompts, results, seconds, dynamic is not None), file=sys.stderr)
     return texts
+
+
+def check_options(parser: argparse.ArgumentParser, args) -> Sampling:
+    """The options' own checks, before anything is loaded: the library's checks under the options'
+    names (the library checks again when it runs). Returns the sampling they give."""
+    if args.raw and args.prompt is None:
+        parser.error("--raw applies to --prompt only")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    for value, name in ((args.max_new_tokens, "--max-new-tokens"), (args.batch_size, "--batch-size"),
+                        (args.draft_tokens, "--draft-tokens")):
+        check_positive_integer(value, name)
+    if args.dynamic_threshold is not None:
+        check_threshold(args.dynamic_threshold, "--dynamic-threshold")
+    check_positive_integer(args.calibration_prompts, "--calibration-prompts")
+    check_confidence_level(args.calibration_level, "--calibration-level")
+    if args.target_agreement is not None:
+        check_target_agreement(args.target_agreement, "--target-agreement")
+        if args.temperature > 0:
+            raise ValueError("--target-agreement calibrates greedy decoding; it cannot be used with --temperature > 0")
+    drafting = [name for name, value in (("--draft-vocab", args.draft_vocab), ("--draft-stop", args.draft_stop),
+                                         ("--adaptive-k", args.adaptive_k or None)) if value is not None]
+    if drafting and args.speculative_exit is None:
+        parser.error(f"{', '.join(drafting)}: only with --speculative-exit")
+    if args.draft_stop is not None:
+        check_threshold(args.draft_stop, "--draft-stop")
+    return Sampling(check_temperature(args.temperature, "--temperature"), check_top_p(args.top_p, "--top-p"),
+                    args.seed)
+
+
+def check_model_options(args, config) -> list[int] | None:
+    """The options checked against the model's config.json, before its weights are loaded; returns
+    the --exits given (None: the generator's default)."""
+    num_layers = config.num_hidden_layers
+    if args.exit is not None:
+        check_exit_layer(args.exit, num_layers, "--exit")
+    if args.speculative_exit is not None:
+        check_draft_exit(args.speculative_exit, num_layers, "--speculative-exit")
+    if args.draft_vocab is not None:
+        check_draft_vocabulary_size(args.draft_vocab, config.vocab_size, "--draft-vocab")
+    return None if args.exits is None else check_exit_layers(parse_list(args.exits, "--exits"), num_layers)
+
+
+def stats_line(args, generator: SoftGenerator, prompts: list[list[int]], results: list, seconds: float,
+               dynamic: bool) -> str:
+    """--stats: speed, and the draft acceptance (speculative) or the mean exit layer and the
+    agreement with the full model (dynamic exit), over every batch's `results`."""
+    tokens = sum(result.num_tokens for result in results)
+    line = f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)"
+    if args.speculative_exit is not None:
+        drafted = sum(result.drafted for result in results)
+        accepted = sum(result.accepted for result in results)
+        line += f"; draft acceptance {accepted}/{drafted} = {accepted / max(drafted, 1):.3f}"
+    if dynamic:
+        layers = [layer for result in results for sequence in result.exit_layers for layer in sequence]
+        line += f"; mean exit layer {sum(layers) / max(len(layers), 1):.2f} of {generator.num_layers}"
+        agreeing = total = 0
+        for first, result in zip(range(0, len(prompts), args.batch_size), results):
+            counts = prefix_agreement(generator, prompts[first:first + args.batch_size], result)
+            agreeing, total = agreeing + counts[0], total + counts[1]
+        line += f"; agreement with the full model's greedy token after the same prefix {agreeing / max(total, 1):.3f}"
+    return line
 
 
 def calibrated_thresholds(args, generator: SoftGenerator, tokenizer, template: str, records: list[dict]) -> dict:
