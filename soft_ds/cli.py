@@ -30,7 +30,7 @@ COMMANDS = {
     "export": ("soft_ds.checkpoint", "a training checkpoint as a Hugging Face LLaMA directory (full model or exit N)"),
     "generate": ("soft_ds.inference.command", "text from an exported checkpoint: any exit, speculative, dynamic"),
     "eval": ("soft_ds.eval.command", "score every exit of exported checkpoints: loss, KL, judge, TriviaQA, claims"),
-    "plan": ("soft_ds.plan", "per-stage memory and FLOPs of a pipeline run, before launching it"),
+    "plan": ("soft_ds.costs", "per-stage memory and FLOPs of a pipeline run, before launching it"),
     "bench": ({
         "overhead": ("soft_ds.bench.overhead", "SoFT's optimizer-step time and peak memory per rank over SFT's, on a "
                                                "DeepSpeed pipeline of the 13B cost proxy"),

@@ -22,9 +22,9 @@ def all_cores() -> dict:
 
 def test_whole_chain_on_a_two_step_budget(tmp_path):
     out = tmp_path / "repro"
+    env = {**all_cores(), "KL_PROMPTS": "4"}
     result = subprocess.run(["bash", "tools/reproduce_small.sh", str(out), "--train-steps", "2", "--warmup-steps", "1",
-                             "--train-epochs", "0"],
-                            cwd=REPO, capture_output=True, text=True, timeout=1500, env=all_cores())
+                             "--train-epochs", "0"], cwd=REPO, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("sft", "soft", "ict"):
         assert (out / "hf" / name / "config.json").is_file()
@@ -42,7 +42,7 @@ def test_whole_chain_on_a_two_step_budget(tmp_path):
     assert len(claims) == 4 and all(line.endswith(("**PASS**", "**MISS**")) for line in claims)
     # Running it again finds every stage done and only re-evaluates.
     again = subprocess.run(["bash", "tools/reproduce_small.sh", str(out)], cwd=REPO, capture_output=True, text=True,
-                           timeout=900, env=all_cores())
+                           timeout=900, env=env)
     assert again.returncode == 0 and again.stdout.count("done already") == 3, again.stdout[-2000:]
 
 
@@ -79,14 +79,17 @@ def test_claims_of_an_unfinished_run_is_one_error_line(tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
-def test_real_model_chain_on_a_one_step_budget(tmp_path):
+def test_real_model_chain_on_a_one_step_budget(tmp_path, smollm2_dir):
     """tools/reproduce_real.sh end to end on the imported SmolLM2 with a tiny budget: one step per
     run, 12 held-out records, 128-token rows. What it checks is the chain and the report's numbers
-    (each row is lm.json's), not the goals."""
+    (each row is lm.json's), not the goals. The import stage finds the session's import in place
+    (test_gguf_import tests the import itself)."""
     config = json.loads((Path(REPO) / "ds_configs" / "reproduce_real.json").read_text())
     config["soft"].update(train_steps=1, warmup_steps=0, val_size=12, seq_len=128, eval_batches=1, log_interval=1)
     (tmp_path / "tiny.json").write_text(json.dumps(config))
     out = tmp_path / "real"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "base").symlink_to(smollm2_dir)  # read only: every stage writes elsewhere
     env = {**all_cores(), "CONFIG": str(tmp_path / "tiny.json"), "KL_PROMPTS": "2", "ANSWERS": "1"}
     result = subprocess.run(["bash", "tools/reproduce_real.sh", str(out)], cwd=REPO, capture_output=True, text=True,
                             timeout=1500, env=env)

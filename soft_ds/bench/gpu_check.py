@@ -132,7 +132,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, help="training steps per run, the first untimed (default: GPU 3, CPU 2)")
     p.add_argument("--ds-config", default=os.path.relpath(GPU_CONFIG),
                    help="training config; bf16 is forced on, the learning rate to CHECK_LR")
-    p.add_argument("--micro-batch", type=int, help="rows per micro-batch (default: the config's; CPU 1)")
+    p.add_argument("--micro-batch-size", dest="micro_batch", type=int, help="rows per micro-batch (default: the config's; CPU 1)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step (default: the config's; CPU 2)")
     p.add_argument("--seq-len", type=int, help="tokens per packed row (default: the config's; CPU 128)")
     p.add_argument("--exits", help="comma-separated exit layers (default: the training default for the depth)")

@@ -1,4 +1,4 @@
-"""soft_ds.plan and `soft-ds plan`: numbers by hand on the debug model, parameter counts against a
+"""soft_ds.costs and `soft-ds plan`: numbers by hand on the debug model, parameter counts against a
 real DeepSpeed pipeline, the 13B paper layout, and the CLI's errors."""
 
 import json
@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from soft_ds.model import preset_config
-from soft_ds.plan import GIB, bubble_fraction, flops_balance, load_model_config, plan
+from soft_ds.costs import GIB, bubble_fraction, flops_balance, load_model_config, stage_costs
 from conftest import REPO, deepspeed_launch, run_cli, soft_ds_command
 
 # debug: H=64, I=128, 8 layers, 4 heads of 16, 2 kv heads (KV = 32), V=512; exits 2,4,6,8.
@@ -24,7 +24,7 @@ def debug_plan(tied=False, **overrides):
     kwargs = dict(pipeline_stages=2, data_parallel=2, micro_batch=2, seq_len=16, grad_accum=4, bf16=True,
                   zero_stage=1, activation_checkpointing=False, exit_loss="whole", exit_chunk_tokens=0,
                   gpu_gib=1.0)
-    return plan(preset_config("debug", tie_word_embeddings=tied), **{**kwargs, **overrides})
+    return stage_costs(preset_config("debug", tie_word_embeddings=tied), **{**kwargs, **overrides})
 
 
 def test_debug_by_hand_no_checkpointing_unchunked():
@@ -106,7 +106,7 @@ def test_bubble_and_zero_shards():
 
 
 def test_13b_pp4_paper_layout():
-    plans = plan(load_model_config("13B"), pipeline_stages=4, data_parallel=8, micro_batch=4, seq_len=512,
+    plans = stage_costs(load_model_config("13B"), pipeline_stages=4, data_parallel=8, micro_batch=4, seq_len=512,
                  grad_accum=4, zero_stage=1, activation_checkpointing=True)
     assert [(p.first_layer, p.last_layer) for p in plans] == [(1, 12), (13, 20), (21, 28), (29, 40)]
     assert [p.exits for p in plans] == [(12,), (16, 20), (24, 28), (32, 36, 40)]
@@ -116,7 +116,7 @@ def test_13b_pp4_paper_layout():
 
 
 def test_parameters_match_real_pipeline(tmp_path):
-    deepspeed_launch(2, "tests/_plan_worker.py", "--out", tmp_path, timeout=300)
+    deepspeed_launch(2, "tests/_costs_worker.py", "--out", tmp_path, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for mode in ("soft", "sft", "soft_tied", "sft_tied"):
         planned = debug_plan(mode=mode.removesuffix("_tied"), tied=mode.endswith("_tied"))

@@ -1,4 +1,4 @@
-"""Builds the real 2-stage DeepSpeed pipeline of the debug model (launched by tests/test_plan.py)
+"""Builds the real 2-stage DeepSpeed pipeline of the debug model (launched by tests/test_costs.py)
 and saves, per rank, how many parameters its stage holds, for SoFT and for SFT, untied and tied
 (keys "soft", "sft", "soft_tied", "sft_tied")."""
 

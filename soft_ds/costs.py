@@ -1,4 +1,4 @@
-"""Per-stage memory and FLOPs of a SoFT pipeline run, before launching it.
+"""The costs of a SoFT pipeline run before launching it (`soft-ds plan`): per-stage memory and FLOPs.
 
 The stage boundaries come from `partition.plan_stages`, the very call `pipe.SoftPipelineModule`
 makes, so the plan is the run. What a stage holds mirrors `pipe.py` (`hf_io.stage_tensor_names`):
@@ -64,7 +64,7 @@ GIB = 2**30
 COMMAND_HELP = "Per-stage memory and FLOPs of a SoFT/SFT pipeline run, from the same partition training uses."
 
 @dataclass(frozen=True)
-class StagePlan:
+class StageCost:
     stage: int  # 0-based pipeline stage
     first_layer: int  # 1-based, inclusive
     last_layer: int
@@ -117,11 +117,11 @@ def layer_activation_bytes(config, tokens: int, act_bytes: int) -> int:
     return tokens * act_bytes * (8 * h + 2 * kv + 4 * i)
 
 
-def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1, data_parallel: int = 1,
-         micro_batch: int = 1, seq_len: int = 512, grad_accum: int = 1, bf16: bool = True,
-         zero_stage: int = 0, activation_checkpointing: bool = False, exit_loss: str = "fused",
-         exit_chunk_tokens: int = 1024, counted_share: float = 1.0, gpu_gib: float = 80.0) -> list[StagePlan]:
-    """One StagePlan per pipeline stage (see the module docstring for every formula)."""
+def stage_costs(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1, data_parallel: int = 1,
+                micro_batch: int = 1, seq_len: int = 512, grad_accum: int = 1, bf16: bool = True,
+                zero_stage: int = 0, activation_checkpointing: bool = False, exit_loss: str = "fused",
+                exit_chunk_tokens: int = 1024, counted_share: float = 1.0, gpu_gib: float = 80.0) -> list[StageCost]:
+    """One StageCost per pipeline stage of `partition.plan_stages` (the module docstring gives every formula)."""
     for name, value in (("data_parallel", data_parallel), ("micro_batch", micro_batch),
                         ("seq_len", seq_len), ("grad_accum", grad_accum)):
         if value < 1:
@@ -170,7 +170,7 @@ def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1,
         forward = layers * layer_flops + heads * exit_flops
         flops = 3 * forward + (layers * layer_flops if activation_checkpointing else 0) \
             + (heads * exit_flops if exit_loss == "chunked" else 0)
-        plans.append(StagePlan(
+        plans.append(StageCost(
             stage=index, first_layer=stage.first_layer, last_layer=stage.last_layer, exits=stage.exits,
             parameters=parameters, static_bytes=static, activation_bytes=activation,
             activation_bytes_checkpointed=checkpointed, activation_bytes_full=full,
@@ -179,7 +179,7 @@ def plan(config, exit_layers=None, mode: str = "soft", pipeline_stages: int = 1,
     return plans
 
 
-def flops_balance(plans: list[StagePlan]) -> float:
+def flops_balance(plans: list[StageCost]) -> float:
     """Slowest stage / mean stage FLOPs (1.0 = balanced)."""
     flops = [p.flops for p in plans]
     return max(flops) / (sum(flops) / len(flops))
@@ -190,7 +190,7 @@ def bubble_fraction(pipeline_stages: int, grad_accum: int) -> float:
     return (pipeline_stages - 1) / (grad_accum + pipeline_stages - 1)
 
 
-def format_plan(plans: list[StagePlan], grad_accum: int) -> str:
+def format_costs(plans: list[StageCost], grad_accum: int) -> str:
     """The table `soft-ds plan` prints, one row per stage, then the verdict line."""
     def gib(n):
         return f"{n / GIB:.2f}"
@@ -229,7 +229,7 @@ PLAN_SETTINGS = ("pipeline_stages", "mode", "exits", "seq_len", "activation_chec
 def main(argv=None):
     """`soft-ds plan`: print the per-stage plan of a run."""
     p = ArgumentParser(description=COMMAND_HELP, formatter_class=HelpFormatter,
-                       epilog="Formulas: see the docstring of soft_ds/plan.py.")
+                       epilog="Formulas: see the docstring of soft_ds/costs.py.")
     p.add_argument("--ds-config", required=True, help="the run's DeepSpeed config with its 'soft' block, as train's")
     p.add_argument("--model", required=True,
                    help="7B, 13B or 70B (LLaMA 2 shapes), a test preset (debug, tiny), or a Hugging Face "
@@ -248,14 +248,15 @@ def main(argv=None):
         raise ConfigError("plan estimates soft and sft runs; an ict run trains heads on a frozen model")
     dp = config.data_parallel_size(args.world_size or soft.pipeline_stages)
     model_config = load_model_config(args.model)
-    plans = plan(model_config, soft.exits, mode=soft.mode, pipeline_stages=soft.pipeline_stages, data_parallel=dp,
-                 micro_batch=config.micro_batch_size, seq_len=soft.seq_len, grad_accum=config.grad_accum,
-                 bf16=config.bf16, zero_stage=config.zero_stage, activation_checkpointing=soft.activation_checkpointing,
-                 exit_loss=config.exit_loss, exit_chunk_tokens=soft.exit_chunk_tokens,
-                 counted_share=args.counted_share, gpu_gib=args.gpu_gib)
+    plans = stage_costs(model_config, soft.exits, mode=soft.mode, pipeline_stages=soft.pipeline_stages,
+                        data_parallel=dp, micro_batch=config.micro_batch_size, seq_len=soft.seq_len,
+                        grad_accum=config.grad_accum, bf16=config.bf16, zero_stage=config.zero_stage,
+                        activation_checkpointing=soft.activation_checkpointing, exit_loss=config.exit_loss,
+                        exit_chunk_tokens=soft.exit_chunk_tokens, counted_share=args.counted_share,
+                        gpu_gib=args.gpu_gib)
     print(f"{args.model}: {model_config.num_hidden_layers} layers, mode {soft.mode}, pp {soft.pipeline_stages} x dp "
           f"{dp}, micro-batch {config.micro_batch_size} x {soft.seq_len} tokens, grad_accum {config.grad_accum}, "
           f"{'bf16' if config.bf16 else 'fp32'}, ZeRO-{config.zero_stage}, activation checkpointing "
           f"{'on' if soft.activation_checkpointing else 'off'}, {config.exit_loss} exit loss, "
           f"counted share {args.counted_share:g}")
-    print(format_plan(plans, config.grad_accum))
+    print(format_costs(plans, config.grad_accum))
