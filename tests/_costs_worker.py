@@ -2,12 +2,12 @@
 and saves, per rank, how many parameters its stage holds, for SoFT and for SFT, untied and tied
 (keys "soft", "sft", "soft_tied", "sft_tied")."""
 
-import argparse
 import json
 import os
 
 import torch
 
+import _worker
 from soft_ds.exits import make_exits
 from soft_ds.model import preset_config, random_weights
 
@@ -15,15 +15,8 @@ SEQ_LEN = 16
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-
-    from soft_ds.distributed import init_distributed
+    args = _worker.start()
     from soft_ds.pipe import build_pipeline
-
-    init_distributed("gloo")
     rank = torch.distributed.get_rank()
     result = {}
     for tied in (False, True):

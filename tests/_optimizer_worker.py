@@ -4,26 +4,19 @@ DeepSpeed chose: {"cpu" | "gpu": {config file: {"optimizer": class, "basic": cla
 "grad_accum_dtype"}}}. "gpu" is built from the config a GPU run gets (`deepspeed_config(cpu=False)`),
 which on CPU checks that DeepSpeed accepts it and what it constructs, not GPU numbers."""
 
-import argparse
 import glob
 import json
 import os
 
+import _worker
 from soft_ds.config import load_config, override
 from soft_ds.exits import make_exits
 from soft_ds.model import preset_config, random_weights
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-
-    from soft_ds.distributed import init_distributed
+    args = _worker.start()
     from soft_ds.pipe import build_engine, build_pipeline
-
-    init_distributed("gloo")
     model_config = preset_config("debug")
     result = {"cpu": {}, "gpu": {}}
     for path, gpu in ((path, gpu) for path in sorted(glob.glob("ds_configs/*.json")) for gpu in (False, True)):
