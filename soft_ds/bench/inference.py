@@ -209,23 +209,13 @@ def progress(message: str, since: float) -> None:
     print(f"   ... {message} ({(time.time() - since) / 60:.1f} min)", file=sys.stderr, flush=True)
 
 
-def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calibrations=(), vocabulary=None) -> dict:
-    """Time every configuration; return the rows for the report. calibrations: calibrate.Calibration
-    rules for dynamic exit; vocabulary: token ids, most frequent first, whose first m form the draft
-    head of --draft-vocab m.
-
-    Configurations are interleaved prompt batch by prompt batch (in alternating order), so that
-    a slow spell of the machine falls on all of them alike; a configuration's time is the median
-    over rounds of its summed batch times."""
-    L = generator.num_layers
-    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+def configurations(generator: SoftGenerator, args, exits, draft_exits, calibrations, vocabulary) -> tuple[dict, list]:
+    """({key: batch -> result} of every configuration, the speculative variants). A speculative
+    variant: (draft exit, k, draft vocabulary size or None, draft stop or None, adaptive)."""
     common = dict(max_new_tokens=args.max_new_tokens)
-    clock = make_clock(args.clock, generator.model.lm_head.weight.device)
-
     configs = {}
     for n in exits:
         configs[("exit", n)] = lambda batch, n=n: generator.generate(batch, exit_layer=n, **common)
-    # A speculative configuration: (draft exit, k, draft vocabulary size or None, draft stop or None, adaptive).
     heads = [None] + list(args.draft_vocab)
     modes = [(None, False)] + [(stop, False) for stop in args.draft_stop] + ([(None, True)] if args.adaptive_k else [])
     variants = [(n, k, m, stop, adaptive) for n in draft_exits for k in args.draft_tokens for m in heads
@@ -241,51 +231,73 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
     for calibration in calibrations:
         configs[("calibrated", calibration.target)] = lambda batch, c=calibration: generator.generate_dynamic(
             batch, c.thresholds, c.measure, **common)
+    return configs, variants
 
-    for batch in batches[:2]:  # warm-up
-        generator.generate(batch, max_new_tokens=2)
-    seconds = {key: [0.0] * args.repeats for key in configs}
+
+def time_interleaved(configs: dict, batches, repeats: int, clock) -> tuple[dict, dict]:
+    """({key: seconds per round}, {key: result per prompt batch}): every configuration on every
+    batch, interleaved batch by batch in alternating order, so that a slow spell of the machine
+    falls on all of them alike."""
+    seconds = {key: [0.0] * repeats for key in configs}
     outputs = {key: [None] * len(batches) for key in configs}
     began = time.time()
-    for round_index in range(args.repeats):
+    for round_index in range(repeats):
         for batch_index, batch in enumerate(batches):
             keys = list(configs)
             for key in keys if (round_index + batch_index) % 2 == 0 else reversed(keys):
                 start = clock()
                 outputs[key][batch_index] = configs[key](batch)
                 seconds[key][round_index] += clock() - start
-            progress(f"round {round_index + 1}/{args.repeats}, prompt batch {batch_index + 1}/{len(batches)}: "
+            progress(f"round {round_index + 1}/{repeats}, prompt batch {batch_index + 1}/{len(batches)}: "
                      f"{len(configs)} configurations timed", began)
+    return seconds, outputs
 
-    def tokens_of(key):
-        return [tokens for result in outputs[key] for tokens in result.tokens]
 
-    full_tokens = tokens_of(("exit", L))
-    num_tokens = sum(map(len, full_tokens))
-    speed = {key: num_tokens / statistics.median(times) for key, times in seconds.items()}
-    context = statistics.mean(len(prompt) for prompt in prompts) + args.max_new_tokens / 2
+class Timings:
+    """Each configuration's results and speed (tokens/s: the full model's token count over the
+    median round), and what the rows compare against the full model's greedy output."""
 
-    def agreement(key):
-        pairs = [(a, b) for ours, full in zip(tokens_of(key), full_tokens) for a, b in zip(ours, full)]
+    def __init__(self, seconds: dict, outputs: dict, full_key):
+        self.outputs = outputs
+        self.full_tokens = self.tokens_of(full_key)
+        self.num_tokens = sum(map(len, self.full_tokens))
+        self.speed = {key: self.num_tokens / statistics.median(times) for key, times in seconds.items()}
+        self.full_speed = self.speed[full_key]
+
+    def tokens_of(self, key) -> list[list[int]]:
+        return [tokens for result in self.outputs[key] for tokens in result.tokens]
+
+    def agreement(self, key) -> float:
+        """Share of positions where the configuration's token is the full model's greedy one."""
+        pairs = [(a, b) for ours, full in zip(self.tokens_of(key), self.full_tokens) for a, b in zip(ours, full)]
         return sum(a == b for a, b in pairs) / len(pairs)
 
-    rows = {"exits": [], "speculative": [], "dynamic": [], "calibrated": []}
-    for n in exits:
-        rows["exits"].append(dict(exit=n, tokens_per_s=speed[("exit", n)],
-                                  speed_ratio=speed[("exit", n)] / speed[("exit", L)],
-                                  flop_ratio=exit_flop_ratio(generator.config, n, context),
-                                  agreement=agreement(("exit", n))))
-    costs, repeats = {}, 5 * args.repeats
+    def exit_layers(self, key) -> list[int]:
+        """The exit each token of a dynamic configuration left at."""
+        return [layer for result in self.outputs[key] for sequence in result.exit_layers for layer in sequence]
+
+    def dynamic_row(self, key) -> dict:
+        depths = self.exit_layers(key)
+        return dict(tokens_per_s=self.speed[key], speedup=self.speed[key] / self.full_speed,
+                    mean_exit=sum(depths) / len(depths), agreement=self.agreement(key))
+
+
+def speculative_rows(generator: SoftGenerator, timings: Timings, variants, batches, num_prompts: int,
+                     vocabulary, clock, repeats: int) -> list[dict]:
+    """One row per speculative variant: speed, acceptance, draft length, and the bound its
+    acceptance allows at the pass costs measured on the first batch (`pass_costs`, `repeats` each)."""
+    rows, costs = [], {}
     for variant in variants:
         n, k, m, stop, adaptive = variant
         key = ("speculative", *variant)
-        drafted = sum(result.drafted for result in outputs[key])
-        accepted = sum(result.accepted for result in outputs[key])
-        lengths = [length for result in outputs[key] for length in result.draft_lengths]
+        results = timings.outputs[key]
+        drafted = sum(result.drafted for result in results)
+        accepted = sum(result.accepted for result in results)
+        lengths = [length for result in results for length in result.draft_lengths]
         mean_k = statistics.mean(lengths) if lengths else 0.0
         # Tokens per round and sequence, after the prompt's own token (plain greedy makes it too).
-        sequence_rounds = sum(result.steps * len(result.tokens) for result in outputs[key])
-        emitted = (num_tokens - len(prompts)) / max(sequence_rounds, 1)
+        sequence_rounds = sum(result.steps * len(result.tokens) for result in results)
+        emitted = (timings.num_tokens - num_prompts) / max(sequence_rounds, 1)
         verify_k = round(mean_k)
         if (n, m) not in costs:
             head = None if m is None else ReducedHead(generator.model, vocabulary[:m], n)
@@ -295,34 +307,55 @@ def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calib
                                                         repeats)[("verify", verify_k)]
         cost = {**costs[(n, m)], ("verify", verify_k): costs[(n, "verify", verify_k)]}
         bound = emitted * cost["full"] / (mean_k * cost["draft"] + cost[("verify", verify_k)])
-        speedup = speed[key] / speed[("exit", L)]
-        rows["speculative"].append(dict(exit=n, k=k, head="full" if m is None else str(m),
-                                        mode="fixed" if stop is None and not adaptive else
-                                        (f"stop {stop:g}" if stop is not None else "adaptive"),
-                                        tokens_per_s=speed[key], speedup=speedup,
-                                        acceptance=accepted / max(drafted, 1), mean_k=mean_k,
-                                        tokens_per_round=emitted, bound=bound, of_bound=speedup / bound,
-                                        draft_cost=cost["draft"] / cost["full"],
-                                        identical=agreement(key)))
+        speed = timings.speed[key]
+        speedup = speed / timings.full_speed
+        rows.append(dict(exit=n, k=k, head="full" if m is None else str(m),
+                         mode="fixed" if stop is None and not adaptive else
+                         (f"stop {stop:g}" if stop is not None else "adaptive"),
+                         tokens_per_s=speed, speedup=speedup, acceptance=accepted / max(drafted, 1), mean_k=mean_k,
+                         tokens_per_round=emitted, bound=bound, of_bound=speedup / bound,
+                         draft_cost=cost["draft"] / cost["full"], identical=timings.agreement(key)))
+    return rows
+
+
+def run_suite(generator: SoftGenerator, prompts, args, exits, draft_exits, calibrations=(), vocabulary=None) -> dict:
+    """Time every configuration; return the rows for the report. calibrations: calibrate.Calibration
+    rules for dynamic exit; vocabulary: token ids, most frequent first, whose first m form the draft
+    head of --draft-vocab m.
+
+    Configurations are interleaved prompt batch by prompt batch (`time_interleaved`); a
+    configuration's time is the median over rounds of its summed batch times."""
+    L = generator.num_layers
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    clock = make_clock(args.clock, generator.model.lm_head.weight.device)
+    configs, variants = configurations(generator, args, exits, draft_exits, calibrations, vocabulary)
+    for batch in batches[:2]:  # warm-up
+        generator.generate(batch, max_new_tokens=2)
+    timings = Timings(*time_interleaved(configs, batches, args.repeats, clock), full_key=("exit", L))
+    context = statistics.mean(len(prompt) for prompt in prompts) + args.max_new_tokens / 2
+
+    rows = {"exits": [], "speculative": [], "dynamic": [], "calibrated": []}
+    for n in exits:
+        rows["exits"].append(dict(exit=n, tokens_per_s=timings.speed[("exit", n)],
+                                  speed_ratio=timings.speed[("exit", n)] / timings.full_speed,
+                                  flop_ratio=exit_flop_ratio(generator.config, n, context),
+                                  agreement=timings.agreement(("exit", n))))
+    rows["speculative"] = speculative_rows(generator, timings, variants, batches, len(prompts), vocabulary, clock,
+                                           5 * args.repeats)
     rows["transformers"] = []
     if getattr(args, "transformers", False):
-        rows["transformers"] = transformers_rows(generator, prompts, args, draft_exits, full_tokens, clock)
+        rows["transformers"] = transformers_rows(generator, prompts, args, draft_exits, timings.full_tokens, clock)
         for row in rows["transformers"]:
-            row["speedup"] = row["tokens_per_s"] / speed[("exit", L)]
+            row["speedup"] = row["tokens_per_s"] / timings.full_speed
     for threshold in args.thresholds:
-        key = ("dynamic", threshold)
-        depths = [layer for result in outputs[key] for sequence in result.exit_layers for layer in sequence]
-        rows["dynamic"].append(dict(threshold=threshold, tokens_per_s=speed[key],
-                                    speedup=speed[key] / speed[("exit", L)],
-                                    mean_exit=sum(depths) / len(depths), agreement=agreement(key)))
+        rows["dynamic"].append(dict(threshold=threshold, **timings.dynamic_row(("dynamic", threshold))))
     for calibration in calibrations:
         key = ("calibrated", calibration.target)
-        depths = [layer for result in outputs[key] for sequence in result.exit_layers for layer in sequence]
-        agreeing = sum(prefix_agreement(generator, batch, result)[0] for batch, result in zip(batches, outputs[key]))
-        rows["calibrated"].append(dict(calibration=calibration, tokens_per_s=speed[key],
-                                       speedup=speed[key] / speed[("exit", L)], mean_exit=sum(depths) / len(depths),
-                                       agreement=agreement(key), prefix_agreement=agreeing / len(depths)))
-    rows["context"], rows["num_tokens"], rows["layers"] = context, num_tokens, L
+        agreeing = sum(prefix_agreement(generator, batch, result)[0]
+                       for batch, result in zip(batches, timings.outputs[key]))
+        rows["calibrated"].append(dict(calibration=calibration, **timings.dynamic_row(key),
+                                       prefix_agreement=agreeing / len(timings.exit_layers(key))))
+    rows["context"], rows["num_tokens"], rows["layers"] = context, timings.num_tokens, L
     return rows
 
 
@@ -444,9 +477,7 @@ def plot(path: Path, curves) -> str:
     return f"plot written to {path}"
 
 
-def main(argv=None) -> dict[str, list[str]]:
-    """`soft-ds bench inference`: print the tables and goal lines, write the plot; return the goal
-    lines per model."""
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="exported SoFT checkpoint (HF directory); default: a random tiny model")
     p.add_argument("--num-prompts", type=int, default=8, help="PandaLM instructions used (of 170)")
@@ -488,8 +519,13 @@ def main(argv=None) -> dict[str, list[str]]:
                    help="scale of the proxy's residual branches (0: every exit predicts exactly what the "
                         "full model does)")
     p.add_argument("--plot", default="runs/benchmark_inference.png", help="PNG of speed vs exit")
-    args = p.parse_args(argv)
-    # The library's own checks, under the options' names, before any model is built.
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, lists parsed and checked by the library's own checks under the options' names,
+    before any model is built; --clock auto resolved."""
+    args = build_parser().parse_args(argv)
     for name in ("num_prompts", "max_new_tokens", "batch_size", "repeats", "threads", "calibration_prompts"):
         check_positive_integer(getattr(args, name), f"--{name.replace('_', '-')}")
     args.draft_tokens = parse_list(args.draft_tokens, "--draft-tokens")
@@ -513,42 +549,38 @@ def main(argv=None) -> dict[str, list[str]]:
     for name in ("thresholds", "proxy_thresholds"):
         for threshold in getattr(args, name):
             check_threshold(threshold, f"each of --{name.replace('_', '-')}")
-    torch.set_num_threads(args.threads)
     if args.clock == "auto":
         args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
+    return args
 
+
+def load_model(args) -> tuple[SoftGenerator, str, str]:
+    """(the generator of --model or of a random tiny model, the report's title for it, its note)."""
     if args.model:
-        generator = SoftGenerator.from_pretrained(args.model, device=args.device)
-        title = f"model {args.model}"
-        note = "SoFT checkpoint"
-    else:
-        config = preset_config("tiny")
-        generator = SoftGenerator(build_random(config, args.seed).to(args.device))
-        title = "random tiny model (no --model given)"
-        note = ("RANDOM WEIGHTS: its exits do not agree with its full model, so acceptance, agreement and "
-                "the speculative/dynamic goals below say nothing about a trained SoFT model")
-    tokenizer = generator.tokenizer or load_tokenizer(BUNDLED_TOKENIZER)
-    config = generator.config
-    L = config.num_hidden_layers
-    exits = parse_list(args.exits, "--exits") if args.exits else list(default_exit_layers(L))
-    exits = list(check_exit_layers(exits + [L], L))  # the full model is always measured
-    prompts = load_prompts(tokenizer, args.num_prompts)
-    generator.check_prompts(prompts, args.max_new_tokens)
-    vocabulary = None
-    if args.draft_vocab:
-        for m in args.draft_vocab:
-            check_draft_vocabulary_size(m, config.vocab_size, "each of --draft-vocab")
-        counts = response_token_counts(BUNDLED_RECORDS, tokenizer, config.vocab_size)
-        vocabulary = frequent_tokens(counts, max(args.draft_vocab))
-        coverage = ", ".join(f"top {m}: {counts[vocabulary[:m]].sum() / counts.sum():.1%}" for m in args.draft_vocab)
-        print(f"draft vocabularies: the most frequent response tokens of {os.path.basename(BUNDLED_RECORDS)} ({coverage} "
-              "of its response tokens)")
-    print(f"soft-ds inference benchmark: {len(prompts)} PandaLM prompts (training template), "
-          f"{args.max_new_tokens} new tokens each, batch {args.batch_size}, greedy, "
-          f"{next(generator.model.parameters()).dtype} on {args.device}, {args.threads} CPU thread(s), "
-          f"{args.clock} clock, median of {args.repeats} interleaved rounds")
-    shape = (f"{L} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
-             f"head/layer FLOPs {head_layer_ratio(config):.2f} at seq {LLAMA2_13B_SEQ_LEN}")
+        return SoftGenerator.from_pretrained(args.model, device=args.device), f"model {args.model}", "SoFT checkpoint"
+    generator = SoftGenerator(build_random(preset_config("tiny"), args.seed).to(args.device))
+    note = ("RANDOM WEIGHTS: its exits do not agree with its full model, so acceptance, agreement and "
+            "the speculative/dynamic goals below say nothing about a trained SoFT model")
+    return generator, "random tiny model (no --model given)", note
+
+
+def draft_vocabulary(args, tokenizer, config: LlamaConfig) -> torch.Tensor | None:
+    """The bundled sample's response tokens, most frequent first, as many as the largest
+    --draft-vocab (None without it); prints how much of the responses each size covers."""
+    if not args.draft_vocab:
+        return None
+    for m in args.draft_vocab:
+        check_draft_vocabulary_size(m, config.vocab_size, "each of --draft-vocab")
+    counts = response_token_counts(BUNDLED_RECORDS, tokenizer, config.vocab_size)
+    vocabulary = frequent_tokens(counts, max(args.draft_vocab))
+    coverage = ", ".join(f"top {m}: {counts[vocabulary[:m]].sum() / counts.sum():.1%}" for m in args.draft_vocab)
+    print(f"draft vocabularies: the most frequent response tokens of {os.path.basename(BUNDLED_RECORDS)} ({coverage} "
+          "of its response tokens)")
+    return vocabulary
+
+
+def calibrate_targets(generator: SoftGenerator, tokenizer, args, exits) -> list:
+    """One calibrate.Calibration per --target-agreements, on the held-out PandaLM records."""
     calibrations = []
     if args.target_agreements:
         held_out = calibration_prompts(tokenizer, args.calibration_prompts)
@@ -557,38 +589,75 @@ def main(argv=None) -> dict[str, list[str]]:
             calibrations.append(calibrate(generator, held_out, target, args.confidence, exits,
                                           args.max_new_tokens, None, batch_size=args.batch_size))
             print(f"   {calibrations[-1].summary()}")
-    draft_exits = [n for n in exits if n < L]
-    if args.draft_exits:
-        draft_exits = parse_list(args.draft_exits, "--draft-exits")
-        if not set(draft_exits) <= set(exits) - {L}:
-            raise ValueError(f"--draft-exits {args.draft_exits}: each must be one of the measured exits below the "
-                             f"last, {[n for n in exits if n < L]} (--exits)")
+    return calibrations
+
+
+def measured_draft_exits(args, exits, L: int) -> list[int]:
+    """--draft-exits, each one of the measured exits below the last; default: all of those."""
+    below = [n for n in exits if n < L]
+    if not args.draft_exits:
+        return below
+    draft_exits = parse_list(args.draft_exits, "--draft-exits")
+    if not set(draft_exits) <= set(below):
+        raise ValueError(f"--draft-exits {args.draft_exits}: each must be one of the measured exits below the "
+                         f"last, {below} (--exits)")
+    return draft_exits
+
+
+def run_proxy(args, prompts) -> tuple[list[str], tuple[str, dict]]:
+    """The LLaMA 2 13B cost proxy's suite (random weights, its prompts' ids taken modulo its
+    vocabulary): (its goal lines, its plot curve)."""
+    proxy = proxy_config(args.proxy_layers, args.proxy_hidden, args.proxy_intermediate, args.proxy_heads)
+    proxy_exits = list(PAPER_EXITS_40) if proxy.num_hidden_layers == 40 else list(
+        default_exit_layers(proxy.num_hidden_layers))
+    proxy_generator = SoftGenerator(build_random(proxy, args.seed, args.proxy_damping).to(args.device),
+                                    exits=proxy_exits)
+    proxy_prompts = [[token % proxy.vocab_size for token in prompt] for prompt in prompts]
+    draft_exits = [n for n in parse_list(args.proxy_draft_exits, "--proxy-draft-exits")
+                   if n in proxy_exits and n < proxy.num_hidden_layers]
+    proxy_args = argparse.Namespace(**{**vars(args), "thresholds": args.proxy_thresholds, "draft_vocab": [],
+                                       "draft_stop": [], "adaptive_k": False, "transformers": False})
+    proxy_rows = run_suite(proxy_generator, proxy_prompts, proxy_args, proxy_exits, draft_exits)
+    shape = (f"{proxy.num_hidden_layers} layers, hidden {proxy.hidden_size}, intermediate "
+             f"{proxy.intermediate_size}, {proxy.num_attention_heads} heads, vocab {proxy.vocab_size} "
+             f"(chosen so head/layer FLOPs = {head_layer_ratio(proxy):.3f}; LLaMA 2 13B: "
+             f"{head_layer_ratio(LLAMA2_13B):.3f})")
+    goals = report(f"LLaMA 2 13B cost proxy: {shape}", proxy_rows,
+                   f"random weights, residual branches x {args.proxy_damping}: "
+                   + ("every exit predicts what the full model predicts, by construction; "
+                      "its speculative/dynamic rows are a synthetic ceiling at full agreement"
+                      if args.proxy_damping == 0 else "exits agree partly"))
+    return goals, (f"13B proxy ({proxy.num_hidden_layers} layers)", proxy_rows)
+
+
+def main(argv=None) -> dict[str, list[str]]:
+    """`soft-ds bench inference`: print the tables and goal lines, write the plot; return the goal
+    lines per model."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    generator, title, note = load_model(args)
+    tokenizer = generator.tokenizer or load_tokenizer(BUNDLED_TOKENIZER)
+    config = generator.config
+    L = config.num_hidden_layers
+    exits = parse_list(args.exits, "--exits") if args.exits else list(default_exit_layers(L))
+    exits = list(check_exit_layers(exits + [L], L))  # the full model is always measured
+    prompts = load_prompts(tokenizer, args.num_prompts)
+    generator.check_prompts(prompts, args.max_new_tokens)
+    vocabulary = draft_vocabulary(args, tokenizer, config)
+    print(f"soft-ds inference benchmark: {len(prompts)} PandaLM prompts (training template), "
+          f"{args.max_new_tokens} new tokens each, batch {args.batch_size}, greedy, "
+          f"{next(generator.model.parameters()).dtype} on {args.device}, {args.threads} CPU thread(s), "
+          f"{args.clock} clock, median of {args.repeats} interleaved rounds")
+    shape = (f"{L} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
+             f"head/layer FLOPs {head_layer_ratio(config):.2f} at seq {LLAMA2_13B_SEQ_LEN}")
+    calibrations = calibrate_targets(generator, tokenizer, args, exits)
+    draft_exits = measured_draft_exits(args, exits, L)
     rows = run_suite(generator, prompts, args, exits, draft_exits, calibrations, vocabulary)
     goals = {"model": report(f"{title}: {shape}", rows, note)}
     curves = [(f"model ({L} layers)", rows)]
-
     if not args.no_proxy:
-        proxy = proxy_config(args.proxy_layers, args.proxy_hidden, args.proxy_intermediate, args.proxy_heads)
-        proxy_exits = list(PAPER_EXITS_40) if proxy.num_hidden_layers == 40 else list(
-            default_exit_layers(proxy.num_hidden_layers))
-        proxy_generator = SoftGenerator(build_random(proxy, args.seed, args.proxy_damping).to(args.device),
-                                        exits=proxy_exits)
-        proxy_prompts = [[token % proxy.vocab_size for token in prompt] for prompt in prompts]
-        draft_exits = [n for n in parse_list(args.proxy_draft_exits, "--proxy-draft-exits")
-                       if n in proxy_exits and n < proxy.num_hidden_layers]
-        proxy_args = argparse.Namespace(**{**vars(args), "thresholds": args.proxy_thresholds, "draft_vocab": [],
-                                           "draft_stop": [], "adaptive_k": False, "transformers": False})
-        proxy_rows = run_suite(proxy_generator, proxy_prompts, proxy_args, proxy_exits, draft_exits)
-        shape = (f"{proxy.num_hidden_layers} layers, hidden {proxy.hidden_size}, intermediate "
-                 f"{proxy.intermediate_size}, {proxy.num_attention_heads} heads, vocab {proxy.vocab_size} "
-                 f"(chosen so head/layer FLOPs = {head_layer_ratio(proxy):.3f}; LLaMA 2 13B: "
-                 f"{head_layer_ratio(LLAMA2_13B):.3f})")
-        goals["13B cost proxy"] = report(f"LLaMA 2 13B cost proxy: {shape}", proxy_rows,
-                                         f"random weights, residual branches x {args.proxy_damping}: "
-                                         + ("every exit predicts what the full model predicts, by construction; "
-                                            "its speculative/dynamic rows are a synthetic ceiling at full agreement"
-                                            if args.proxy_damping == 0 else "exits agree partly"))
-        curves.append((f"13B proxy ({proxy.num_hidden_layers} layers)", proxy_rows))
+        goals["13B cost proxy"], curve = run_proxy(args, prompts)
+        curves.append(curve)
 
     print("\n== summary")
     for name, lines in goals.items():

@@ -22,9 +22,10 @@ import torch
 import torch.distributed as torch_dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from soft_ds.bench.overhead import parse_variant
+from soft_ds.bench.overhead import deepspeed_config, parse_variant
 from soft_ds.bench.rows import alpaca_shapes, counted_tokens, real_tokens, shaped_batches
 from soft_ds.bench.proxy import proxy_config
+from soft_ds.config import RunConfig, load_config
 from soft_ds.exit_schedule import ExitSchedule
 from soft_ds.exits import make_exits
 from soft_ds.model import random_weights
@@ -37,9 +38,9 @@ MEASURED = "measured_step"
 
 def parse_args():
     p = argparse.ArgumentParser()
-    for name in ("stages", "layers", "hidden", "intermediate", "heads", "seq-len", "vocab", "micro-batch",
-                 "grad-accum", "chunk-tokens", "warmup", "repeats", "steps", "bucket-elements"):
+    for name in ("layers", "hidden", "intermediate", "heads", "vocab", "warmup", "repeats", "steps"):
         p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--config", required=True, help="the run's config file, overrides applied (overhead.write_config)")
     p.add_argument("--out", required=True)
     p.add_argument("--row-tokenizer", required=True, help="bench.rows.row_tokenizer's name")
     p.add_argument("--variants", required=True, help="comma-separated variant names (overhead.parse_variant)")
@@ -47,26 +48,13 @@ def parse_args():
     return p.parse_args()
 
 
-def ds_config(args, data_parallel: int, bucket_elements: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": args.grad_accum,
-        "train_batch_size": args.micro_batch * args.grad_accum * data_parallel,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-        # ZeRO's gradient buckets scaled with the model: the default 5e8 elements (two 2 GB fp32
-        # buffers per rank) is sized for billions of parameters and would dwarf the proxy.
-        "zero_optimization": {"stage": 1, "reduce_bucket_size": bucket_elements,
-                              "allgather_bucket_size": bucket_elements},
-        "pipeline": {"use_reentrant": False, "activation_checkpoint_interval": 0},
-        "steps_per_print": 10**9,
-    }
-
-
-def make_batches(args, packed: bool) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+def make_batches(args, config: RunConfig,
+                 packed: bool) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """One step's micro-batches of Alpaca-shaped rows (packed or one record per row), in the
     engine's format; reused for every step (token values do not change the cost)."""
-    shapes = alpaca_shapes(args.seq_len, tokenizer=args.row_tokenizer)
-    batches = shaped_batches(shapes, args.seq_len, args.vocab, args.micro_batch,
-                             args.grad_accum, packed, seed=SEED)
+    seq_len = config.soft.seq_len
+    shapes = alpaca_shapes(seq_len, tokenizer=args.row_tokenizer)
+    batches = shaped_batches(shapes, seq_len, args.vocab, config.micro_batch_size, config.grad_accum, packed, seed=SEED)
     return [((ids, targets, positions), targets) for ids, targets, positions in batches]
 
 
@@ -143,22 +131,24 @@ def main():
     args = parse_args()
     init_distributed("gloo")
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-    assert world == args.stages, f"one rank per stage: world {world} != stages {args.stages}"
-    config = proxy_config(args.layers, args.hidden, args.intermediate, args.heads, args.vocab, args.seq_len)
+    config = load_config(args.config)  # the run's settings, overrides applied
+    stages, seq_len = config.soft.pipeline_stages, config.soft.seq_len
+    assert world == stages, f"one rank per stage: world {world} != stages {stages}"
+    proxy = proxy_config(args.layers, args.hidden, args.intermediate, args.heads, args.vocab, seq_len)
+    ds_config = deepspeed_config(config, proxy)
     variants = args.variants.split(",")
-    batches = {layout: make_batches(args, layout == "packed") for layout in ("packed", "padded")}
+    batches = {layout: make_batches(args, config, layout == "packed") for layout in ("packed", "padded")}
     tokens = {layout: {"real": real_tokens([b[0] for b in rows]), "counted": counted_tokens([b[0] for b in rows])}
               for layout, rows in batches.items()}
 
     def build(variant):
         v = parse_variant(variant)
-        exits = make_exits(None, config.num_hidden_layers, mode=v.mode)
+        exits = make_exits(None, proxy.num_hidden_layers, mode=v.mode)
         schedule = ExitSchedule("random-k", v.sample_k, 0, SEED) if v.sample_k else ExitSchedule()
-        module = build_pipeline(config, exits, args.stages, args.seq_len, random_weights(config, SEED),
-                                exit_loss=v.implementation, exit_chunk_tokens=args.chunk_tokens,
-                                exit_schedule=schedule)
-        return build_engine(module, ds_config(args, world // args.stages, args.bucket_elements),
-                            direct_weight_gradient=v.direct)
+        module = build_pipeline(proxy, exits, stages, seq_len, random_weights(proxy, SEED),
+                                exit_loss=v.implementation, exit_chunk_tokens=config.soft.exit_chunk_tokens,
+                                activation_checkpointing=config.soft.activation_checkpointing, exit_schedule=schedule)
+        return build_engine(module, ds_config, direct_weight_gradient=v.direct)
 
     def step(engine, layout: str) -> tuple[float, float]:
         """(wall seconds of one optimizer step, the slowest rank's; CPU seconds, all ranks together).

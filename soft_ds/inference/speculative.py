@@ -26,6 +26,8 @@ Two ways to make drafts cheaper or better aimed, both verified by the full model
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -111,6 +113,83 @@ class ReducedHead:
         return F.linear(self.norm(hidden), self.weight)  # (..., m)
 
 
+@dataclass
+class Drafter:
+    """Exit n's side of a round: it drafts tokens one at a time through layers[:n] and its head
+    (the full vocabulary's, or a `ReducedHead`)."""
+    model: CachedModel
+    exit_layer: int  # n
+    sampling: Sampling
+    generator: torch.Generator | None
+    reduced: ReducedHead | None = None
+    stop: float | None = None  # generate_speculative's draft_stop
+
+    def draft(self, cache, token: torch.Tensor, positions: torch.Tensor, most: int,
+              active: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Up to `most` drafts after the pending `token` x0 (B,) at `positions` (B,): x0..x_{k-1}
+        through layers[:n] one at a time, each giving the next draft x_{i+1}; then x_k through
+        layers[:n] too. Returns (layer-n hidden states of x0..x_k: k+1 of (B, 1, H); drafts: k of
+        (B,); under sampling their distributions over the whole vocabulary: k of (B, V))."""
+        model, reduced = self.model, self.reduced
+        hidden, drafts, draft_probs = [], [], []
+        draft = token
+        for i in range(most + 1):
+            x, rope = model.embed_new(cache, draft, positions + i)
+            x = model.run(cache, x, 0, self.exit_layer, rope)  # (B, 1, H)
+            hidden.append(x)
+            if i == most:
+                break
+            logits = model.head(x[:, -1], self.exit_layer) if reduced is None else reduced(x[:, -1])  # (B, V) or (B, m)
+            if self.stop is not None and not bool((confidence(logits, "max_prob")[active] >= self.stop).any()):
+                break  # x_i's layer-n state is in; nobody is confident of x_{i+1}
+            if self.sampling.greedy:
+                draft = logits.argmax(-1)
+            else:
+                probs = distribution(logits, self.sampling)
+                draft = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+                if reduced is not None:  # q over the whole vocabulary: zero outside the subset
+                    vocab_size = model.config.vocab_size
+                    probs = probs.new_zeros(len(probs), vocab_size).scatter_(-1, reduced.token_ids.expand_as(probs),
+                                                                             probs)
+                draft_probs.append(probs)
+            if reduced is not None:
+                draft = reduced.token_ids[draft]
+            drafts.append(draft)
+        return hidden, drafts, draft_probs
+
+
+def verify(drafter: Drafter, cache, hidden: list[torch.Tensor], drafts: list[torch.Tensor],
+           draft_probs: list[torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full model's verdict on a round's k drafts: layers[n:] on the k+1 layer-n hidden states
+    at their columns, the head on all k+1; the longest prefix of drafts it agrees with (greedy:
+    equal to its argmax; sampling: `speculative_accept`), then its own next token. Returns (drafts
+    (B, k), accepted count (B,), next token (B,))."""
+    model, n, sampling = drafter.model, drafter.exit_layer, drafter.sampling
+    batch, k, device = len(positions), len(drafts), positions.device
+    spans = positions[:, None] + torch.arange(k + 1, device=device)  # (B, k + 1)
+    verified = model.run(cache, torch.cat(hidden, dim=1), n, model.num_layers, model.rope(spans))
+    logits = model.head(verified)  # (B, k + 1, V)
+    drafts = torch.stack(drafts, dim=1) if drafts else torch.zeros(batch, 0, dtype=torch.long, device=device)
+    if sampling.greedy:
+        target = logits.argmax(-1)  # (B, k + 1)
+        accepted = (drafts == target[:, :k]).long().cumprod(1).sum(1)  # (B,)
+        return drafts, accepted, target.gather(1, accepted[:, None])[:, 0]
+    draft_probs = torch.stack(draft_probs, dim=1) if draft_probs else logits.new_zeros(batch, 0, logits.shape[-1])
+    accepted, token = speculative_accept(drafts, draft_probs, distribution(logits, sampling), drafter.generator)
+    return drafts, accepted, token
+
+
+def roll_back(cache, start: int, accepted: torch.Tensor) -> None:
+    """Keep the round's columns (from `start`) up to the longest accepted prefix in the batch; a
+    sequence's columns beyond its own prefix (accepted (B,)) stay as holes it no longer sees."""
+    keep = int(accepted.max()) + 1  # columns of this round every sequence may need
+    columns = torch.arange(start, start + keep, device=accepted.device)
+    holes = columns[None, :] > start + accepted[:, None]  # (B, keep): drafts a sequence rejected
+    invalid = torch.zeros(len(accepted), start + keep, dtype=torch.bool, device=accepted.device)
+    invalid[:, start:] = holes
+    cache.rollback(start + keep, invalid)
+
+
 @torch.inference_mode()
 def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exit: int, draft_tokens: int = 4,
                          max_new_tokens: int = 64, sampling: Sampling = GREEDY, eos_token_id: int | None = None,
@@ -141,9 +220,10 @@ def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exi
         check_threshold(draft_stop, "draft_stop")
     model.check_prompts(prompts, max_new_tokens)
     reduced = None if draft_vocabulary is None else ReducedHead(model.model, draft_vocabulary, n)
-    L, device, V = model.num_layers, model.device, model.config.vocab_size
+    device = model.device
     generator = sampling.generator(device)
-    cache, positions, hidden = model.prefill(prompts, L, max_new_tokens + draft_tokens + 1)
+    drafter = Drafter(model, n, sampling, generator, reduced, draft_stop)
+    cache, positions, hidden = model.prefill(prompts, model.num_layers, max_new_tokens + draft_tokens + 1)
     out = Outputs(len(prompts), max_new_tokens, eos_token_id)
     token = pick(model.head(hidden), sampling, generator)
     out.add_each(token)
@@ -153,43 +233,10 @@ def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exi
         active = out.active(device)
         most = min(planned, out.remaining() - 1)  # a round emits at most k + 1 tokens
         start = cache.columns
-        draft_hidden, drafts, draft_probs = [], [], []
-        draft = token
-        for i in range(most + 1):
-            x, rope = model.embed_new(cache, draft, positions + i)
-            x = model.run(cache, x, 0, n, rope)  # (B, 1, H)
-            draft_hidden.append(x)
-            if i == most:
-                break
-            logits = model.head(x[:, -1], n) if reduced is None else reduced(x[:, -1])  # (B, V) or (B, m)
-            if draft_stop is not None and not bool((confidence(logits, "max_prob")[active] >= draft_stop).any()):
-                break  # x_i's layer-n state is in; nobody is confident of x_{i+1}
-            if sampling.greedy:
-                draft = logits.argmax(-1)
-            else:
-                probs = distribution(logits, sampling)
-                draft = torch.multinomial(probs, 1, generator=generator)[:, 0]
-                if reduced is not None:  # q over the whole vocabulary: zero outside the subset
-                    probs = probs.new_zeros(len(prompts), V).scatter_(-1, reduced.token_ids.expand_as(probs), probs)
-                draft_probs.append(probs)
-            if reduced is not None:
-                draft = reduced.token_ids[draft]
-            drafts.append(draft)
+        draft_hidden, drafts, draft_probs = drafter.draft(cache, token, positions, most, active)
         k = len(drafts)
         result.draft_lengths.append(k)
-        spans = positions[:, None] + torch.arange(k + 1, device=device)  # (B, k + 1)
-        verified = model.run(cache, torch.cat(draft_hidden, dim=1), n, L, model.rope(spans))
-        logits = model.head(verified)  # (B, k + 1, V)
-        drafts = torch.stack(drafts, dim=1) if drafts else torch.zeros(len(prompts), 0, dtype=torch.long,
-                                                                        device=device)
-        if sampling.greedy:
-            target = logits.argmax(-1)  # (B, k + 1)
-            accepted = (drafts == target[:, :k]).long().cumprod(1).sum(1)  # (B,)
-            token = target.gather(1, accepted[:, None])[:, 0]
-        else:
-            draft_probs = torch.stack(draft_probs, dim=1) if draft_probs else logits.new_zeros(
-                len(prompts), 0, logits.shape[-1])
-            accepted, token = speculative_accept(drafts, draft_probs, distribution(logits, sampling), generator)
+        drafts, accepted, token = verify(drafter, cache, draft_hidden, drafts, draft_probs, positions)
         accepted = torch.where(active, accepted, torch.zeros_like(accepted))
         for row, (count, value) in enumerate(zip(accepted.tolist(), token.tolist())):
             if not out.done[row]:
@@ -199,12 +246,7 @@ def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exi
         if adaptive and k:
             all_accepted = bool((accepted[active] == k).all())
             planned = planned + 2 if all_accepted else max(1, planned - 1)
-        keep = int(accepted.max()) + 1  # columns of this round every sequence may need
-        columns = torch.arange(start, start + keep, device=device)
-        holes = columns[None, :] > start + accepted[:, None]  # (B, keep): drafts a sequence rejected
-        invalid = torch.zeros(len(prompts), start + keep, dtype=torch.bool, device=device)
-        invalid[:, start:] = holes
-        cache.rollback(start + keep, invalid)
+        roll_back(cache, start, accepted)
         positions = positions + accepted + 1
         result.steps += 1
     return result
