@@ -41,7 +41,7 @@ def test_benchmark_prints_ratios_and_verdicts():
 
 def test_bench_config_is_the_files_with_the_bench_settings_then_the_flags():
     """The launch's DeepSpeed config is RunConfig.deepspeed_config of the --ds-config file (default
-    tiny_pp2.json: 2 stages, fp32, ZeRO-1) with the bench's pinned settings, then the flags, plus
+    tiny_pp2.json: 2 stages, fp32, ZeRO-1, with the bench's pinned settings), then the flags, plus
     ZeRO buckets scaled to the proxy."""
     from soft_ds.bench.overhead import (BENCH_SETTINGS, DEFAULT_CONFIG, args_proxy, deepspeed_config, parse_args,
                                         zero_bucket_elements)
@@ -62,6 +62,8 @@ def test_bench_config_is_the_files_with_the_bench_settings_then_the_flags():
                                "--exit-chunk-tokens", "64", "--pipeline-stages", "4"])
     assert (config.micro_batch_size, config.grad_accum, config.soft.seq_len) == (3, 2, 128)
     assert (config.soft.exit_chunk_tokens, config.soft.pipeline_stages) == (64, 4)
+    args, config = parse_args(["--ds-config", DEFAULT_CONFIG])  # a file given is measured as it says
+    assert (config.micro_batch_size, config.soft.exit_chunk_tokens) == (1, 512)
     with pytest.raises(ConfigError, match="fp32"):
         parse_args(["--ds-config", os.path.join(REPO, "ds_configs", "pp4.json")])  # bf16
 
