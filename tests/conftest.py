@@ -84,7 +84,8 @@ def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_siz
     packed as the run's soft.packing; None: its default), which is what train.py logs after averaging
     over replicas."""
     from soft_ds.config import SoftOptions
-    from soft_ds.data import build_datasets, global_batch
+    from soft_ds.data.batching import global_batch
+    from soft_ds.data.splits import build_datasets
     from soft_ds.exits import exit_loss
 
     packing = SoftOptions().packing if packing is None else packing
@@ -104,7 +105,7 @@ def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch,
                                packing=None):
     """A train.py run of the `debug` preset on the bundled data logged, at step 1, each exit's loss
     and their mean (uniform weights) as one process computes them on the same weights and batch."""
-    from soft_ds.data import load_tokenizer
+    from soft_ds.data.tokenizer import load_tokenizer
     from soft_ds.model import Llama, preset_config, random_weights
 
     tokenizer = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))

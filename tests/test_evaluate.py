@@ -11,7 +11,10 @@ from _eval_checkpoints import (NUM_LAYERS, assert_cli_refuses, one_thread, recor
                                save_checkpoint, write_alpaca)
 from conftest import run_cli
 
-from soft_ds.data import IGNORE_INDEX, build_datasets, encode_prompt, format_prompt, load_tokenizer
+from soft_ds.data.splits import build_datasets
+from soft_ds.data.targets import IGNORE_INDEX
+from soft_ds.data.templates import encode_prompt, format_prompt
+from soft_ds.data.tokenizer import load_tokenizer
 from soft_ds.eval import metrics
 from soft_ds.exits import check_exit_layers
 from soft_ds.hf_io import load_model

@@ -394,7 +394,7 @@ def test_generate_cli_modes(checkpoint, capsys, tmp_path):
     dynamic, _ = run_generate(base + ["--prompt", "Name three primary colors.", "--dynamic-threshold", "1"], capsys)
     assert dynamic == full
     generator = SoftGenerator.from_pretrained(directory)
-    from soft_ds.data import encode_prompt
+    from soft_ds.data.templates import encode_prompt
     exit3 = generator.generate([encode_prompt({"instruction": "Name three primary colors."}, generator.tokenizer)],
                                exit_layer=3, max_new_tokens=8, eos_token_id=2).tokens[0]
     texts, _ = run_generate(base + ["--prompt", "Name three primary colors.", "--exit", "3"], capsys)
@@ -414,7 +414,7 @@ def test_generate_cli_modes(checkpoint, capsys, tmp_path):
 
 def test_generate_cli_prompts_in_the_template_the_export_records(checkpoint, capsys, tmp_path):
     from _eval_checkpoints import record_chat_template
-    from soft_ds.data import encode_prompt
+    from soft_ds.data.templates import encode_prompt
     directory, _ = checkpoint
     chat = record_chat_template(Path(shutil.copytree(directory, tmp_path / "chat")))
     record = {"instruction": "Name three primary colors."}
