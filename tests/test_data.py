@@ -9,8 +9,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import run_cli
-from soft_ds.data.batching import batch_iterator, collate, collate_rows, global_batch
+from conftest import global_batch, run_cli
+from soft_ds.data.batching import batch_iterator, collate, collate_rows
 from soft_ds.data.packing import epoch_rows, global_batch_rows, row_fill, step_tokens
 from soft_ds.data.records import DataError, load_instructions, load_records
 from soft_ds.data.splits import build_datasets
@@ -440,9 +440,11 @@ def test_iterator_yields_this_ranks_slice_of_the_global_batch():
     for rank in range(dp):
         iterator = batch_iterator(dataset, mbs, accum, rank, dp, seed, seq_len=1, pad_id=0)
         for step in range(8):  # past the 2-step epoch, so several reshuffles
-            reference = global_batch(dataset, step, mbs, accum, dp, seed, seq_len=1, pad_id=0)
+            slots = global_batch_rows(len(dataset), step, mbs, accum, dp, seed)
             for micro_step in range(accum):
-                batch, expected = next(iterator), reference[rank * accum + micro_step]
+                rows = slots[rank * accum + micro_step]
+                expected = collate_rows([[dataset[index] for index in row] for row in rows], seq_len=1, pad_id=0)
+                batch = next(iterator)
                 assert len(batch) == 3 and all(torch.equal(a, b) for a, b in zip(batch, expected))
 
 

@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -351,9 +352,11 @@ def train_steps(run: TrainingRun, prepared: dict, config, cpu: bool) -> Training
         for step in range(soft.train_steps):
             real = packing.step_tokens(lengths, step, config.micro_batch_size, config.grad_accum, 1, soft.seed,
                                        soft.seq_len, soft.packing)
-            counted = counted_tokens(batching.global_batch(train_set, step, config.micro_batch_size,
-                                                           config.grad_accum, 1, soft.seed, soft.seq_len, pad_id,
-                                                           soft.packing))
+            # The step's micro-batches, read as the one data-parallel rank reads them.
+            step_batches = batching.batch_iterator(train_set, config.micro_batch_size, config.grad_accum, 0, 1,
+                                                   soft.seed, soft.seq_len, pad_id, start_step=step,
+                                                   packing=soft.packing)
+            counted = counted_tokens(itertools.islice(step_batches, config.grad_accum))
             accelerator.synchronize()
             started = time.perf_counter()
             loss = engine.train_batch(batches).item()  # .item() waits for the step's kernels

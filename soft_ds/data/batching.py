@@ -56,17 +56,6 @@ def collate_rows(rows, seq_len, pad_id):
     return input_ids, targets, positions
 
 
-def global_batch(dataset, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, pad_id, packing=False):
-    """All micro-batches of step `step` across ranks, rank-major, as (input_ids, targets, positions).
-
-    What the data-parallel ranks together consume at that step: the reference for a
-    single-process computation of the same loss.
-    """
-    slots = global_batch_rows(len(dataset), step, micro_batch_size, grad_accum, dp_size, seed,
-                              record_lengths(dataset, packing), seq_len)
-    return [_micro_batch(dataset, rows, seq_len, pad_id) for rows in slots]
-
-
 def batch_iterator(
     dataset, micro_batch_size, grad_accum, dp_rank, dp_size, seed, seq_len, pad_id, start_step=0, packing=False
 ):
