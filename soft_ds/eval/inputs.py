@@ -18,7 +18,6 @@ import torch
 from transformers import LlamaConfig
 
 from soft_ds.settings import parse_list
-from soft_ds.data.splits import build_datasets
 from soft_ds.data.templates import check_template, checkpoint_template
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.hf_io import load_llama_config, load_model
@@ -124,6 +123,10 @@ def held_out_records(data: str | os.PathLike, tokenizer, max_length: int, val_si
                      template: str = "alpaca"):
     """The validation split of `data.splits.build_datasets`: the same data, val_size, seed and
     template as training give the very records training held out, tokenized and cut the same way."""
+    # Imported here: of the eval commands only lm, kl and answers read a training file, so only
+    # they import `datasets` (judge, triviaqa on JSON, and claims start without it).
+    from soft_ds.data.splits import build_datasets
+
     if val_size < 1:
         raise ValueError(f"--val-size must be at least 1 to have held-out records, got {val_size}")
     _, val_set = build_datasets(data, tokenizer, max_length, val_size, seed, template)
