@@ -44,7 +44,7 @@ class Monitor:
         import torch
         import transformers
 
-        from soft_ds.data import row_fill
+        from soft_ds.data.packing import row_fill
         from soft_ds.distributed import device_line, device_type
         from soft_ds.model import packed_attention_kernel
         from soft_ds.partition import balance_ratio

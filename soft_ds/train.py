@@ -22,9 +22,10 @@ import torch
 
 from soft_ds import checkpoint
 from soft_ds import config as run_config
-from soft_ds import data as soft_data
 from soft_ds import hf_io
 from soft_ds import preemption
+from soft_ds.data import batching, packing, records, splits
+from soft_ds.data.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 from soft_ds.distributed import deepspeed_environment, device_type, distributed_env, init_distributed
 from soft_ds.exits import make_exits
 from soft_ds.model import PRESETS, check_supported, packed_attention_kernel, preset_config, random_weights
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory or tokenizer.model (default: the checkpoint's, or data/tokenizer "
                         "for a preset)")
-    p.add_argument("--data", default=os.path.relpath(soft_data.BUNDLED_RECORDS),
+    p.add_argument("--data", default=os.path.relpath(records.BUNDLED_RECORDS),
                    help="Alpaca-format .json/.jsonl training data")
     p.add_argument("--output-dir", default=os.path.join("runs", "soft"),
                    help="checkpoints, TensorBoard events (tb/) and summary.json go here")
@@ -90,13 +91,13 @@ class PreparedRun:
     @functools.cached_property
     def lengths(self) -> tuple[int, ...]:
         """Each training record's token count: the rows' fill and each step's real tokens."""
-        return soft_data.token_counts(self.train_set)
+        return packing.token_counts(self.train_set)
 
     def step_tokens(self, step: int) -> int:
         """Real tokens (padding excluded) of optimizer step `step` (0-based), so packed and padded
         runs' throughput compare."""
         s = self.soft
-        return soft_data.step_tokens(self.lengths, step, self.config.micro_batch_size, self.config.grad_accum,
+        return packing.step_tokens(self.lengths, step, self.config.micro_batch_size, self.config.grad_accum,
                                      self.data_parallel, s.seed, s.seq_len, s.packing)
 
 
@@ -109,7 +110,7 @@ def check_model(args, model_config, tokenizer, tokenizer_path):
         if missing and not (missing == ["lm_head.weight"] and model_config.tie_word_embeddings):
             raise hf_io.CheckpointError(f"{args.model}: not a complete LLaMA checkpoint, missing {missing[:5]}")
     if len(tokenizer) > model_config.vocab_size:
-        raise soft_data.DataError(
+        raise records.DataError(
             f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary is "
             f"{model_config.vocab_size}: token ids would index past the embedding; use the model's tokenizer")
 
@@ -129,11 +130,11 @@ def check_stages(soft, exits, stages, model_config):
 def build_data(args, config, tokenizer, dp: int):
     """(train set, validation set), checked to fill at least one step and one validation pass."""
     soft = config.soft
-    train_set, val_set = soft_data.build_datasets(args.data, tokenizer, soft.seq_len, soft.val_size, soft.seed,
+    train_set, val_set = splits.build_datasets(args.data, tokenizer, soft.seq_len, soft.val_size, soft.seed,
                                                   soft.template)
-    soft_data.global_batch_rows(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed,
-                                soft_data.record_lengths(train_set, soft.packing), soft.seq_len)
-    val_rows = len(soft_data.epoch_rows(len(val_set), soft.seed, 0, soft_data.record_lengths(val_set, soft.packing),
+    packing.global_batch_rows(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed,
+                                packing.record_lengths(train_set, soft.packing), soft.seq_len)
+    val_rows = len(packing.epoch_rows(len(val_set), soft.seed, 0, packing.record_lengths(val_set, soft.packing),
                                         soft.seq_len)) if len(val_set) else 0
     if soft.val_size and val_rows < config.micro_batch_size * soft.eval_batches * dp:
         raise ConfigError(
@@ -150,11 +151,11 @@ def prepare(args, world_size: int) -> PreparedRun:
     soft = config.soft
     dp = config.data_parallel_size(world_size)
     config.deepspeed_config(world_size, cpu=True)  # checks that the batch numbers multiply out
-    tokenizer_path = args.tokenizer or (soft_data.BUNDLED_TOKENIZER if args.model in PRESETS else args.model)
+    tokenizer_path = args.tokenizer or (BUNDLED_TOKENIZER if args.model in PRESETS else args.model)
     if args.model not in PRESETS and not os.path.isdir(args.model):
         raise hf_io.CheckpointError(f"--model {args.model!r} is neither a checkpoint directory nor a preset "
                                     f"({', '.join(sorted(PRESETS))})")
-    tokenizer = soft_data.load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     if soft.mode == "ict" and args.model in PRESETS:
         raise ConfigError(f"--mode ict trains exit heads on a frozen fine-tuned model: --model must be a checkpoint "
                           f"directory (e.g. an SFT run exported with `soft-ds export`), not the random preset "
@@ -169,7 +170,7 @@ def prepare(args, world_size: int) -> PreparedRun:
     check_stages(soft, exits, stages, model_config)
     train_set, val_set = build_data(args, config, tokenizer, dp)
     if soft.train_epochs:
-        rows = soft_data.epoch_rows(len(train_set), soft.seed, 0, soft_data.record_lengths(train_set, soft.packing),
+        rows = packing.epoch_rows(len(train_set), soft.seed, 0, packing.record_lengths(train_set, soft.packing),
                                     soft.seq_len)
         soft.train_steps = math.ceil(soft.train_epochs * len(rows) / (config.micro_batch_size * config.grad_accum * dp))
         run_config.check_config(config, f"--train-epochs {soft.train_epochs:g} ({soft.train_steps} steps)")
@@ -189,7 +190,7 @@ def data_iterator(dataset, config, engine, pad_id, start_step, eval_batches=None
     """Micro-batches in the engine's format ((input_ids, targets, positions), targets) for this DP
     rank, packed when soft.packing (training and validation alike)."""
     soft = config.soft
-    batches = soft_data.batch_iterator(
+    batches = batching.batch_iterator(
         dataset, config.micro_batch_size, eval_batches or config.grad_accum,
         engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size(), soft.seed,
         soft.seq_len, pad_id, start_step=start_step, packing=soft.packing)
@@ -244,7 +245,7 @@ def run(argv, stop: preemption.StopRequest):
     try:
         environment = deepspeed_environment(place)  # how the ranks meet, checked before the long validation
         prepared = prepare(args, place.world_size)
-    except (ConfigError, soft_data.DataError, hf_io.CheckpointError, ValueError) as e:
+    except (ConfigError, records.DataError, hf_io.CheckpointError, ValueError) as e:
         fail(str(e), place.rank)
     soft, exits = prepared.soft, prepared.exits
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from soft_ds.data import DataError, load_records
+from soft_ds.data.records import DataError, load_records
 from soft_ds.settings import ArgumentParser
 
 # The model is shipped in the repository; keep it under this size (bytes) so clones stay light.
@@ -81,7 +81,7 @@ def write_tokenizer_dir(model_bytes, out_dir):
     out_dir = Path(out_dir)
     # Load from a scratch directory holding only tokenizer.model: stale config files in out_dir
     # from an earlier run must not influence how the new model is read. The class is named
-    # explicitly (soft_ds.data.load_tokenizer does the same for bare .model files): with no config,
+    # explicitly (soft_ds.data.tokenizer.load_tokenizer does the same for bare .model files): with no config,
     # AutoTokenizer falls back to a generic conversion that drops the dummy-prefix "▁", and
     # LlamaTokenizer stops adding <s> unless asked, unlike LLaMA's published tokenizers.
     with tempfile.TemporaryDirectory() as scratch:

@@ -29,7 +29,7 @@ def make_batches(step: int, count: int, vocab: int, packed: bool = False) -> lis
     """`count` micro-batches (input_ids, targets, positions) for one step; targets masked like real
     data: a prompt part and right padding at -100, and one micro-batch with nothing counted at
     step 1. packed: each row holds records of 2..7 tokens back to back, positions restarting at
-    each, each record with its own prompt part and its last target at -100 (as data.collate_rows)."""
+    each, each record with its own prompt part and its last target at -100 (as data.batching.collate_rows)."""
     g = torch.Generator().manual_seed(1000 + step)
     batches = []
     for m in range(count):

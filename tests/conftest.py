@@ -1,4 +1,5 @@
 import glob
+import itertools
 import os
 
 # The suite is a CPU suite, on a GPU machine too: every process it starts (deepspeed launches, Slurm
@@ -77,6 +78,17 @@ def logged_steps(run_dir, tag="train/loss") -> list[int]:
     return sorted(e.step for e in tensorboard_events(run_dir).Scalars(tag))
 
 
+def global_batch(dataset, step, micro_batch_size, grad_accum, dp_size, seed, seq_len, pad_id, packing=False):
+    """All micro-batches of optimizer step `step` across ranks, rank-major, as (input_ids, targets,
+    positions): what the data-parallel ranks' `batch_iterator`s together yield at that step, the
+    reference for a single-process computation of the same loss."""
+    from soft_ds.data.batching import batch_iterator
+    return [batch for rank in range(dp_size)
+            for batch in itertools.islice(batch_iterator(dataset, micro_batch_size, grad_accum, rank, dp_size, seed,
+                                                         seq_len, pad_id, start_step=step, packing=packing),
+                                          grad_accum)]
+
+
 def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_size, micro_batch, grad_accum,
                            data_parallel, seed, template="alpaca", packing=None) -> dict[int, float]:
     """{exit layer: loss} of a run's first step, computed in one process: the mean exit loss over
@@ -84,7 +96,7 @@ def first_step_exit_losses(model, exit_layers, tokenizer, data, seq_len, val_siz
     packed as the run's soft.packing; None: its default), which is what train.py logs after averaging
     over replicas."""
     from soft_ds.config import SoftOptions
-    from soft_ds.data import build_datasets, global_batch
+    from soft_ds.data.splits import build_datasets
     from soft_ds.exits import exit_loss
 
     packing = SoftOptions().packing if packing is None else packing
@@ -104,7 +116,7 @@ def check_debug_run_first_step(run_dir, exit_layers, seed, seq_len, micro_batch,
                                packing=None):
     """A train.py run of the `debug` preset on the bundled data logged, at step 1, each exit's loss
     and their mean (uniform weights) as one process computes them on the same weights and batch."""
-    from soft_ds.data import load_tokenizer
+    from soft_ds.data.tokenizer import load_tokenizer
     from soft_ds.model import Llama, preset_config, random_weights
 
     tokenizer = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))

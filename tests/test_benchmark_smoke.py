@@ -72,7 +72,7 @@ def test_alpaca_shaped_rows_keep_each_records_length_and_counted_tokens():
     """The benchmarks' rows: the bundled sample's records (lengths and counted positions as training
     tokenizes them), padded one per row or packed by the training code's packer."""
     from soft_ds.bench.rows import alpaca_shapes, counted_tokens, real_tokens, shaped_batches
-    from soft_ds.data import epoch_rows
+    from soft_ds.data.packing import epoch_rows
 
     shapes = alpaca_shapes(512)
     assert len(shapes) == 5000 and max(map(len, shapes)) == 512

@@ -87,8 +87,7 @@ def test_bad_confidence_levels_are_refused():
 
 
 def test_calibration_records_are_disjoint_from_the_measured_ones():
-    from soft_ds.data import BUNDLED_INSTRUCTIONS as PANDALM
-    from soft_ds.data import load_instructions
+    from soft_ds.data.records import BUNDLED_INSTRUCTIONS as PANDALM, load_instructions
     records = load_instructions(PANDALM)
     calibration = calibration_records(85)
     assert calibration == records[CALIBRATION_FIRST:]
@@ -182,7 +181,7 @@ def checkpoint(tmp_path_factory):
 
 def test_generate_cli_target_agreement(checkpoint, capsys, tmp_path):
     import json
-    from soft_ds.data import encode_prompt
+    from soft_ds.data.templates import encode_prompt
     from soft_ds.inference import SoftGenerator
     from soft_ds.inference import command as generate_command
     from test_inference import REPO

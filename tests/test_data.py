@@ -9,32 +9,15 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import run_cli
-from soft_ds.data import (
-    IGNORE_INDEX,
-    PROMPT_NO_INPUT,
-    PROMPT_WITH_INPUT,
-    DataError,
-    batch_iterator,
-    build_datasets,
-    collate,
-    collate_rows,
-    epoch_rows,
-    encode_prompt,
-    format_prompt,
-    global_batch,
-    global_batch_rows,
-    row_fill,
-    step_tokens,
-    load_instructions,
-    load_records,
-    check_template,
-    checkpoint_template,
-    encode_text,
-    leading_special_ids,
-    load_tokenizer,
-    tokenize_record,
-)
+from conftest import global_batch, run_cli
+from soft_ds.data.batching import batch_iterator, collate, collate_rows
+from soft_ds.data.packing import epoch_rows, global_batch_rows, row_fill, step_tokens
+from soft_ds.data.records import DataError, load_instructions, load_records
+from soft_ds.data.splits import build_datasets
+from soft_ds.data.targets import IGNORE_INDEX, tokenize_record
+from soft_ds.data.templates import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, check_template, checkpoint_template, encode_prompt,
+                                    encode_text, format_prompt, leading_special_ids)
+from soft_ds.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "data" / "tokenizer"
@@ -329,7 +312,7 @@ def test_json_and_jsonl_load_alike_and_input_is_optional(tmp_path):
         {"instruction": "d", "input": "", "output": "e"},
         {"instruction": "f", "input": "", "output": "g"},
     ]
-    assert as_json.to_list() == as_jsonl.to_list() == expected
+    assert as_json == as_jsonl == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.jsonl"]  # nothing written
 
 
@@ -457,9 +440,11 @@ def test_iterator_yields_this_ranks_slice_of_the_global_batch():
     for rank in range(dp):
         iterator = batch_iterator(dataset, mbs, accum, rank, dp, seed, seq_len=1, pad_id=0)
         for step in range(8):  # past the 2-step epoch, so several reshuffles
-            reference = global_batch(dataset, step, mbs, accum, dp, seed, seq_len=1, pad_id=0)
+            slots = global_batch_rows(len(dataset), step, mbs, accum, dp, seed)
             for micro_step in range(accum):
-                batch, expected = next(iterator), reference[rank * accum + micro_step]
+                rows = slots[rank * accum + micro_step]
+                expected = collate_rows([[dataset[index] for index in row] for row in rows], seq_len=1, pad_id=0)
+                batch = next(iterator)
                 assert len(batch) == 3 and all(torch.equal(a, b) for a, b in zip(batch, expected))
 
 

@@ -3,15 +3,20 @@ random checkpoints, against hand computations."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _eval_checkpoints import (NUM_LAYERS, assert_cli_refuses, one_thread, record_chat_template,  # noqa: F401
                                save_checkpoint, write_alpaca)
-from conftest import run_cli
+from conftest import REPO, run_cli
 
-from soft_ds.data import IGNORE_INDEX, build_datasets, encode_prompt, format_prompt, load_tokenizer
+from soft_ds.data.splits import build_datasets
+from soft_ds.data.targets import IGNORE_INDEX
+from soft_ds.data.templates import encode_prompt, format_prompt
+from soft_ds.data.tokenizer import load_tokenizer
 from soft_ds.eval import metrics
 from soft_ds.exits import check_exit_layers
 from soft_ds.hf_io import load_model
@@ -314,3 +319,11 @@ def test_help_lists_the_sub_commands(capsys):
     assert result.returncode == 0
     for command in ("lm", "kl", "answers", "judge", "triviaqa", "claims"):
         assert command in result.stdout
+
+
+def test_eval_commands_without_a_training_file_start_without_datasets():
+    """`soft-ds eval judge`, `claims` and `triviaqa` on JSON read no Alpaca training file, so they do
+    not import `datasets` (lm, kl and answers do, for the held-out split: inputs.held_out_records)."""
+    code = "import sys\nimport soft_ds.eval.command\nassert 'datasets' not in sys.modules, 'datasets imported'\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import run_cli, smollm2_gguf_or_skip
-from soft_ds.data import encode_prompt, load_tokenizer
+from soft_ds.data.templates import encode_prompt
+from soft_ds.data.tokenizer import load_tokenizer
 from soft_ds.hf_io import checkpoint_tensor_names
 
 TEXT = "Name the capital of France. Tabs\tand  spaces, 12345, café 🦙\n<|im_end|>"

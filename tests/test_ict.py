@@ -55,7 +55,7 @@ def test_only_the_exit_heads_train(base, ict_run):
 
 def test_first_step_losses_are_the_frozen_models_exits(base, ict_run):
     """The heads start as the model's head, so step 1's loss at exit n is the SFT model's exit n."""
-    from soft_ds.data import load_tokenizer
+    from soft_ds.data.tokenizer import load_tokenizer
     from soft_ds.hf_io import load_model
     tokenizer = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))
     expected = first_step_exit_losses(load_model(base), [*HEADS, LAST], tokenizer,

@@ -2,7 +2,10 @@
 a reference cannot be broken by rounding (the batched and cached kernels sum in other orders)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -394,7 +397,7 @@ def test_generate_cli_modes(checkpoint, capsys, tmp_path):
     dynamic, _ = run_generate(base + ["--prompt", "Name three primary colors.", "--dynamic-threshold", "1"], capsys)
     assert dynamic == full
     generator = SoftGenerator.from_pretrained(directory)
-    from soft_ds.data import encode_prompt
+    from soft_ds.data.templates import encode_prompt
     exit3 = generator.generate([encode_prompt({"instruction": "Name three primary colors."}, generator.tokenizer)],
                                exit_layer=3, max_new_tokens=8, eos_token_id=2).tokens[0]
     texts, _ = run_generate(base + ["--prompt", "Name three primary colors.", "--exit", "3"], capsys)
@@ -414,7 +417,7 @@ def test_generate_cli_modes(checkpoint, capsys, tmp_path):
 
 def test_generate_cli_prompts_in_the_template_the_export_records(checkpoint, capsys, tmp_path):
     from _eval_checkpoints import record_chat_template
-    from soft_ds.data import encode_prompt
+    from soft_ds.data.templates import encode_prompt
     directory, _ = checkpoint
     chat = record_chat_template(Path(shutil.copytree(directory, tmp_path / "chat")))
     record = {"instruction": "Name three primary colors."}
@@ -433,6 +436,25 @@ def test_generate_cli_prompts_in_the_template_the_export_records(checkpoint, cap
     refused = run_cli(capsys, "generate", "--model", directory, "--prompt", "Hi", "--template", "chat")
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: template 'chat' needs a tokenizer with a chat template")
+
+
+def test_generate_starts_without_datasets(checkpoint, tmp_path):
+    """`soft-ds generate` formats its prompts (soft_ds.data.templates) and reads a draft vocabulary's
+    records (records, targets) without importing `datasets`, a second and more of start-up that only
+    training's splits need. A fresh process, since this one has imported everything."""
+    directory, _ = checkpoint
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": "Add 2 and 3.", "output": "The sum is 5."}]))
+    argv = ["--model", str(directory), "--prompt", "Name three primary colors.", "--max-new-tokens", "2",
+            "--speculative-exit", "3", "--draft-vocab", "64", "--draft-vocab-data", str(records)]
+    code = ("import sys\n"
+            "from soft_ds.inference import command\n"  # soft-ds generate
+            f"command.main({argv!r})\n"
+            "assert 'datasets' not in sys.modules, 'soft-ds generate imported datasets'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()  # it did generate
 
 
 def test_generate_cli_skips_blank_instructions_and_says_so(checkpoint, capsys, caplog, tmp_path):

@@ -15,7 +15,9 @@ import transformers
 from safetensors import safe_open
 
 from conftest import REPO, deepspeed_launch, first_step_exit_losses, run_cli, scalars
-from soft_ds.data import encode_prompt, frequent_tokens, load_tokenizer, response_token_counts
+from soft_ds.data.targets import frequent_tokens, response_token_counts
+from soft_ds.data.templates import encode_prompt
+from soft_ds.data.tokenizer import load_tokenizer
 from soft_ds.hf_io import load_model
 from soft_ds.inference import SoftGenerator
 

@@ -9,7 +9,9 @@ import torch
 from conftest import run_cli
 from test_inference import MAX_NEW, hf_model, ours, random_prompts
 
-from soft_ds.data import BUNDLED_RECORDS, BUNDLED_TOKENIZER, frequent_tokens, load_tokenizer, response_token_counts
+from soft_ds.data.records import BUNDLED_RECORDS
+from soft_ds.data.targets import frequent_tokens, response_token_counts
+from soft_ds.data.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 from soft_ds.inference import Sampling, SoftGenerator, speculative_accept
 from soft_ds.inference import command as generate_command
 from soft_ds.inference.speculative import ReducedHead

@@ -161,7 +161,7 @@ def test_chat_template_run_learns_the_assistant_turn_and_its_export_says_so(tmp_
     the checkpoint's metadata to the export, which `soft-ds generate` then prompts in chat."""
     import shutil
     from _eval_checkpoints import add_chat_template
-    from soft_ds.data import load_tokenizer
+    from soft_ds.data.tokenizer import load_tokenizer
     from soft_ds.model import Llama, preset_config, random_weights
     tokenizer_dir = add_chat_template(shutil.copytree(os.path.join(REPO, "data", "tokenizer"), tmp_path / "tokenizer"))
     records = json.load(open(os.path.join(REPO, "data", "alpaca_5000.json")))[:40]
@@ -210,7 +210,7 @@ def test_training_starts_from_a_hugging_face_checkpoint(tmp_path):
     step's per-exit losses equal a single-process computation on those weights and that batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from soft_ds.data import load_tokenizer
+    from soft_ds.data.tokenizer import load_tokenizer
     from soft_ds.hf_io import load_tensors
     from soft_ds.model import Llama
 
@@ -240,7 +240,7 @@ def test_tied_model_trains_resumes_and_exports(tmp_path, capsys):
     the export stays tied (no lm_head.weight stored) and transformers reads exit 2's logits."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from soft_ds.data import load_tokenizer
+    from soft_ds.data.tokenizer import load_tokenizer
     from soft_ds.hf_io import checkpoint_tensor_names, load_tensors
     from soft_ds.model import Llama
 

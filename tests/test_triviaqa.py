@@ -8,7 +8,9 @@ import pytest
 from _eval_checkpoints import REPO, assert_cli_refuses, one_thread, save_checkpoint  # noqa: F401
 from conftest import run_cli
 
-from soft_ds.data import DataError, encode_prompt, load_tokenizer
+from soft_ds.data.records import DataError
+from soft_ds.data.templates import encode_prompt
+from soft_ds.data.tokenizer import load_tokenizer
 from soft_ds.eval import triviaqa
 from soft_ds.eval.triviaqa import Question, exact_match, f1_score, normalize_answer
 

@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -81,7 +82,8 @@ import torch
 
 from soft_ds import hf_io
 from soft_ds.settings import ArgumentParser, parse_list
-from soft_ds.data import BUNDLED, BUNDLED_TOKENIZER
+from soft_ds.data.records import BUNDLED
+from soft_ds.data.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.model import KERNEL_ENV, PACKED_KERNELS
 
@@ -242,7 +244,6 @@ def prepare_model(args, cpu: bool) -> str:
         out = work / DEBUG_DIR
         if not out.is_dir():
             from soft_ds.config import SoftOptions
-            from soft_ds.data import load_tokenizer
             from soft_ds.model import Llama, preset_config, random_weights
             config = preset_config("debug", vocab_size=len(load_tokenizer(BUNDLED_TOKENIZER)))
             model = Llama.from_weights(config, random_weights(config, SoftOptions().seed))
@@ -320,7 +321,7 @@ def train_steps(run: TrainingRun, prepared: dict, config, cpu: bool) -> Training
     is recorded in the run (the check goes on with the next kernel)."""
     from deepspeed.accelerator import get_accelerator
 
-    from soft_ds import data as soft_data
+    from soft_ds.data import batching, packing
     from soft_ds.bench.rows import counted_tokens
     from soft_ds.model import packed_attention_kernel
     from soft_ds.partition import decoder_layer_flops, head_flops
@@ -345,15 +346,17 @@ def train_steps(run: TrainingRun, prepared: dict, config, cpu: bool) -> Training
         engine = build_engine(module, config.deepspeed_config(1, cpu), lr_multiplier=config.lr_multiplier)
         run.optimizer = type(engine.optimizer).__name__
         batches = data_iterator(train_set, config, engine, pad_id, start_step=0)
-        lengths = soft_data.token_counts(train_set)
+        lengths = packing.token_counts(train_set)
         layer_flops = model_config.num_hidden_layers * decoder_layer_flops(model_config, soft.seq_len)
         exit_flops = len(exits) * head_flops(model_config)
         for step in range(soft.train_steps):
-            real = soft_data.step_tokens(lengths, step, config.micro_batch_size, config.grad_accum, 1, soft.seed,
-                                         soft.seq_len, soft.packing)
-            counted = counted_tokens(soft_data.global_batch(train_set, step, config.micro_batch_size,
-                                                            config.grad_accum, 1, soft.seed, soft.seq_len, pad_id,
-                                                            soft.packing))
+            real = packing.step_tokens(lengths, step, config.micro_batch_size, config.grad_accum, 1, soft.seed,
+                                       soft.seq_len, soft.packing)
+            # The step's micro-batches, read as the one data-parallel rank reads them.
+            step_batches = batching.batch_iterator(train_set, config.micro_batch_size, config.grad_accum, 0, 1,
+                                                   soft.seed, soft.seq_len, pad_id, start_step=step,
+                                                   packing=soft.packing)
+            counted = counted_tokens(itertools.islice(step_batches, config.grad_accum))
             accelerator.synchronize()
             started = time.perf_counter()
             loss = engine.train_batch(batches).item()  # .item() waits for the step's kernels

@@ -5,10 +5,10 @@ decoding per draft exit and k, dynamic exit per threshold; goals PASS/MISS; a PN
     soft-ds bench inference                             # random stand-ins (see below)
 
 Prompts: the first --num-prompts PandaLM test instructions (data/pandalm_testset_inference_v1.json)
-formatted with the training template (`data.encode_prompt`). Every configuration generates exactly
---max-new-tokens tokens per prompt (the eos does not stop it), so all runs do the same work; greedy
-decoding. Timing: configurations are interleaved batch by batch, and a configuration's tokens/s
-is the median over --repeats rounds. On a CPU with one thread (the default) the clock is the
+formatted with the training template (`data.templates.encode_prompt`). Every configuration
+generates exactly --max-new-tokens tokens per prompt (the eos does not stop it), so all runs do the
+same work; greedy decoding. Timing: configurations are interleaved batch by batch, and a
+configuration's tokens/s is the median over --repeats rounds. On a CPU with one thread (the default) the clock is the
 process's CPU time, so time spent waiting for a core shared with other jobs does not count;
 else wall time.
 
@@ -69,8 +69,10 @@ from transformers import LlamaConfig
 
 from soft_ds.bench.proxy import LLAMA2_13B, LLAMA2_13B_SEQ_LEN, head_layer_ratio, proxy_config
 from soft_ds.settings import ArgumentParser, parse_list
-from soft_ds.data import (BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, BUNDLED_TOKENIZER, encode_prompt, frequent_tokens,
-                          load_instructions, load_tokenizer, response_token_counts)
+from soft_ds.data.records import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, load_instructions
+from soft_ds.data.targets import frequent_tokens, response_token_counts
+from soft_ds.data.templates import encode_prompt
+from soft_ds.data.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 from soft_ds.eval.report import verdict
 from soft_ds.exits import PAPER_EXITS_40, check_exit_layers, default_exit_layers
 from soft_ds.inference import SoftGenerator

@@ -1,6 +1,7 @@
 """Benchmark rows shaped like real fine-tuning data: the bundled Alpaca sample's records, tokenized
 with the bundled tokenizer and truncated at the run's sequence length, laid out padded (one record
-per row) or packed (`data.epoch_rows`, next fit) by the training code's own `data.collate_rows`.
+per row) or packed (`data.packing.epoch_rows`, next fit) by the training code's own
+`data.batching.collate_rows`.
 
 Token values are random ids of the proxy's vocabulary (a cost benchmark needs the shapes, not the
 text): each record keeps its length and which of its positions count in the loss (the response and
@@ -17,14 +18,17 @@ import functools
 
 import torch
 
-from soft_ds.data import (BUNDLED_RECORDS, BUNDLED_TOKENIZER, IGNORE_INDEX, collate_rows, epoch_rows, load_records,
-                          load_tokenizer, tokenize_record)
+from soft_ds.data.batching import collate_rows
+from soft_ds.data.packing import epoch_rows
+from soft_ds.data.records import BUNDLED_RECORDS, load_records
+from soft_ds.data.targets import IGNORE_INDEX, tokenize_record
+from soft_ds.data.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 
 SMOLLM2 = "smollm2"  # the tokenizer of the packaged SmolLM2 GGUF file (soft-ds import-gguf's default)
 
 
 def row_tokenizer(name: str):
-    """SMOLLM2, or a tokenizer directory / SentencePiece file (e.g. data.BUNDLED_TOKENIZER)."""
+    """SMOLLM2, or a tokenizer directory / SentencePiece file (e.g. data.tokenizer.BUNDLED_TOKENIZER)."""
     if name != SMOLLM2:
         return load_tokenizer(name)
     from transformers import AutoTokenizer

@@ -31,7 +31,9 @@ import torch
 
 from soft_ds.checkpoint import read_checkpoint_meta
 from soft_ds.config import TEMPLATES, SoftOptions, load_config
-from soft_ds.data import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, encode_prompt, load_instructions, load_tokenizer
+from soft_ds.data.records import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, load_instructions
+from soft_ds.data.templates import encode_prompt
+from soft_ds.data.tokenizer import load_tokenizer
 from soft_ds.eval import claims, judge, metrics, triviaqa
 from soft_ds.eval.inputs import (held_out_records, open_checkpoint, parse_spec, parse_specs, shared_template,
                                  shared_tokenizer)

@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig
 
 from soft_ds.settings import parse_list
-from soft_ds.data import build_datasets, check_template, checkpoint_template
+from soft_ds.data.templates import check_template, checkpoint_template
 from soft_ds.exits import check_exit_layers, default_exit_layers
 from soft_ds.hf_io import load_llama_config, load_model
 from soft_ds.inference import checkpoint_tokenizer
@@ -84,7 +84,7 @@ def open_checkpoint(name: str, path: str | os.PathLike, exits: str | None = None
                     template: str | None = None) -> Checkpoint:
     """A checkpoint's config, exits (`parse_exits` of `exits`), tokenizer (`tokenizer` if given,
     else the one saved beside the weights) and prompt template (`template` if given, else the one
-    its export records: data.checkpoint_template); `what` names it in errors (default: its name)."""
+    its export records: data.templates.checkpoint_template); `what` names it in errors (default: its name)."""
     path = Path(path)
     config = load_llama_config(path)
     layers = parse_exits(exits, config.num_hidden_layers, what or name, flag, last_by_default)
@@ -121,8 +121,12 @@ def shared_template(checkpoints: list[Checkpoint]) -> str:
 
 def held_out_records(data: str | os.PathLike, tokenizer, max_length: int, val_size: int, seed: int,
                      template: str = "alpaca"):
-    """The validation split of `data.build_datasets`: the same data, val_size, seed and template as
-    training give the very records training held out, tokenized and cut the same way."""
+    """The validation split of `data.splits.build_datasets`: the same data, val_size, seed and
+    template as training give the very records training held out, tokenized and cut the same way."""
+    # Imported here: of the eval commands only lm, kl and answers read a training file, so only
+    # they import `datasets` (judge, triviaqa on JSON, and claims start without it).
+    from soft_ds.data.splits import build_datasets
+
     if val_size < 1:
         raise ValueError(f"--val-size must be at least 1 to have held-out records, got {val_size}")
     _, val_set = build_datasets(data, tokenizer, max_length, val_size, seed, template)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from soft_ds.data import encode_prompt
+from soft_ds.data.templates import encode_prompt
 from soft_ds.eval.inputs import Checkpoint
 from soft_ds.eval.metrics import responses_by_exit
 

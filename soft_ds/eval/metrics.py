@@ -12,8 +12,9 @@ head, by the same code.
         -> {2: {"kl": [per position], "count": [per position], "mean": 0.41}, ...}
 
 `lm_metrics` is the held-out cross-entropy of the response tokens (and the closing eos) with the
-training template and masking (`data.build_datasets` / `data.collate`), averaged over all counted
-tokens of the set; every exit comes from one forward per batch (`Llama.hidden_states`).
+training template and masking (`data.splits.build_datasets` / `data.batching.collate`), averaged
+over all counted tokens of the set; every exit comes from one forward per batch
+(`Llama.hidden_states`).
 
 `kl_by_position` is the paper's Figure 2: on responses a reference model generated, the
 KL(reference || exit) of the next-token distributions at each response position, averaged over the
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from soft_ds.data import IGNORE_INDEX, collate
+from soft_ds.data.batching import collate
+from soft_ds.data.targets import IGNORE_INDEX
 from soft_ds.eval.inputs import Checkpoint
 from soft_ds.exits import check_exit_layers
 from soft_ds.inference import SoftGenerator
@@ -51,9 +53,9 @@ def lm_metrics(model: Llama, dataset, exit_layers, pad_id: int, batch_size: int 
                desc: str = "loss") -> dict[int, dict]:
     """Held-out cross-entropy of every exit, over response tokens only.
 
-    dataset: tokenized records with input_ids and targets (`data.build_datasets`'s validation split).
+    dataset: tokenized records with input_ids and targets (`data.splits.build_datasets`'s validation split).
     Returns {n: {"loss": mean CE per counted token (nats), "ppl": exp(loss), "tokens": count}}.
-    Batches are right-padded to their longest record (`data.collate`), which changes no logit.
+    Batches are right-padded to their longest record (`data.batching.collate`), which changes no logit.
     """
     exit_layers = check_exit_layers(exit_layers, model.config.num_hidden_layers)
     totals = {n: torch.zeros((), dtype=torch.float64) for n in exit_layers}

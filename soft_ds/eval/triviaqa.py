@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from soft_ds.data import DataError, encode_prompt, encode_text, parse_json_lines, read_text
+from soft_ds.data.records import DataError, parse_json_lines, read_text
+from soft_ds.data.templates import encode_prompt, encode_text
 from soft_ds.eval.inputs import Checkpoint
 from soft_ds.eval.metrics import responses_by_exit
 

@@ -10,10 +10,10 @@ Exit n of a SoFT model is `layers[:n] -> model.norm -> lm_head`; every strategy 
     calibration = calibrate(generator, calibration_prompts(generator.tokenizer, 32), target=0.97)
     generator.generate_dynamic(prompts, calibration.thresholds)     # per-exit thresholds, calibrated
 
-`prompts` are lists of token ids (e.g. `data.encode_prompt(record, tokenizer)`); the result is a
-`Generation` holding each prompt's new tokens (ending with the eos when one is produced) and the
-counters the benchmark reports. Prompts of different lengths are batched with left padding, and
-batched output equals unbatched output (`cache.py`).
+`prompts` are lists of token ids (e.g. `data.templates.encode_prompt(record, tokenizer)`); the
+result is a `Generation` holding each prompt's new tokens (ending with the eos when one is
+produced) and the counters the benchmark reports. Prompts of different lengths are batched with
+left padding, and batched output equals unbatched output (`cache.py`).
 
 The package, one module per piece:
     cache.py        KVCache (per-sequence valid columns and rotary positions), left_pad

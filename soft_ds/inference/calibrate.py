@@ -41,7 +41,8 @@ from statistics import NormalDist
 
 import torch
 
-from soft_ds.data import BUNDLED_INSTRUCTIONS, load_instructions
+from soft_ds.data.records import BUNDLED_INSTRUCTIONS, load_instructions
+from soft_ds.data.templates import encode_prompt
 from soft_ds.inference.core import CachedModel, Generation, check_confidence_measure, check_positive_integer, confidence
 from soft_ds.inference.dynamic import exit_thresholds
 from soft_ds.inference.exit import generate_at_exit
@@ -76,8 +77,7 @@ def calibration_records(count: int, path: str | os.PathLike = BUNDLED_INSTRUCTIO
 
 
 def calibration_prompts(tokenizer, count: int, template: str = "alpaca") -> list[list[int]]:
-    """`calibration_records` encoded with the training template (`data.encode_prompt`)."""
-    from soft_ds.data import encode_prompt
+    """`calibration_records` encoded with the training template (`data.templates.encode_prompt`)."""
     return [encode_prompt(record, tokenizer, template) for record in calibration_records(count)]
 
 

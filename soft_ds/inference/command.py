@@ -10,10 +10,10 @@ with dynamic exit.
         --dynamic-threshold 0.9 --output answers.json
     soft-ds generate --model exported/full --prompt "..." --target-agreement 0.97 --stats
 
-A prompt is formatted with the training template (`data.encode_prompt`: the Alpaca prompt, or the
-tokenizer's chat template; by default the one the export's config.json records, else alpaca), as
-an instruction with --prompt or as Alpaca-style records ({"instruction", "input"}) with
---instructions; --raw feeds the --prompt text as it is. Greedy unless --temperature > 0.
+A prompt is formatted with the training template (`data.templates.encode_prompt`: the Alpaca
+prompt, or the tokenizer's chat template; by default the one the export's config.json records,
+else alpaca), as an instruction with --prompt or as Alpaca-style records ({"instruction", "input"})
+with --instructions; --raw feeds the --prompt text as it is. Greedy unless --temperature > 0.
 
 --target-agreement T is dynamic exit with per-exit thresholds calibrated first (calibrate.py): the
 full model decodes --calibration-prompts held-out instructions (PandaLM records 85 on, or those of
@@ -33,8 +33,10 @@ import torch
 
 from soft_ds.settings import ArgumentParser, parse_list
 from soft_ds.config import TEMPLATES
-from soft_ds.data import (BUNDLED_RECORDS, checkpoint_template, encode_prompt, encode_text, frequent_tokens, load_instructions,
-                          load_tokenizer, response_token_counts)
+from soft_ds.data.records import BUNDLED_RECORDS, load_instructions
+from soft_ds.data.targets import frequent_tokens, response_token_counts
+from soft_ds.data.templates import checkpoint_template, encode_prompt, encode_text
+from soft_ds.data.tokenizer import load_tokenizer
 from soft_ds.exits import check_exit_layer, check_exit_layers
 from soft_ds.hf_io import CheckpointError, load_llama_config
 from soft_ds.inference.core import (CONFIDENCE_MEASURES, DTYPES, Sampling, check_positive_integer, check_temperature,

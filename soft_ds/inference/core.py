@@ -27,7 +27,7 @@ def checkpoint_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in a checkpoint directory, or None when it holds none."""
     path = Path(path)
     if any((path / name).is_file() for name in TOKENIZER_FILES):
-        from soft_ds.data import load_tokenizer
+        from soft_ds.data.tokenizer import load_tokenizer
         return load_tokenizer(path)
     return None
 

@@ -199,7 +199,7 @@ def generate_speculative(model: CachedModel, prompts: list[list[int]], draft_exi
     one forward over layers draft_exit+1..L, keep the accepted prefix plus the verifier's token.
 
     draft_vocabulary: token ids the draft may propose (its head is then a `ReducedHead`; e.g.
-        `data.frequent_response_tokens`); None: the whole vocabulary.
+        `data.targets.frequent_tokens`); None: the whole vocabulary.
     draft_stop: end a round's drafting once the draft's top probability is below this for every
         sequence still generating (a round may then draft nothing: one full-model step).
     adaptive: draft_tokens is the first round's k; later rounds add 2 after a round whose drafts
