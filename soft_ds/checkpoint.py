@@ -40,11 +40,11 @@ import time
 import torch
 import transformers
 
-from soft_ds.config import TEMPLATE_KEY, ConfigError
+from soft_ds.data.templates import TEMPLATE_KEY
 from soft_ds.hf_io import CheckpointError, hf_name, save_hf_checkpoint
 from soft_ds.model import tied_embeddings
 from soft_ds.preemption import EXIT_TO_BE_CONTINUED
-from soft_ds.settings import ArgumentParser, RESUME_SETTINGS
+from soft_ds.settings import RESUME_SETTINGS, ArgumentParser, ConfigError
 
 # Bump when a file or a metadata field changes meaning (a key added, removed or read differently,
 # the "soft" block's included). Readers take every key as this version writes it (`save`: the

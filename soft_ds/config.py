@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from soft_ds.exit_schedule import SCHEDULES, ExitSchedule
 from soft_ds.exits import resolve_exit_loss
 
-from soft_ds.settings import AUTO, TEMPLATES  # noqa: F401 (TEMPLATES: where callers find it)
+from soft_ds.settings import AUTO
 from soft_ds.settings import ConfigError, DeepSpeedSettings, SoftOptions, check, ds_value, flag, set_ds_value
 
 # DeepSpeed keys a config file may carry (passed through after validation).
@@ -35,9 +35,6 @@ DEEPSPEED_KEYS = {
     "fp16", "torch_autocast",  # accepted only to be refused with a clear message
 }
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
-# The key of an exported config.json that records the template its model was trained with
-# (`soft-ds export` writes it; generation and evaluation default to it: data.checkpoint_template).
-TEMPLATE_KEY = "soft_ds_template"
 
 
 @dataclass
@@ -47,7 +44,7 @@ class RunConfig:
     autocast_reason: str = ""  # why soft.autocast is what it is, once resolved (precision.resolve_autocast)
 
     @property
-    def compute_dtype(self) -> "torch.dtype":
+    def compute_dtype(self):  # -> torch.dtype
         """The dtype the decoder layers' matmuls and attention run in (what picks the attention kernel)."""
         import torch
         return torch.bfloat16 if self.bf16 or self.soft.autocast is True else torch.float32

@@ -98,7 +98,7 @@ class PreparedRun:
         runs' throughput compare."""
         s = self.soft
         return packing.step_tokens(self.lengths, step, self.config.micro_batch_size, self.config.grad_accum,
-                                     self.data_parallel, s.seed, s.seq_len, s.packing)
+                                   self.data_parallel, s.seed, s.seq_len, s.packing)
 
 
 def check_model(args, model_config, tokenizer, tokenizer_path):
@@ -131,11 +131,11 @@ def build_data(args, config, tokenizer, dp: int):
     """(train set, validation set), checked to fill at least one step and one validation pass."""
     soft = config.soft
     train_set, val_set = splits.build_datasets(args.data, tokenizer, soft.seq_len, soft.val_size, soft.seed,
-                                                  soft.template)
+                                               soft.template)
     packing.global_batch_rows(len(train_set), 0, config.micro_batch_size, config.grad_accum, dp, soft.seed,
-                                packing.record_lengths(train_set, soft.packing), soft.seq_len)
+                              packing.record_lengths(train_set, soft.packing), soft.seq_len)
     val_rows = len(packing.epoch_rows(len(val_set), soft.seed, 0, packing.record_lengths(val_set, soft.packing),
-                                        soft.seq_len)) if len(val_set) else 0
+                                      soft.seq_len)) if len(val_set) else 0
     if soft.val_size and val_rows < config.micro_batch_size * soft.eval_batches * dp:
         raise ConfigError(
             f"the validation split has {val_rows} usable rows (val_size {soft.val_size}, after dropping records "
@@ -171,9 +171,12 @@ def prepare(args, world_size: int) -> PreparedRun:
     train_set, val_set = build_data(args, config, tokenizer, dp)
     if soft.train_epochs:
         rows = packing.epoch_rows(len(train_set), soft.seed, 0, packing.record_lengths(train_set, soft.packing),
-                                    soft.seq_len)
+                                  soft.seq_len)
         soft.train_steps = math.ceil(soft.train_epochs * len(rows) / (config.micro_batch_size * config.grad_accum * dp))
-        run_config.check_config(config, f"--train-epochs {soft.train_epochs:g} ({soft.train_steps} steps)")
+        try:
+            run_config.check_config(config)
+        except ConfigError as e:
+            raise ConfigError(f"train_epochs {soft.train_epochs:g} makes {soft.train_steps} steps: {e}") from None
     if args.stop_at_step is not None and not 1 <= args.stop_at_step <= soft.train_steps:
         raise ConfigError(f"--stop-at-step {args.stop_at_step} outside 1..{soft.train_steps}")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"

@@ -139,3 +139,23 @@ def test_exit_loss_override_needs_chunks(tmp_path):
                             "--output_dir", tmp_path / "run", "--exit_loss", "fused"])
     assert "exit_chunk_tokens=0: the fused exit loss works in chunks of counted tokens" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_train_epochs_become_whole_steps_of_the_tokenized_split(tmp_path):
+    """--train-epochs N: train_steps becomes the steps N passes over the training rows take, fixed
+    once the data is tokenized (so a warm-up longer than that is refused then)."""
+    import math
+
+    from soft_ds import train
+    from soft_ds.config import ConfigError
+    from soft_ds.data import packing, records
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records.load_records(records.BUNDLED_RECORDS)[:300]))
+    common = [*map(str, BASE), "--data", str(data), "--pipeline-stages", "1", "--warmup-steps", "0",
+              "--output-dir", str(tmp_path / "run")]
+    prepared = train.prepare(train.parse_args([*common, "--train-epochs", "1.5"]), world_size=2)
+    rows = packing.epoch_rows(len(prepared.train_set), prepared.soft.seed, 0, prepared.lengths, 128)
+    assert prepared.soft.train_steps == math.ceil(1.5 * len(rows) / (1 * 4 * 2)) < 100  # micro 1 x accum 4 x dp 2
+    with pytest.raises(ConfigError, match=r"train_epochs 0.1 makes 4 steps: warmup_steps=30 exceeds train_steps=4"):
+        train.prepare(train.parse_args([*common, "--train-epochs", "0.1", "--warmup-steps", "30"]), world_size=2)

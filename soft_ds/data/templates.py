@@ -1,4 +1,4 @@
-"""Prompt templates (config.TEMPLATES): the text and tokens a model reads before its response.
+"""Prompt templates (settings.TEMPLATES): the text and tokens a model reads before its response.
 
 "alpaca" is Stanford Alpaca's text template; "chat" is the tokenizer's own chat template with the
 instruction (+ input) as the user turn and the response as the assistant turn. Special tokens are
@@ -10,8 +10,12 @@ evaluation all encode prompts here, so a generation prompt is exactly a training
 import json
 from pathlib import Path
 
-from soft_ds.config import TEMPLATE_KEY, TEMPLATES
 from soft_ds.data.records import DataError
+from soft_ds.settings import TEMPLATES
+
+# The key of an exported config.json that records the template its model was trained with
+# (`soft-ds export` writes it; generation and evaluation default to it: checkpoint_template).
+TEMPLATE_KEY = "soft_ds_template"
 
 # The Stanford Alpaca templates, with one difference: they end in "### Response:\n" where Stanford's
 # train.py stops at "### Response:". The newline is encoded as a byte token that no merge crosses,

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from soft_ds.checkpoint import read_checkpoint_meta
-from soft_ds.config import TEMPLATES, SoftOptions, load_config
+from soft_ds.config import load_config
+from soft_ds.settings import TEMPLATES, SoftOptions
 from soft_ds.data.records import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, load_instructions
 from soft_ds.data.templates import encode_prompt
 from soft_ds.data.tokenizer import load_tokenizer

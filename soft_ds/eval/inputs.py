@@ -33,7 +33,7 @@ class Checkpoint:
     config: LlamaConfig
     exits: tuple[int, ...]  # sorted, each in 1..num_layers
     tokenizer: object  # a transformers tokenizer
-    template: str  # the prompt template (config.TEMPLATES) its prompts and records are written in
+    template: str  # the prompt template (settings.TEMPLATES) its prompts and records are written in
 
     @property
     def num_layers(self) -> int:

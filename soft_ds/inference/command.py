@@ -32,7 +32,7 @@ import time
 import torch
 
 from soft_ds.settings import ArgumentParser, parse_list
-from soft_ds.config import TEMPLATES
+from soft_ds.settings import TEMPLATES
 from soft_ds.data.records import BUNDLED_RECORDS, load_instructions
 from soft_ds.data.targets import frequent_tokens, response_token_counts
 from soft_ds.data.templates import checkpoint_template, encode_prompt, encode_text
