@@ -331,3 +331,20 @@ def test_both_spellings_pass_and_output_is_not_checked():
         "```",
     ])
     assert check_markdown(snippet) == []
+
+
+def test_every_setting_is_in_the_configuration_reference():
+    """docs/configuration.md's tables name every setting soft_ds/settings.py declares (a new setting
+    without its row fails here), and no key that is not one."""
+    import dataclasses
+
+    from soft_ds.settings import SETTINGS, SoftOptions
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    named = {key for row in rows for key in re.findall(r"`([a-z_.]+)`", row.split("|")[1])}
+    soft = {f.name for f in dataclasses.fields(SoftOptions)}
+    assert soft - named == set(), "settings missing from docs/configuration.md"
+    deepspeed = {f.metadata["ds_key"] for name, f in SETTINGS.items() if name not in soft}
+    homes = " ".join(line for line in text.splitlines() if line.startswith("|"))
+    assert {key for key in deepspeed if key.split(".")[0] not in homes} == set()
