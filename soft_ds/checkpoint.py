@@ -40,11 +40,10 @@ import time
 import torch
 import transformers
 
-from soft_ds.data.templates import TEMPLATE_KEY
 from soft_ds.hf_io import CheckpointError, hf_name, save_hf_checkpoint
 from soft_ds.model import tied_embeddings
 from soft_ds.preemption import EXIT_TO_BE_CONTINUED
-from soft_ds.settings import RESUME_SETTINGS, ArgumentParser, ConfigError
+from soft_ds.settings import EXPORTED_SETTINGS, RESUME_SETTINGS, ArgumentParser, ConfigError, export_key
 
 # Bump when a file or a metadata field changes meaning (a key added, removed or read differently,
 # the "soft" block's included). Readers take every key as this version writes it (`save`: the
@@ -269,8 +268,10 @@ def main(argv=None):
     exits = [layer for layer, _ in meta["exits"]]
     if args.exit is not None and args.exit not in exits:
         print(f"note: layer {args.exit} was not a training exit (exits: {exits})", file=sys.stderr)
-    # The prompt template training used, for `soft-ds generate` and `eval` to default to (data.checkpoint_template).
-    setattr(config, TEMPLATE_KEY, meta["soft"]["template"])
+    # What the model should be used with, e.g. the prompt template training used, for `soft-ds
+    # generate` and `eval` to default to (data.templates.checkpoint_template).
+    for name in EXPORTED_SETTINGS:
+        setattr(config, export_key(name), meta["soft"][name])
     out = save_hf_checkpoint(state, config, args.out, tokenizer_dir=os.path.join(args.run, TOKENIZER_DIR),
                              exit_layer=args.exit, overwrite=args.overwrite)
     what = f"exit {args.exit} ({args.exit} layers)" if args.exit else f"full model ({config.num_hidden_layers} layers)"

@@ -40,16 +40,18 @@ KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str
 
 def setting(default, help: str, *, kind: str | None = None, choices: tuple | None = None,
             minimum: float | None = None, maximum: float | None = None, resume: bool = False,
-            ds_key: str | None = None):
+            exported: bool = False, ds_key: str | None = None):
     """A dataclass field that declares one setting.
 
     kind: one of KINDS (default: the default's type); choices / minimum / maximum: what values
     pass; resume: a resumed run must keep the checkpoint's value (it decides which records each
-    step reads or which exits its loss counts); ds_key: the dotted DeepSpeed key that holds it."""
+    step reads or which exits its loss counts); exported: `soft-ds export` records it in the model's
+    config.json (`export_key`); ds_key: the dotted DeepSpeed key that holds it."""
     kind = kind or type(default).__name__
     assert kind in KINDS, kind
     return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, minimum=minimum,
-                                                maximum=maximum, resume=resume, ds_key=ds_key))
+                                                maximum=maximum, resume=resume, exported=exported,
+                                                ds_key=ds_key))
 
 
 @dataclass
@@ -99,7 +101,8 @@ class SoftOptions:
     val_size: int = setting(200, "held-out records for validation", minimum=0, resume=True)
     template: str = setting("alpaca", "prompt template: alpaca (Stanford Alpaca's text) or chat (the tokenizer's "
                             "chat template: the instruction is the user turn, the output the assistant's); "
-                            "recorded in the checkpoint and its export", choices=TEMPLATES, resume=True)
+                            "recorded in the checkpoint and its export", choices=TEMPLATES, resume=True,
+                            exported=True)
     eval_interval: int = setting(50, "validate every N steps (0: only at the end)", minimum=0)
     eval_batches: int = setting(4, "validation micro-batches per data-parallel rank", minimum=1)
     save_interval: int = setting(0, "checkpoint every N steps (0: only at the end)", minimum=0)
@@ -125,6 +128,13 @@ class DeepSpeedSettings:
 SETTINGS = {f.name: f for f in (*dataclasses.fields(SoftOptions), *dataclasses.fields(DeepSpeedSettings))}
 # The settings a resumed run must share with its checkpoint, besides checkpoint.run_shape's.
 RESUME_SETTINGS = tuple(name for name, f in SETTINGS.items() if f.metadata["resume"])
+# The settings an export records in its config.json, for generation and evaluation to default to.
+EXPORTED_SETTINGS = tuple(name for name, f in SETTINGS.items() if f.metadata["exported"])
+
+
+def export_key(name: str) -> str:
+    """The config.json key under which `soft-ds export` records setting `name`."""
+    return f"soft_ds_{name}"
 
 
 class ConfigError(ValueError):
@@ -199,11 +209,11 @@ def _list_type(name: str, kind):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, names=None) -> None:
-    """One flag per setting (all, or `names`), default None: "the config file's value"."""
+def add_flags(parser: argparse.ArgumentParser, names=None, source: str = "the config file") -> None:
+    """One flag per setting (all, or `names`), default None: `source`'s value."""
     names = list(SETTINGS) if names is None else names
-    groups = {False: parser.add_argument_group("settings of the config file's \"soft\" block (override it)"),
-              True: parser.add_argument_group("DeepSpeed numbers of the config file (override it)")}
+    groups = {False: parser.add_argument_group(f"settings of {source}'s \"soft\" block (override it)"),
+              True: parser.add_argument_group(f"DeepSpeed numbers of {source} (override it)")}
     for name in names:
         meta = SETTINGS[name].metadata
         ds_key = meta["ds_key"]

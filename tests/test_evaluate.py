@@ -143,7 +143,7 @@ def test_lm_cli_writes_json_table_and_plot(files, model, tokenizer, tmp_path, ca
     out = tmp_path / "out"
     result = run_cli(capsys, "eval", "lm", "--model", f"soft={files['soft']}", "--model", f"other={files['other']}",
                      "--exits", "2,4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0",
-                     "--max_length", "96", "--batch-size", "4", "--out", str(out))
+                     "--seq_len", "96", "--batch-size", "4", "--out", str(out))
     assert result.returncode == 0, result.stderr
     written = json.loads((out / "lm.json").read_text())
     assert set(written["models"]) == {"soft", "other"} and set(written["models"]["soft"]["exits"]) == {"2", "4"}
@@ -166,7 +166,7 @@ def test_lm_cli_scores_in_the_template_the_export_records(files, tmp_path, capsy
     # unless --template says otherwise; a model of another template is not mixed in silently.
     import shutil
     chat = record_chat_template(shutil.copytree(files["soft"], tmp_path / "chat"))
-    common = ["--exits", "4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0", "--max_length", "96"]
+    common = ["--exits", "4", "--data", str(files["data"]), "--val_size", "6", "--seed", "0", "--seq_len", "96"]
     tokenizer = load_tokenizer(chat)
     model = load_model(chat)
     for override, template in ((None, "chat"), ("alpaca", "alpaca")):
@@ -272,13 +272,13 @@ def test_config_gives_the_held_out_split_and_exits_unless_an_option_does(files, 
     result = run_cli(capsys, *common, "--config", str(config), "--out", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "a" / "lm.json").read_text())
-    assert (written["val_size"], written["seed"], written["max_length"]) == (5, 7, 64)
+    assert (written["val_size"], written["seed"], written["seq_len"]) == (5, 7, 64)
     assert list(written["models"]["soft"]["exits"]) == ["1", "3"]
     result = run_cli(capsys, *common, "--config", str(config), "--exits", "2", "--val_size", "4", "--out",
                      str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "b" / "lm.json").read_text())
-    assert (written["val_size"], written["seed"], written["max_length"]) == (4, 7, 64)
+    assert (written["val_size"], written["seed"], written["seq_len"]) == (4, 7, 64)
     assert list(written["models"]["soft"]["exits"]) == ["2"]
     config.write_text('{"soft": {"exits": [1, 3]}}')
     assert_cli_refuses(common[1:] + ["--config", str(config), "--out", tmp_path / "c"], capsys, tmp_path / "c",
@@ -295,7 +295,7 @@ def test_config_gives_the_held_out_split_and_exits_unless_an_option_does(files, 
     result = run_cli(capsys, *common, "--config", str(run), "--out", str(tmp_path / "d"))
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "d" / "lm.json").read_text())
-    assert (written["val_size"], written["seed"], written["max_length"]) == (6, 9, 128)
+    assert (written["val_size"], written["seed"], written["seq_len"]) == (6, 9, 128)
     assert list(written["models"]["soft"]["exits"]) == ["1", "3"]
     assert_cli_refuses(common[1:] + ["--config", str(tmp_path / "a"), "--out", tmp_path / "e"], capsys,
                        tmp_path / "e", "checkpoint")

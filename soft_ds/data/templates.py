@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 
 from soft_ds.data.records import DataError
-from soft_ds.settings import TEMPLATES
+from soft_ds.settings import TEMPLATES, export_key
 
 # The key of an exported config.json that records the template its model was trained with
 # (`soft-ds export` writes it; generation and evaluation default to it: checkpoint_template).
-TEMPLATE_KEY = "soft_ds_template"
+TEMPLATE_KEY = export_key("template")
 
 # The Stanford Alpaca templates, with one difference: they end in "### Response:\n" where Stanford's
 # train.py stops at "### Response:". The newline is encoded as a byte token that no merge crosses,

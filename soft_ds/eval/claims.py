@@ -134,7 +134,7 @@ def reproduction_report(out: Path, goals: str = "small") -> str:
     report = [
         f"# {TITLES[goals]}", "",
         f"Held-out perplexity and loss over the response tokens of {lm['records']} records of {lm['data']} that "
-        f"training held out (val_size {lm['val_size']}, seed {lm['seed']}, {lm['max_length']} tokens per record); "
+        f"training held out (val_size {lm['val_size']}, seed {lm['seed']}, {lm['seq_len']} tokens per record); "
         f"mean KL(last layer || exit) over greedy responses to {kl['prompts']} held-out prompts.", "",
         header, *rows, "", "## The paper's claims", "", *verdicts, "",
         "Plots: `eval/ppl_vs_exit.png`, `eval/kl_vs_position.png`.", *extras, ""]

@@ -31,7 +31,7 @@ import torch
 
 from soft_ds.checkpoint import read_checkpoint_meta
 from soft_ds.config import load_config
-from soft_ds.settings import TEMPLATES, SoftOptions
+from soft_ds.settings import TEMPLATES, SoftOptions, add_flags
 from soft_ds.data.records import BUNDLED_INSTRUCTIONS, BUNDLED_RECORDS, load_instructions
 from soft_ds.data.templates import encode_prompt
 from soft_ds.data.tokenizer import load_tokenizer
@@ -137,21 +137,14 @@ def add_models(p):
 
 
 def add_held_out(p):
-    defaults = SoftOptions()
     p.add_argument("--data", default=BUNDLED_RECORDS,
                    help="the Alpaca file training used; its held-out split is evaluated")
     p.add_argument("--config", metavar="FILE|RUN",
                    help="the training config (ds_configs/*.json), or the training run's --output-dir (the "
                         "settings its latest checkpoint recorded, command-line overrides included): its "
-                        "soft.val_size, seed and seq_len, and its exits for --exits, wherever those options "
-                        "are not given")
-    p.add_argument("--val-size", type=int,
-                   help=f"held-out records, as in training (same val_size and seed = the same records; default: "
-                        f"--config's, else {defaults.val_size})")
-    p.add_argument("--seed", type=int, help=f"training's data seed (default: --config's, else {defaults.seed})")
-    p.add_argument("--max-length", type=int,
-                   help=f"tokens per record, as training's seq_len (longer records are cut the same way; default: "
-                        f"--config's, else {defaults.seq_len})")
+                        "soft.val_size, seed and seq_len (the same values give the same held-out records, cut "
+                        "the same way), and its exits for --exits, wherever those options are not given")
+    add_flags(p, ["val_size", "seed", "seq_len"], source="--config")
 
 
 def training_settings(config: str) -> SoftOptions:
@@ -166,9 +159,9 @@ def resolve_held_out(args):
     """Fill the held-out split's options not given from --config (else the training defaults), and
     --exits from the config's exits (a bad config file stops here, with its own error)."""
     soft = training_settings(args.config) if args.config else SoftOptions()
-    for name, value in (("val_size", soft.val_size), ("seed", soft.seed), ("max_length", soft.seq_len)):
+    for name in ("val_size", "seed", "seq_len"):
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, getattr(soft, name))
     if args.exits is None and args.config and soft.exits:
         args.exits = ",".join(map(str, soft.exits))
 
@@ -211,15 +204,15 @@ def open_models(args, tokenizer) -> list:
 
 def run_lm(args):
     resolve_held_out(args)
-    check_options(args, "batch_size", "max_length")
+    check_options(args, "batch_size", "seq_len")
     checkpoints = open_models(args, given_tokenizer(args))
     tokenizer = shared_tokenizer(checkpoints)
     template = shared_template(checkpoints)
-    val_set = held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed, template)
+    val_set = held_out_records(args.data, tokenizer, args.seq_len, args.val_size, args.seed, template)
 
     results = metrics.lm_by_exit(checkpoints, val_set, tokenizer.pad_token_id, args.batch_size, DTYPES[args.dtype],
                                  args.device)
-    report = {"data": str(args.data), "val_size": args.val_size, "seed": args.seed, "max_length": args.max_length,
+    report = {"data": str(args.data), "val_size": args.val_size, "seed": args.seed, "seq_len": args.seq_len,
               "template": template, "records": len(val_set), "loss": "mean cross-entropy (nats) per response token, eos included",
               "models": results}
     table = (f"Held-out loss and perplexity per exit: {len(val_set)} records of {args.data} "
@@ -235,7 +228,7 @@ def run_lm(args):
 
 def run_kl(args):
     resolve_held_out(args)
-    check_options(args, "batch_size", "max_length", "num_prompts", "max_new_tokens")
+    check_options(args, "batch_size", "seq_len", "num_prompts", "max_new_tokens")
     tokenizer = given_tokenizer(args)
     checkpoints = open_models(args, tokenizer)
     reference = None
@@ -245,7 +238,7 @@ def run_kl(args):
     metrics.check_reference(checkpoints, reference)
     tokenizer = shared_tokenizer(checkpoints + ([reference] if reference else []))
     template = shared_template(checkpoints + ([reference] if reference else []))
-    records = list(held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed, template))
+    records = list(held_out_records(args.data, tokenizer, args.seq_len, args.val_size, args.seed, template))
     prompts = [encode_prompt(record, tokenizer, template) for record in records[:args.num_prompts]]
 
     results, texts = metrics.kl_by_exit(checkpoints, reference, prompts, tokenizer, args.max_new_tokens,
@@ -274,11 +267,11 @@ def run_kl(args):
 
 def run_answers(args):
     resolve_held_out(args)
-    check_options(args, "batch_size", "max_length", "num_prompts", "max_new_tokens")
+    check_options(args, "batch_size", "seq_len", "num_prompts", "max_new_tokens")
     checkpoints = open_models(args, given_tokenizer(args))
     tokenizer = shared_tokenizer(checkpoints)
     template = shared_template(checkpoints)
-    records = list(held_out_records(args.data, tokenizer, args.max_length, args.val_size, args.seed,
+    records = list(held_out_records(args.data, tokenizer, args.seq_len, args.val_size, args.seed,
                                     template))[:args.num_prompts]
     prompts = [encode_prompt(record, tokenizer, template) for record in records]
 

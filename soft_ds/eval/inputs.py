@@ -131,5 +131,5 @@ def held_out_records(data: str | os.PathLike, tokenizer, max_length: int, val_si
         raise ValueError(f"--val-size must be at least 1 to have held-out records, got {val_size}")
     _, val_set = build_datasets(data, tokenizer, max_length, val_size, seed, template)
     if len(val_set) == 0:
-        raise ValueError(f"{data}: no held-out record has a response within --max-length {max_length}")
+        raise ValueError(f"{data}: no held-out record has a response within --seq-len {max_length}")
     return val_set
