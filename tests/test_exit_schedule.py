@@ -86,14 +86,14 @@ def test_warmup_ramps_intermediate_weights_from_zero():
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(exit_schedule="sometimes"), "exit_schedule must be one of all, random-k, rotate, got 'sometimes'"),
+    (dict(exit_schedule="sometimes"), "--exit-schedule must be one of all, random-k, rotate, got 'sometimes'"),
     (dict(exit_schedule="random-k"), "it must be 1..4, got 0"),
     (dict(exit_schedule="random-k", exit_sample_k=5), "out of 4 exits: it must be 1..4, got 5"),
     (dict(exit_schedule="rotate", exit_sample_k=-1), "got -1"),
     (dict(exit_sample_k=2), "exit_sample_k 2 applies to exit_schedule random-k or rotate"),
     (dict(exit_schedule="random-k", exit_sample_k=2, mode="sft"), "needs mode soft: mode sft has one exit"),
     (dict(exit_warmup_steps=3, mode="ict"), "needs mode soft: mode ict has a head of its own per exit"),
-    (dict(exit_warmup_steps=-1), "exit_warmup_steps must be >= 0, got -1"),
+    (dict(exit_warmup_steps=-1), "--exit-warmup-steps must be >= 0, got -1"),
     (dict(exit_warmup_steps=101), "exit_warmup_steps=101 exceeds train_steps=100"),
 ])
 def test_config_errors_name_the_problem(values, message):
