@@ -7,6 +7,11 @@ import os
 # sent over gloo. Set before torch initialises CUDA (lazily, at first use).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["DS_ACCELERATOR"] = "cpu"
+import tempfile
+
+# Tokenized data is kept for the test run only (soft_ds.data.splits.tokenized_records): the first
+# launch on a file tokenizes it, every later one reads it, and the user's own cache is untouched.
+os.environ["SOFT_DS_CACHE"] = tempfile.mkdtemp(prefix="soft-ds-test-cache-")
 import subprocess
 import sys
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
@@ -584,3 +585,36 @@ def test_bad_instruction_files_name_the_problem(tmp_path, content, message):
         load_instructions(file)
     with pytest.raises(DataError, match="no such file"):
         load_instructions(tmp_path / "missing.json")
+
+
+def test_tokenized_data_is_kept_and_read_back_under_its_key(tmp_path, monkeypatch):
+    """The second build of the same file, tokenizer, length and template reads what the first
+    stored (no record is tokenized again) and gives the same splits; anything that changes the
+    ids is another key; a damaged entry is tokenized again; SOFT_DS_CACHE=off stores nothing."""
+    from soft_ds.data import splits
+    from soft_ds.data.records import BUNDLED_RECORDS
+    monkeypatch.setenv("SOFT_DS_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(TOKENIZER_DIR)  # its own: the test adds a token to it
+    data = write_records(tmp_path / "data.json", load_records(BUNDLED_RECORDS)[:60])
+    first = [split.to_list() for split in build_datasets(data, tokenizer, 64, 10, 0)]
+    key = splits.cache_key(data, tokenizer, 64, "alpaca")
+    entry = tmp_path / "cache" / "tokenized" / key
+    assert [p.name for p in entry.parent.iterdir()] == [key]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr(splits, "tokenize_record", no_tokenizing)
+    assert [split.to_list() for split in build_datasets(data, tokenizer, 64, 10, 0)] == first
+
+    other = write_records(tmp_path / "other.json", load_records(BUNDLED_RECORDS)[1:61])
+    assert len({key, splits.cache_key(data, tokenizer, 65, "alpaca"), splits.cache_key(data, tokenizer, 64, "chat"),
+                splits.cache_key(other, tokenizer, 64, "alpaca")}) == 4
+    monkeypatch.setattr(splits, "tokenize_record", tokenize_record)
+    for name in os.listdir(entry):
+        (entry / name).write_bytes(b"damaged")
+    assert [split.to_list() for split in build_datasets(data, tokenizer, 64, 10, 0)] == first
+    tokenizer.add_tokens(["<new>"])
+    assert splits.cache_key(data, tokenizer, 64, "alpaca") != key
+    monkeypatch.setenv("SOFT_DS_CACHE", "off")
+    build_datasets(data, tokenizer, 96, 10, 0)
+    assert [p.name for p in entry.parent.iterdir()] == [key]
