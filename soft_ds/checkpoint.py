@@ -55,6 +55,7 @@ META_FILE = "soft_meta.json"
 HEAD_FILE = "shared_head-model_states.pt"  # the shared exit head, written once per checkpoint
 LATEST_FILE = "latest"  # DeepSpeed's name, so its own tools (zero_to_fp32.py) find the checkpoint too
 TOKENIZER_DIR = "tokenizer"
+DELETING = ".deleting-"  # a checkpoint folder's name while `prune` removes it
 
 
 def checkpoint_dir(output_dir) -> str:
@@ -150,7 +151,35 @@ class Checkpointer:
             saved = save(self.engine, self.output_dir, step, self.run.tokenizer, shape=self.run.shape,
                          layout=self.module.layout, model_config=self.run.model_config, soft=self.run.soft)
             monitor.info(f"saved checkpoint step {step} to {saved} ({time.time() - saving:.1f} s)")
+            if self.run.soft.keep_checkpoints and self.engine.global_rank == 0:
+                for deleted in prune(self.output_dir, self.run.soft.keep_checkpoints):
+                    monitor.info(f"deleted checkpoint {deleted} (keep_checkpoints {self.run.soft.keep_checkpoints})")
         return stopping
+
+
+def prune(output_dir, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints (complete: metadata written, and not
+    newer than the one `latest` names); the one `latest` names is always kept. Returns the tags
+    deleted. Each goes in two moves, so that a kill at any instant leaves a resumable run and no
+    folder that passes for a checkpoint: renamed to a `.deleting-` name (one atomic rename: gone
+    as a checkpoint), then removed; what a killed removal left is removed by the next call."""
+    ckpt = checkpoint_dir(output_dir)
+    for leftover in glob.glob(os.path.join(ckpt, f"{DELETING}*")):
+        shutil.rmtree(leftover)
+    latest = _step_of(_latest_tag(output_dir))
+    complete = sorted(step for step in map(_step_of, os.listdir(ckpt)) if step is not None and step <= latest
+                      and os.path.isfile(os.path.join(ckpt, f"step{step}", META_FILE)))
+    doomed = [step for step in complete[:-keep] if step != latest]
+    for step in doomed:
+        trash = os.path.join(ckpt, f"{DELETING}step{step}")
+        os.rename(os.path.join(ckpt, f"step{step}"), trash)
+        shutil.rmtree(trash)
+    return [f"step{step}" for step in doomed]
+
+
+def _step_of(tag: str) -> int | None:
+    """The step of a checkpoint folder's name ("step12" -> 12); None for any other name."""
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
 
 
 def load(engine, output_dir) -> int:

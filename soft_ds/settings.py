@@ -106,6 +106,8 @@ class SoftOptions:
     eval_interval: int = setting(50, "validate every N steps (0: only at the end)", minimum=0)
     eval_batches: int = setting(4, "validation micro-batches per data-parallel rank", minimum=1)
     save_interval: int = setting(0, "checkpoint every N steps (0: only at the end)", minimum=0)
+    keep_checkpoints: int = setting(0, "after each save, delete all but the newest N complete checkpoints (0: keep "
+                                    "every one); the one `latest` names is never deleted", minimum=0)
     log_interval: int = setting(1, "progress line and TensorBoard scalars every N steps", minimum=1)
     seed: int = setting(1234, "data order, exit sampling and random initialisation", resume=True)
 

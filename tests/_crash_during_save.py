@@ -9,10 +9,13 @@ flushing of Python buffers):
   metadata   rank 0, after every rank's DeepSpeed files, before the metadata
   latest     rank 0, after the metadata and the tokenizer, before `latest` is touched
   rename     rank 0, after latest's temporary file is on disk, before it is renamed over `latest`
+  prune      rank 0, after STEP's save is committed, part-way through deleting an older checkpoint
+             (keep_checkpoints): renamed to its `.deleting-` name, one of its files removed
 The other ranks are then stopped by the launcher, which ends the job when one rank fails.
 """
 
 import os
+import shutil
 import sys
 
 from soft_ds import checkpoint, pipe, train
@@ -57,6 +60,16 @@ def main():
                         die()
             replace(source, target)
         os.replace = die_instead  # the one checkpoint.py calls
+    elif point == "prune":
+        rmtree = shutil.rmtree
+
+        def part_then_die(path, *args, **kwargs):
+            latest = os.path.join(os.path.dirname(path), checkpoint.LATEST_FILE)
+            if os.path.basename(path).startswith(checkpoint.DELETING) and open(latest).read() == tag:
+                os.remove(os.path.join(path, sorted(os.listdir(path))[0]))
+                die()
+            rmtree(path, *args, **kwargs)
+        shutil.rmtree = part_then_die  # the one checkpoint.prune calls
     else:
         raise SystemExit(f"unknown crash point {point!r}")
     train.main(argv)

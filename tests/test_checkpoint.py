@@ -79,6 +79,47 @@ def test_a_save_killed_at_any_point_resumes_exactly(uninterrupted, data, point, 
             assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
+def saves(checkpoints) -> list[str]:
+    """The checkpoint folders, `latest` and deletions in progress (DeepSpeed's own scripts aside)."""
+    return sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(("step", "latest", ".deleting-")))
+
+
+def test_keep_checkpoints_survives_a_kill_mid_deletion(uninterrupted, data, tmp_path):
+    """keep_checkpoints 2, a save every step: killed while step 3's save deletes step 1, the run
+    resumes from step 3, continues like an uninterrupted run, and ends with exactly the two newest."""
+    out = tmp_path / "run"
+    args = [*common(data, out), "--save-interval", 1, "--keep-checkpoints", 2]
+    crashed = deepspeed_launch(PROCS, "tests/_crash_during_save.py", "--crash_at=prune:3", *args, check=False)
+    assert crashed.returncode != 0 and "killed at prune of the step3 save" in crashed.stdout, \
+        crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step3"
+    assert saves(checkpoints) == [".deleting-step1", "latest", "step2", "step3"]
+
+    resumed = deepspeed_launch(PROCS, "soft_ds/train.py", *args, "--resume")
+    assert "resumed from step 3" in resumed.stdout and "deleted checkpoint step2 (keep_checkpoints 2)" in resumed.stdout
+    assert saves(checkpoints) == ["latest", "step3", "step4"]
+    reference, got = logged(uninterrupted), logged(out)
+    for tag in ["train/loss", "train/lr"] + [f"train/exit_{n}/loss" for n in EXITS]:
+        assert got[tag] == reference[tag], tag
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    """Only complete checkpoints (metadata written) no newer than `latest` count; an interrupted
+    save's folder and `latest` itself are never deleted; a killed deletion's leftover goes."""
+    from soft_ds.checkpoint import prune
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4, 5, 6):
+        (checkpoints / f"step{step}").mkdir(parents=True)
+        if step not in (3, 6):  # step 3: an interrupted save; step 6: newer than latest, unfinished
+            (checkpoints / f"step{step}" / "soft_meta.json").write_text("{}")
+    (checkpoints / ".deleting-step0").mkdir()
+    (checkpoints / "latest").write_text("step5")
+    assert prune(tmp_path, 2) == ["step1", "step2"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step3", "step4", "step5", "step6"]
+    assert prune(tmp_path, 1) == ["step4"] and prune(tmp_path, 1) == []
+
+
 def fake_run(tmp_path, meta) -> str:
     """A run directory whose latest checkpoint holds only `meta` as its metadata."""
     step = tmp_path / "run" / "checkpoints" / "step2"

@@ -22,7 +22,7 @@ def all_cores() -> dict:
 
 def test_whole_chain_on_a_two_step_budget(tmp_path):
     out = tmp_path / "repro"
-    env = {**all_cores(), "KL_PROMPTS": "4"}
+    env = {**all_cores(), "KL_PROMPTS": "4", "NEW_TOKENS": "8"}
     result = subprocess.run(["bash", "tools/reproduce_small.sh", str(out), "--train-steps", "2", "--warmup-steps", "1",
                              "--train-epochs", "0"], cwd=REPO, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -90,7 +90,8 @@ def test_real_model_chain_on_a_one_step_budget(tmp_path, smollm2_dir):
     out = tmp_path / "real"
     (out / "hf").mkdir(parents=True)
     (out / "hf" / "base").symlink_to(smollm2_dir)  # read only: every stage writes elsewhere
-    env = {**all_cores(), "CONFIG": str(tmp_path / "tiny.json"), "KL_PROMPTS": "2", "ANSWERS": "1"}
+    env = {**all_cores(), "CONFIG": str(tmp_path / "tiny.json"), "KL_PROMPTS": "2", "ANSWERS": "1",
+           "NEW_TOKENS": "8"}
     result = subprocess.run(["bash", "tools/reproduce_real.sh", str(out)], cwd=REPO, capture_output=True, text=True,
                             timeout=1500, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -118,7 +119,8 @@ def test_real_demo_on_a_one_step_budget(tmp_path, smollm2_dir):
     config["soft"].update(train_steps=1, warmup_steps=0, val_size=12, seq_len=128, eval_batches=1)
     (tmp_path / "tiny.json").write_text(json.dumps(config))
     out = tmp_path / "demo"
-    env = {**all_cores(), "CONFIG": str(tmp_path / "tiny.json"), "MODEL": smollm2_dir, "OUT": str(out), "ANSWERS": "1"}
+    env = {**all_cores(), "CONFIG": str(tmp_path / "tiny.json"), "MODEL": smollm2_dir, "OUT": str(out), "ANSWERS": "1",
+           "NEW_TOKENS": "8"}
     result = subprocess.run(["bash", "tools/demo.sh"], cwd=REPO, capture_output=True, text=True, timeout=900,
                             env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -4,8 +4,9 @@
 # CPU process through the real `deepspeed` launcher, ds_configs/demo_real.json), then show the
 # per-exit table and held-out instructions answered by every exit before and after. Times on 2
 # cores, with and without bf16 instructions (soft.autocast: auto decides): the README's table and
-# docs/hardware.md. Extra arguments go to train.py. The pipeline machinery on a tiny model, 2
-# stages, in 3 minutes: tools/demo_tiny.sh.
+# docs/hardware.md. Extra arguments go to train.py; CONFIG, MODEL, OUT, ANSWERS (prompts, default 2)
+# and NEW_TOKENS (default 40) change the rest. The pipeline machinery on a tiny model, 2 stages, in 3
+# minutes: tools/demo_tiny.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -25,7 +26,7 @@ echo "Held-out instructions answered by every exit, before and after (greedy):"
 # --config RUN: the run's exits and the held-out split it set aside (val_size, seed, seq_len as it ran,
 # extra train.py options included).
 TQDM_DISABLE=1 soft-ds eval answers --model "before=$MODEL" --model "after=$out/hf" --config "$out" \
-  --num-prompts "${ANSWERS:-2}" --max-new-tokens 40 --out "$out/answers"
+  --num-prompts "${ANSWERS:-2}" --max-new-tokens "${NEW_TOKENS:-40}" --out "$out/answers"
 echo
 echo "TensorBoard: tensorboard --logdir $out/tb"
 echo "Generate:    soft-ds generate --model $out/hf --exit 25 --prompt \"Name three primary colors.\""

@@ -8,8 +8,9 @@
 #
 # Options after OUT go to all three training runs, after the script's own; CONFIG=FILE replaces the
 # config (the smoke test's is a one-step budget), and the evaluation then follows its exits and
-# held-out split. With DOCS=docs the plots and the side-by-side answers are also copied into docs/
-# as reproduce_real_*.
+# held-out split; KL_PROMPTS, ANSWERS and NEW_TOKENS (default 32, 6, and 64 / 48 tokens) size the KL
+# and answers evaluations. With DOCS=docs the plots and the side-by-side answers are also copied
+# into docs/ as reproduce_real_*.
 # 1. soft-ds import-gguf: the packaged GGUF as a Hugging Face directory ($OUT/hf/base).
 # 2. SFT (last layer only) and SoFT (exits 10,15,20,25,30), same budget from the same weights:
 #    ds_configs/reproduce_real.json (why those numbers: docs/reproduction.md, "Budget and last-layer weight").
@@ -38,9 +39,9 @@ echo "== evaluating every exit ($(date +%H:%M:%S))"
 trained=(--model "sft=$OUT/hf/sft" --model "soft=$OUT/hf/soft" --model "ict=$OUT/hf/ict")
 soft-ds eval lm --model "base=$OUT/hf/base" "${trained[@]}" --config "$CONFIG" --out "$OUT/eval"
 soft-ds eval kl "${trained[@]}" --config "$CONFIG" --num-prompts "${KL_PROMPTS:-32}" \
-  --max-new-tokens 64 --out "$OUT/eval"
+  --max-new-tokens "${NEW_TOKENS:-64}" --out "$OUT/eval"
 soft-ds eval answers --model "base=$OUT/hf/base" "${trained[@]}" --config "$CONFIG" \
-  --num-prompts "${ANSWERS:-6}" --max-new-tokens 48 --out "$OUT/eval" > /dev/null
+  --num-prompts "${ANSWERS:-6}" --max-new-tokens "${NEW_TOKENS:-48}" --out "$OUT/eval" > /dev/null
 soft-ds eval claims "$OUT" --goals real
 if [ -n "${DOCS:-}" ]; then
   for file in ppl_vs_exit.png kl_vs_position.png answers.md; do cp "$OUT/eval/$file" "$DOCS/reproduce_real_$file"; done
