@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 
 from soft_ds.exit_schedule import SCHEDULES, ExitSchedule
 from soft_ds.exits import resolve_exit_loss
-
-from soft_ds.settings import AUTO
-from soft_ds.settings import ConfigError, DeepSpeedSettings, SoftOptions, check, ds_value, flag, set_ds_value
+from soft_ds.settings import AUTO, ConfigError, DeepSpeedSettings, SoftOptions, check, ds_value, flag, set_ds_value
 
 # DeepSpeed keys a config file may carry (passed through after validation).
 DEEPSPEED_KEYS = {
@@ -150,10 +148,8 @@ def _check_keys(given: dict, allowed, where: str):
 
 
 def _soft_options(block: dict, where: str) -> SoftOptions:
-    names = {f.name for f in dataclasses.fields(SoftOptions)}
-    _check_keys(block, names, f"{where} \"soft\"")
-    for name, value in block.items():
-        check(name, value, where, label=f"soft.{name}")
+    """The "soft" block as SoftOptions; its values are checked with the rest (check_config)."""
+    _check_keys(block, {f.name for f in dataclasses.fields(SoftOptions)}, f"{where} \"soft\"")
     return SoftOptions(**block)
 
 

@@ -53,7 +53,7 @@ class Monitor:
         schedule += f" (warm-up {soft.exit_warmup_steps} steps)" if soft.exit_warmup_steps else ""
         self.info(f"SoFT ({soft.mode}) | exits {[e.layer for e in run.exits]}{schedule} | {config.exit_loss} exit "
                   f"loss | {soft.pipeline_stages} stages x {run.data_parallel} data parallel | train batch "
-                  f"{config.micro_batch_size * config.grad_accum * run.data_parallel} | {len(run.train_set)} train / "
+                  f"{config.train_batch_size(place.world_size)} | {len(run.train_set)} train / "
                   f"{len(run.val_set)} val records")
         self.info(f"  {place.launcher}, world size {place.world_size} | {device_line(place)} | torch "
                   f"{torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")

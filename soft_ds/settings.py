@@ -6,8 +6,10 @@ help line, choices, bounds, and whether a resumed run must keep it. From these d
 
 * the config file's checks (`config.load_config`): unknown keys, types, choices, bounds;
 * the flags of `soft-ds train`, `soft-ds plan` and `soft-ds bench overhead` (`add_flags`), each
-  overriding the same-named value of the `--ds-config` file (`overrides`, then `config.override`);
-* the resume check (`RESUME_SETTINGS`) and what a checkpoint records (`vars(SoftOptions)`).
+  overriding the same-named value of the `--ds-config` file (`overrides`, then `config.override`),
+  and the held-out split's flags of `soft-ds eval` (filled from its `--config`);
+* the resume check (`RESUME_SETTINGS`), what a checkpoint records (`vars(SoftOptions)`) and what an
+  export records in its config.json (`EXPORTED_SETTINGS`).
 
 Adding a training option is one `setting(...)` line here; the code that reads it is the rest.
 
@@ -221,8 +223,8 @@ def add_flags(parser: argparse.ArgumentParser, names=None, source: str = "the co
         ds_key = meta["ds_key"]
         default = SETTINGS[name].default
         where = f"file: {ds_key}" if ds_key else "" if default is None else f"default {default!r}"
-        options = dict(default=None, help=meta["help"].replace("%%", "%").replace("%", "%%") +
-                       (f" [{where}]" if where else ""), dest=name)
+        options = dict(default=None, help=meta["help"].replace("%", "%%") + (f" [{where}]" if where else ""),
+                       dest=name)
         if meta["kind"] in ("bool", "switch"):
             options["action"] = argparse.BooleanOptionalAction
         elif meta["kind"] in ("ints", "floats"):
